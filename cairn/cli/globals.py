@@ -1,0 +1,90 @@
+"""Global flags shared by every command, and moving them in front of the command."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import click
+
+from cairn.config.settings import Settings
+
+GLOBAL_OPTIONS: list[click.Option] = [
+    click.Option(["-r", "--repo"], help="Repository location (env CAIRN_REPOSITORY)."),
+    click.Option(["--password-file"], help="Read the password from a file."),
+    click.Option(["--password-command"], help="Run a command to get the password."),
+    click.Option(["--json"], is_flag=True, default=None, help="Machine-readable output."),
+    click.Option(
+        ["--log-format"],
+        type=click.Choice(["console", "json", "logfmt"]),
+        help="Log line format.",
+    ),
+    click.Option(["--log-file"], help="Write logs to this file."),
+    click.Option(["-v", "--verbose", "verbosity"], count=True, default=None, help="More output."),
+    click.Option(["-q", "--quiet"], is_flag=True, default=None, help="Only errors."),
+    click.Option(["--debug"], is_flag=True, default=None, help="Tracebacks on errors."),
+    click.Option(["--cpu-workers"], type=click.IntRange(1, 256), help="CPU worker processes."),
+    click.Option(["--read-concurrency"], type=click.IntRange(1, 256), help="Files read at once."),
+    click.Option(["--connections"], type=click.IntRange(1, 256), help="Backend connections."),
+    click.Option(["--limit-upload"], type=click.IntRange(1), help="Upload limit in KiB/s."),
+    click.Option(["--limit-download"], type=click.IntRange(1), help="Download limit in KiB/s."),
+    click.Option(["--pack-size"], type=click.IntRange(4, 128), help="Pack size in MiB."),
+    click.Option(["--compression"], help="off, fastest, auto, max, or a zstd level 1-22."),
+    click.Option(["--cache-dir"], help="Directory of the local metadata cache."),
+    click.Option(["--no-cache"], is_flag=True, default=None, help="Do not use a local cache."),
+    click.Option(["--no-lock"], is_flag=True, default=None, help="Do not lock the repository."),
+    click.Option(
+        ["--retry-lock"], type=float, help="Seconds to keep retrying a held lock."
+    ),
+    click.Option(["--insecure-kdf"], is_flag=True, default=None, hidden=True),
+]
+
+
+def _option_names() -> tuple[set[str], set[str]]:
+    """Global option spellings split into flags and options that take a value."""
+    flags: set[str] = set()
+    valued: set[str] = set()
+    for opt in GLOBAL_OPTIONS:
+        target = flags if (opt.is_flag or opt.count) else valued
+        target.update(opt.opts)
+    return flags, valued
+
+
+def hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
+    """Move global flags found after the command name in front of it.
+
+    restic accepts ``restic backup -r REPO PATH``; click only knows group options
+    before the subcommand. Everything after ``--`` is left alone.
+    """
+    flags, valued = _option_names()
+    moved: list[str] = []
+    kept: list[str] = []
+    seen_command = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            kept.extend(args[i:])
+            break
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if re.fullmatch(r"-v+", arg):
+            name = "-v"
+        if name in flags or name in valued:
+            takes_value = name in valued and "=" not in arg
+            chunk = args[i : i + 2] if takes_value else [arg]
+            (moved if seen_command else kept).extend(chunk)
+            i += len(chunk)
+            continue
+        if not seen_command and not arg.startswith("-") and arg in group.commands:
+            seen_command = True
+        kept.append(arg)
+        i += 1
+    return moved + kept
+
+
+def settings_from_params(params: dict[str, Any]) -> Settings:
+    """Build the run's Settings from the parsed global flags and the environment."""
+    values = {k: v for k, v in params.items() if v is not None}
+    if values.get("verbosity") == 0:
+        values.pop("verbosity")
+    return Settings.from_flags(**values)

@@ -1,0 +1,62 @@
+"""The ``cairn`` command: global flags, command registry, errors to exit codes."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from cairn.cli import errors as cli_errors
+from cairn.cli.globals import GLOBAL_OPTIONS, hoist_global_options, settings_from_params
+
+# Commands register themselves by module; each module defines ``command``.
+_COMMAND_MODULES = (
+    "init",
+    "key",
+    "cat",
+    "version",
+)
+
+
+class CairnGroup(click.Group):
+    """A group that accepts global flags after the command name, as restic does."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(self, args))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(super().list_commands(ctx))
+
+
+@click.group(cls=CairnGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def cli(ctx: click.Context, **params: Any) -> None:
+    """cairn: encrypted, deduplicated, compressed backups."""
+    ctx.obj = settings_from_params(params)
+
+
+for _option in reversed(GLOBAL_OPTIONS):
+    cli.params.append(_option)
+
+
+def _register() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        module = importlib.import_module(f"cairn.cli.cmd_{name}")
+        cli.add_command(module.command)
+
+
+_register()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point: run, then exit with the documented code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    sys.exit(cli_errors.run_cli(cli, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""cairn's engine: stages over bounded channels, a process pool fed through
+shared memory, a token-bucket throttle, progress metrics and clean cancellation.
+
+It knows nothing about backups and imports nothing else from cairn.
+See docs/architecture.md, "Pipeline engine".
+"""
+
+from .engine import Engine, open_engine
+from .errors import (
+    EXIT_INTERRUPTED,
+    Interrupted,
+    PipelineError,
+    RemoteError,
+    StageError,
+    WorkerCrashed,
+    exit_code_for,
+)
+from .metrics import PipelineSnapshot, StageSnapshot, format_stats, stats_rows
+from .options import PipelineOptions
+from .pipeline import Pipeline
+from .shm import Slot, SlotPool, SlotRef, SlotWriter
+from .signals import stop_on_signals
+from .throttle import Throttle
+from .workers import WorkerPool
+
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "Engine",
+    "Interrupted",
+    "Pipeline",
+    "PipelineError",
+    "PipelineOptions",
+    "PipelineSnapshot",
+    "RemoteError",
+    "Slot",
+    "SlotPool",
+    "SlotRef",
+    "SlotWriter",
+    "StageError",
+    "StageSnapshot",
+    "Throttle",
+    "WorkerCrashed",
+    "WorkerPool",
+    "exit_code_for",
+    "format_stats",
+    "open_engine",
+    "stats_rows",
+    "stop_on_signals",
+]
