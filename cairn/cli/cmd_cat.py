@@ -75,8 +75,11 @@ async def _cat(repo: Any, kind: str, object_id: str | None) -> Any:
         need = required_tail_length(tail, size, full)
         if need > len(tail):
             tail = await repo.backend.load(name, size - need)
-        return {"id": full, "size": size,
-                "blobs": [_entry(e) for e in parse_pack_header(repo.crypto, tail, size, full)]}
+        return {
+            "id": full,
+            "size": size,
+            "blobs": [_entry(e) for e in parse_pack_header(repo.crypto, tail, size, full)],
+        }
     blob_id = bytes.fromhex(await _find_blob(repo, object_id))
     if kind == "tree":
         return decode_tree(await repo.read_blob(blob_id), blob_id.hex())

@@ -55,7 +55,9 @@ def key_list(settings: Settings) -> None:
 @click.option("--host", "host", help="Host name to record in the key.")
 @click.option("--user", "user", help="User name to record in the key.")
 @click.pass_obj
-def key_add(settings: Settings, new_password_file: str | None, host: str | None, user: str | None) -> None:
+def key_add(
+    settings: Settings, new_password_file: str | None, host: str | None, user: str | None
+) -> None:
     """Add a new key (password) to the repository."""
     new_password = _new_password(settings, new_password_file)
 

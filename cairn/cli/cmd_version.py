@@ -24,4 +24,6 @@ def command(settings: Settings) -> None:
     if settings.json:
         click.echo(json.dumps(info))
     else:
-        click.echo(f"cairn {info['version']} compiled with Python {info['python']} on {info['platform']}")
+        click.echo(
+            f"cairn {info['version']} compiled with Python {info['python']} on {info['platform']}"
+        )

@@ -40,7 +40,7 @@ def hostname() -> str:
 def username() -> str:
     try:
         return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+    except Exception:
         return ""
 
 

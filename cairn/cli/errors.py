@@ -52,7 +52,7 @@ def run_cli(group: click.Group, args: list[str]) -> int:
     except (KeyboardInterrupt, click.exceptions.Abort):
         print("cairn: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BaseException as exc:  # noqa: BLE001 - this is the top of the program
+    except BaseException as exc:
         if isinstance(exc, SystemExit):
             return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_FATAL
         err = _unwrap(exc)
@@ -66,7 +66,9 @@ def run_cli(group: click.Group, args: list[str]) -> int:
             print(f"cairn: {err}", file=sys.stderr)
             return code
         if isinstance(err, OSError):
-            print(f"cairn: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+            print(
+                f"cairn: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr
+            )
             return EXIT_FATAL
         print(f"cairn: internal error: {type(err).__name__}: {err}", file=sys.stderr)
         if not debug:

@@ -33,9 +33,7 @@ GLOBAL_OPTIONS: list[click.Option] = [
     click.Option(["--cache-dir"], help="Directory of the local metadata cache."),
     click.Option(["--no-cache"], is_flag=True, default=None, help="Do not use a local cache."),
     click.Option(["--no-lock"], is_flag=True, default=None, help="Do not lock the repository."),
-    click.Option(
-        ["--retry-lock"], type=float, help="Seconds to keep retrying a held lock."
-    ),
+    click.Option(["--retry-lock"], type=float, help="Seconds to keep retrying a held lock."),
     click.Option(["--insecure-kdf"], is_flag=True, default=None, hidden=True),
 ]
 

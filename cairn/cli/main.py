@@ -10,6 +10,7 @@ import click
 
 from cairn.cli import errors as cli_errors
 from cairn.cli.globals import GLOBAL_OPTIONS, hoist_global_options, settings_from_params
+from cairn.cli.logsetup import configure_logging
 
 # Commands register themselves by module; each module defines ``command``.
 _COMMAND_MODULES = (
@@ -17,6 +18,9 @@ _COMMAND_MODULES = (
     "key",
     "cat",
     "version",
+    "backup",
+    "snapshots",
+    "restore",
 )
 
 
@@ -35,6 +39,7 @@ class CairnGroup(click.Group):
 def cli(ctx: click.Context, **params: Any) -> None:
     """cairn: encrypted, deduplicated, compressed backups."""
     ctx.obj = settings_from_params(params)
+    configure_logging(ctx.obj, ctx.invoked_subcommand)
 
 
 for _option in reversed(GLOBAL_OPTIONS):

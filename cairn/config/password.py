@@ -27,15 +27,11 @@ def _from_file(path: str) -> str:
 
 def _from_command(command: str) -> str:
     try:
-        proc = subprocess.run(
-            shlex.split(command), capture_output=True, check=False, timeout=300
-        )
+        proc = subprocess.run(shlex.split(command), capture_output=True, check=False, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise PasswordError(f"password command {command!r} failed: {exc}") from exc
     if proc.returncode != 0:
-        raise PasswordError(
-            f"password command {command!r} exited with status {proc.returncode}"
-        )
+        raise PasswordError(f"password command {command!r} exited with status {proc.returncode}")
     return proc.stdout.decode("utf-8").rstrip("\r\n")
 
 

@@ -1,0 +1,236 @@
+"""``cairn backup``: save files and directories into a new snapshot."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from cairn import __version__
+from cairn.cli.common import hostname, open_repo, run_async, username
+from cairn.cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from cairn.config.settings import Settings
+
+MiB = 1024 * 1024
+
+
+def _collect_paths(
+    paths: tuple[str, ...], files_from: tuple[str, ...], files_from_raw: tuple[str, ...]
+) -> list[bytes]:
+    out = [os.fsencode(p) for p in paths]
+    for name in files_from:
+        with open(name, "rb") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith(b"#"):
+                    out.append(line)
+    for name in files_from_raw:
+        with open(name, "rb") as f:
+            out.extend(p for p in f.read().split(b"\0") if p)
+    return [os.path.abspath(p) for p in out]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.3f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.3f} TiB"
+
+
+@click.command("backup")
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("-e", "--exclude", multiple=True, help="Exclude a pattern (repeatable).")
+@click.option("--iexclude", multiple=True, help="Like --exclude, ignoring case.")
+@click.option("--exclude-file", multiple=True, help="Read exclude patterns from a file.")
+@click.option("--exclude-if-present", multiple=True, help="Skip dirs holding this file name.")
+@click.option("--exclude-larger-than", help="Skip files larger than this (e.g. 1G).")
+@click.option("-x", "--one-file-system", is_flag=True, help="Don't cross filesystems.")
+@click.option("--files-from", multiple=True, help="Read paths from a file, one per line.")
+@click.option("--files-from-raw", multiple=True, help="Read NUL-separated paths from a file.")
+@click.option("--stdin", "use_stdin", is_flag=True, help="Back up standard input as a file.")
+@click.option("--stdin-filename", default="stdin", show_default=True)
+@click.option("--tag", multiple=True, help="Add tags (comma-separated, repeatable).")
+@click.option("--host", help="Host name to record (default: this host).")
+@click.option("--parent", help="Snapshot to compare with (default: latest of same host+paths).")
+@click.option("-f", "--force", is_flag=True, help="Re-read every file, ignoring the parent.")
+@click.option("-n", "--dry-run", is_flag=True, help="Do everything but write to the repository.")
+@click.pass_obj
+def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
+    """Back up PATHS into a new snapshot."""
+    from cairn.repo.codec import compression_level
+    from cairn.stages.backup import BackupOptions
+    from cairn.stages.excludes import ExcludeRules, parse_size
+
+    targets = (
+        []
+        if opts["use_stdin"]
+        else _collect_paths(paths, opts["files_from"], opts["files_from_raw"])
+    )
+    if not targets and not opts["use_stdin"]:
+        raise UsageError("nothing to back up: give PATHS, --files-from or --stdin")
+    rules = ExcludeRules.from_files(
+        list(opts["exclude_file"]),
+        patterns=list(opts["exclude"]),
+        ipatterns=list(opts["iexclude"]),
+        if_present=list(opts["exclude_if_present"]),
+        larger_than=parse_size(opts["exclude_larger_than"])
+        if opts["exclude_larger_than"]
+        else None,
+        one_file_system=opts["one_file_system"],
+    )
+    cpu = settings.cpu_workers or len(os.sched_getaffinity(0))
+    options = BackupOptions(
+        paths=targets,
+        rules=rules,
+        tags=[t for tag in opts["tag"] for t in tag.split(",") if t],
+        host=opts["host"] or hostname(),
+        force=opts["force"],
+        dry_run=opts["dry_run"],
+        level=compression_level(settings.compression),
+        pack_size=(settings.pack_size or 16) * MiB,
+        cpu_workers=cpu,
+        read_concurrency=settings.read_concurrency or 2,
+        connections=settings.connections or 4,
+        stdin_name=os.fsencode(opts["stdin_filename"]) if opts["use_stdin"] else None,
+    )
+    result = run_async(lambda: _backup(settings, options, opts["parent"]))
+    _report(settings, result)
+    return EXIT_PARTIAL if result["errors"] else EXIT_OK
+
+
+async def _backup(settings: Settings, options: Any, parent_ref: str | None) -> dict[str, Any]:
+    from cairn.repo.snapshot import Snapshot
+    from cairn.stages.backup import Archiver
+    from cairn.stages.locking import repository_lock
+    from cairn.stages.snapshots import SnapshotFilter, find_snapshot, load_snapshots
+
+    started = time.time()
+    async with (
+        open_repo(settings) as repo,
+        repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock),
+    ):
+        index = await repo.load_index()
+        paths = [os.fsdecode(p) for p in options.paths] or [
+            "/" + os.fsdecode(options.stdin_name or b"stdin")
+        ]
+        parent_id: str | None = None
+        parent_tree: bytes | None = None
+        if parent_ref:
+            parent_id, parent_snap = await find_snapshot(repo, parent_ref)
+            parent_tree = parent_snap.tree
+        elif not options.force and options.stdin_name is None:
+            flt = SnapshotFilter(hosts=[options.host], paths=paths)
+            matching = [(i, s) for i, s in await load_snapshots(repo) if flt.matches(s)]
+            if matching:
+                parent_id, parent_tree = matching[-1][0], matching[-1][1].tree
+        archiver = Archiver(repo, index, options, None if options.force else parent_tree)
+        root = await archiver.run()
+        stats = archiver.stats
+        saver = archiver.saver.stats
+        duration = time.time() - started
+        summary: dict[str, Any] = {
+            "files_new": stats.files_new,
+            "files_changed": stats.files_changed,
+            "files_unmodified": stats.files_unmodified,
+            "dirs_new": stats.dirs_new,
+            "dirs_changed": stats.dirs_changed,
+            "dirs_unmodified": stats.dirs_unmodified,
+            "data_blobs": saver.data_blobs,
+            "tree_blobs": saver.tree_blobs,
+            "data_added": saver.data_added,
+            "data_added_packed": saver.data_added_packed,
+            "total_files_processed": stats.files_new + stats.files_changed + stats.files_unmodified,
+            "total_bytes_processed": stats.bytes_processed,
+            "bytes_read": stats.bytes_read,
+            "errors": len(stats.errors),
+            "duration_seconds": round(duration, 3),
+        }
+        snapshot_id = None
+        if not options.dry_run:
+            snap = Snapshot(
+                time_ns=int(started * 1e9),
+                tree=root,
+                paths=paths,
+                hostname=options.host,
+                username=username(),
+                uid=os.getuid(),
+                gid=os.getgid(),
+                tags=list(options.tags),
+                parent=parent_id,
+                excludes=options.rules.as_list(),
+                program_version=f"cairn {__version__}",
+                summary=summary,
+            )
+            snapshot_id = await repo.save_snapshot(snap)
+    return {
+        "summary": summary,
+        "snapshot_id": snapshot_id,
+        "parent": parent_id,
+        "errors": stats.errors,
+        "dry_run": options.dry_run,
+    }
+
+
+def _report(settings: Settings, result: dict[str, Any]) -> None:
+    s = result["summary"]
+    for path, problem in result["errors"]:
+        if settings.json:
+            print(
+                json.dumps(
+                    {
+                        "message_type": "error",
+                        "error": {"message": problem},
+                        "during": "archival",
+                        "item": path,
+                    }
+                ),
+                file=sys.stderr,
+            )
+        else:
+            print(f"warning: {path}: {problem}", file=sys.stderr)
+    if settings.json:
+        click.echo(
+            json.dumps(
+                {
+                    "message_type": "summary",
+                    **s,
+                    "snapshot_id": result["snapshot_id"],
+                    "parent": result["parent"],
+                    "dry_run": result["dry_run"],
+                }
+            )
+        )
+        return
+    if settings.quiet:
+        return
+    if result["parent"]:
+        click.echo(f"using parent snapshot {result['parent'][:8]}")
+    click.echo(
+        f"Files: {s['files_new']:>7} new, {s['files_changed']:>7} changed, "
+        f"{s['files_unmodified']:>7} unmodified"
+    )
+    click.echo(
+        f"Dirs:  {s['dirs_new']:>7} new, {s['dirs_changed']:>7} changed, "
+        f"{s['dirs_unmodified']:>7} unmodified"
+    )
+    click.echo(
+        f"Added to the repository: {_human(s['data_added'])} "
+        f"({_human(s['data_added_packed'])} stored)"
+    )
+    click.echo(
+        f"processed {s['total_files_processed']} files, {_human(s['total_bytes_processed'])} "
+        f"in {s['duration_seconds']:.2f}s"
+    )
+    if result["snapshot_id"]:
+        click.echo(f"snapshot {result['snapshot_id'][:8]} saved")
+    else:
+        click.echo("dry run: nothing was written")
+    if result["errors"]:
+        click.echo(
+            f"warning: {len(result['errors'])} files or directories could not be read", err=True
+        )

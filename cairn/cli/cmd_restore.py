@@ -1,0 +1,136 @@
+"""``cairn restore SNAPSHOT[:SUBPATH] --target DIR``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from cairn.cli.common import open_repo, run_async
+from cairn.cli.errors import EXIT_FATAL, EXIT_OK
+from cairn.config.settings import Settings
+
+
+@click.command("restore")
+@click.argument("snapshot")
+@click.option("-t", "--target", required=True, help="Directory to restore into.")
+@click.option("-i", "--include", "includes", multiple=True, help="Only restore matching paths.")
+@click.option("-e", "--exclude", "excludes", multiple=True, help="Skip matching paths.")
+@click.option("--host", "hosts", multiple=True, help="For latest: only this host.")
+@click.option("--path", "paths", multiple=True, help="For latest: only these paths.")
+@click.option("--tag", "tags", multiple=True, help="For latest: only these tags.")
+@click.option(
+    "--overwrite",
+    type=click.Choice(["always", "if-changed", "if-newer", "never"]),
+    default="always",
+    show_default=True,
+    help="What to do with existing files (identical ones are never rewritten).",
+)
+@click.option("--delete", is_flag=True, help="Remove target files not in the snapshot.")
+@click.option("--sparse", is_flag=True, help="Leave all-zero blocks as holes.")
+@click.option("--verify", is_flag=True, help="Re-read restored files and check them.")
+@click.option("-n", "--dry-run", is_flag=True, help="Only say what would be restored.")
+@click.pass_obj
+def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
+    """Restore a snapshot (or SNAPSHOT:SUBPATH) into --target."""
+    from cairn.stages.restore import RestoreOptions
+
+    options = RestoreOptions(
+        target=os.fsencode(os.path.abspath(target)),
+        includes=list(opts["includes"]),
+        excludes=list(opts["excludes"]),
+        overwrite=opts["overwrite"],
+        delete=opts["delete"],
+        sparse=opts["sparse"],
+        verify=opts["verify"],
+        dry_run=opts["dry_run"],
+        cpu_workers=settings.cpu_workers or len(os.sched_getaffinity(0)),
+        connections=settings.connections or 4,
+    )
+    started = time.time()
+    sid, stats = run_async(lambda: _restore(settings, snapshot, options, opts))
+    duration = time.time() - started
+    for path, problem in stats.errors:
+        if settings.json:
+            print(
+                json.dumps(
+                    {
+                        "message_type": "error",
+                        "error": {"message": problem},
+                        "during": "restore",
+                        "item": path,
+                    }
+                ),
+                file=sys.stderr,
+            )
+        else:
+            print(f"warning: {path}: {problem}", file=sys.stderr)
+    summary = {
+        "message_type": "summary",
+        "snapshot_id": sid,
+        "files_restored": stats.files,
+        "files_skipped": stats.files_skipped,
+        "dirs": stats.dirs,
+        "other": stats.others,
+        "total_bytes": stats.bytes_total,
+        "bytes_restored": stats.bytes_written,
+        "deleted": stats.deleted,
+        "verified": stats.verified,
+        "errors": len(stats.errors),
+        "dry_run": options.dry_run,
+        "seconds_elapsed": round(duration, 3),
+    }
+    if settings.json:
+        click.echo(json.dumps(summary))
+    elif not settings.quiet:
+        verb = "would restore" if options.dry_run else "restored"
+        click.echo(
+            f"{verb} snapshot {sid[:8]}: {stats.files} files written, "
+            f"{stats.files_skipped} already correct, {stats.dirs} dirs, "
+            f"{stats.bytes_written} bytes in {duration:.2f}s"
+        )
+        if options.verify:
+            click.echo(f"verified {stats.verified} files")
+    return EXIT_FATAL if stats.errors else EXIT_OK
+
+
+async def _restore(settings: Settings, ref: str, options: Any, opts: dict[str, Any]) -> Any:
+    from cairn.stages.locking import repository_lock
+    from cairn.stages.restore import Restorer
+    from cairn.stages.snapshots import SnapshotFilter, find_snapshot, split_snapshot_ref
+
+    snap_ref, subpath = split_snapshot_ref(ref)
+    flt = SnapshotFilter(list(opts["hosts"]), list(opts["paths"]), list(opts["tags"]))
+    async with (
+        open_repo(settings) as repo,
+        repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock),
+    ):
+        sid, snap = await find_snapshot(repo, snap_ref, flt)
+        index = await repo.load_index()
+        tree_id, node = await resolve_subpath(repo, snap.tree, subpath)
+        restorer = Restorer(repo, index, options)
+        await restorer.plan(tree_id, node)
+        stats = await restorer.run()
+    return sid, stats
+
+
+async def resolve_subpath(repo: Any, tree_id: bytes, subpath: str) -> tuple[bytes, Any]:
+    """The tree (or file node) at ``subpath`` inside a snapshot."""
+    from cairn.repo.errors import ObjectNotFound
+
+    node = None
+    for part in [p for p in os.fsencode(subpath).split(b"/") if p]:
+        tree = await repo.load_tree(tree_id)
+        match = next((n for n in tree.nodes if n.name == part), None)
+        if match is None:
+            raise ObjectNotFound(f"path {subpath!r} not found in the snapshot")
+        node = match
+        if match.type == "dir":
+            tree_id = match.subtree
+        else:
+            break
+    return tree_id, node

@@ -1,0 +1,546 @@
+"""The backup pipeline: walk → read/chunk/hash → dedupe → encode → pack → upload,
+then trees bottom-up, index, snapshot.
+
+Shape of the run (all inside one task group, so the first error cancels all):
+
+* the walker scans directories in threads (one call per directory), reuses the
+  content of files unchanged since the parent snapshot, and queues the rest;
+* ``read_concurrency`` readers read files into shared-memory slots in threads,
+  cut them into content-defined chunks and hash them there (pyfastcdc and BLAKE3
+  release the GIL); only chunks the repository lacks go on;
+* new chunks are compressed and encrypted in the worker processes, straight from
+  the slot (large files) or in batches (small files);
+* the ``BlobSaver`` packs them and uploads packs on ``connections`` tasks;
+* a directory's tree blob is made once its last entry is complete, so trees are
+  built bottom-up while the walk goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from cairn.pipeline.shm import Slot, SlotPool
+from cairn.pipeline.workers import WorkerPool
+from cairn.repo.codec import encode_blob
+from cairn.repo.index import Index
+from cairn.repo.pack import DATA, TREE
+from cairn.repo.tree import Node, Tree, encode_tree
+from cairn.stages import cpu
+from cairn.stages.chunker import ChunkerParams, make_chunker, open_for_backup
+from cairn.stages.excludes import ExcludeRules
+from cairn.stages.saver import BlobSaver
+from cairn.stages.walk import scan_dir, stat_path
+
+log = structlog.get_logger("cairn.backup")
+
+MiB = 1024 * 1024
+# Files below the chunker's minimum are one blob: read whole, encoded in batches of
+# up to this many bytes per worker job, so small files don't pay a job round trip each.
+SMALL_BATCH_BYTES = 4 * MiB
+SMALL_BATCH_ITEMS = 256
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    """What to back up and how; concurrency defaults come from PipelineOptions."""
+
+    paths: list[bytes]
+    rules: ExcludeRules = field(default_factory=ExcludeRules)
+    tags: list[str] = field(default_factory=list)
+    host: str = ""
+    force: bool = False
+    dry_run: bool = False
+    level: int = 3
+    pack_size: int = 16 * MiB
+    cpu_workers: int = 2
+    read_concurrency: int = 2
+    connections: int = 4
+    slot_size: int = 16 * MiB
+    stdin_name: bytes | None = None
+
+
+@dataclass
+class BackupStats:
+    files_new: int = 0
+    files_changed: int = 0
+    files_unmodified: int = 0
+    dirs_new: int = 0
+    dirs_changed: int = 0
+    dirs_unmodified: int = 0
+    files_changed_during_read: int = 0
+    bytes_processed: int = 0
+    bytes_read: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Dir:
+    """A directory whose tree blob is pending until all its entries are complete."""
+
+    __slots__ = ("node", "nodes", "old", "old_tree", "parent", "path", "pending", "walked")
+
+    def __init__(
+        self,
+        path: bytes,
+        node: Node | None,
+        parent: _Dir | None,
+        old: dict[bytes, Node] | None,
+        old_tree: bytes | None = None,
+    ):
+        self.path = path
+        self.node = node
+        self.parent = parent
+        self.old = old  # the same directory's entries in the parent snapshot
+        self.old_tree = old_tree
+        self.nodes: list[Node] = []
+        self.pending = 0
+        self.walked = False
+
+
+@dataclass
+class _FileJob:
+    dir: _Dir
+    node: Node
+    path: bytes
+    old: Node | None
+
+
+class Archiver:
+    """Runs one backup; ``run`` returns the root tree ID."""
+
+    def __init__(self, repo: Any, index: Index, options: BackupOptions, parent_tree: bytes | None):
+        self.repo = repo
+        self.crypto = repo.crypto
+        self.index = index
+        self.opts = options
+        self.parent_tree = parent_tree
+        self.stats = BackupStats()
+        cfg = repo.config
+        self.chunker_params = ChunkerParams(
+            min_size=getattr(cfg, "chunk_min", 512 * 1024),
+            avg_size=getattr(cfg, "chunk_avg", 1024 * 1024),
+            max_size=getattr(cfg, "chunk_max", 8 * 1024 * 1024),
+            seed=self.crypto.chunker_seed,
+        )
+        self.saver = BlobSaver(
+            repo,
+            index,
+            pack_size=options.pack_size,
+            connections=options.connections,
+            dry_run=options.dry_run,
+        )
+        self.root_tree: bytes | None = None
+        self._pool: WorkerPool | None = None
+        self._slots: SlotPool | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._small_tx, self._small_rx = anyio.create_memory_object_stream[tuple[bytes, bytes]](
+            SMALL_BATCH_ITEMS
+        )
+
+    # -- the run ---------------------------------------------------------------
+
+    async def run(self) -> bytes:
+        slot_count = 2 * (self.opts.cpu_workers + self.opts.read_concurrency) + 2
+        self._slots = SlotPool(self.opts.slot_size, slot_count)
+        try:
+            async with WorkerPool(
+                self.opts.cpu_workers, initializer=cpu.init_worker, initargs=(self.crypto,)
+            ) as pool:
+                self._pool = pool
+                await self._run_stages()
+        finally:
+            self._slots.close()
+        assert self.root_tree is not None
+        return self.root_tree
+
+    async def _run_stages(self) -> None:
+        file_tx, file_rx = anyio.create_memory_object_stream[_FileJob](64)
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self.saver.run_uploaders)
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    tg.start_soon(self._small_encoder)
+                    async with anyio.create_task_group() as readers:
+                        readers.start_soon(self._walk_all, file_tx)
+                        for _ in range(self.opts.read_concurrency):
+                            readers.start_soon(self._reader, file_rx.clone())
+                        file_rx.close()
+                    self._small_tx.close()
+                await self.saver.close_packs()
+        finally:
+            # Whatever happened, index what reached the backend so a rerun reuses it.
+            with anyio.CancelScope(shield=True):
+                await self.saver.write_index()
+
+    # -- walking ------------------------------------------------------------------
+
+    async def _walk_all(self, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> None:
+        async with file_tx:
+            if self.opts.stdin_name is not None:
+                await self._walk_stdin(file_tx)
+                return
+            old = await self._old_entries(self.parent_tree)
+            root = _Dir(b"/", None, None, old, self.parent_tree)
+            trie = self._path_trie()
+            if trie is None:  # "/" itself was given
+                await self._walk_tree(root, file_tx)
+            else:
+                await self._walk_virtual(root, trie, file_tx)
+
+    def _path_trie(self) -> dict[bytes, Any] | None:
+        """Absolute paths as nested dicts of components; ``None`` marks a path to walk
+        whole (and a ``None`` trie means ``/`` itself was given)."""
+        trie: dict[bytes, Any] = {}
+        for path in self.opts.paths:
+            parts = [p for p in os.path.abspath(path).split(b"/") if p]
+            if not parts:
+                return None
+            node = trie
+            for part in parts[:-1]:
+                nxt = node.get(part, {})
+                if nxt is None:  # an ancestor is already walked whole
+                    break
+                node[part] = nxt
+                node = nxt
+            else:
+                node[parts[-1]] = None
+        return trie
+
+    async def _walk_virtual(
+        self, d: _Dir, trie: dict[bytes, Any], file_tx: anyio.abc.ObjectSendStream[_FileJob]
+    ) -> None:
+        """Directories above the given paths: only the components on the way down."""
+        for name in sorted(trie):
+            path = d.path.rstrip(b"/") + b"/" + name
+            try:
+                node = await anyio.to_thread.run_sync(stat_path, path)
+            except OSError as exc:
+                self._warn(path, exc.strerror or str(exc))
+                continue
+            node.name = name
+            old = d.old.get(name) if d.old else None
+            if trie[name] is None:
+                await self._add_entry(d, node, path, old, file_tx)
+            elif node.type == "dir":
+                old_tree = old.subtree if old and old.type == "dir" else None
+                child = _Dir(path, node, d, await self._old_entries(old_tree), old_tree)
+                d.nodes.append(node)
+                d.pending += 1
+                await self._walk_virtual(child, trie[name], file_tx)
+        d.walked = True
+        await self._maybe_finish(d)
+
+    async def _add_entry(
+        self,
+        d: _Dir,
+        node: Node,
+        path: bytes,
+        old: Node | None,
+        file_tx: anyio.abc.ObjectSendStream[_FileJob],
+    ) -> None:
+        d.nodes.append(node)
+        if node.type == "dir":
+            d.pending += 1
+            old_tree = old.subtree if old and old.type == "dir" else None
+            child = _Dir(path, node, d, await self._old_entries(old_tree), old_tree)
+            await self._walk_tree(child, file_tx)
+        elif node.type == "file":
+            self.stats.bytes_processed += node.size
+            if self._unchanged(node, old):
+                assert old is not None
+                node.content = list(old.content)
+                self.stats.files_unmodified += 1
+                return
+            d.pending += 1
+            await file_tx.send(_FileJob(d, node, path, old))
+
+    async def _walk_tree(self, top: _Dir, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> None:
+        """Depth-first walk below one directory given on the command line."""
+        root_dev = None
+        if self.opts.rules.one_file_system:
+            root_dev = top.node.device if top.node else os.lstat(top.path).st_dev
+        stack = [top]
+        while stack:
+            d = stack.pop()
+            scan = await anyio.to_thread.run_sync(scan_dir, d.path, self.opts.rules, root_dev)
+            for wpath, problem in scan.warnings:
+                self._warn(wpath, problem)
+            subdirs: list[_Dir] = []
+            for child in scan.nodes:
+                cpath = d.path.rstrip(b"/") + b"/" + child.name
+                cold = d.old.get(child.name) if d.old else None
+                d.nodes.append(child)
+                if child.type == "dir":
+                    d.pending += 1
+                    sub_old = cold.subtree if cold and cold.type == "dir" else None
+                    subdirs.append(_Dir(cpath, child, d, await self._old_entries(sub_old), sub_old))
+                elif child.type == "file":
+                    self.stats.bytes_processed += child.size
+                    if self._unchanged(child, cold):
+                        assert cold is not None
+                        child.content = list(cold.content)
+                        self.stats.files_unmodified += 1
+                    else:
+                        d.pending += 1
+                        await file_tx.send(_FileJob(d, child, cpath, cold))
+            d.walked = True
+            stack.extend(reversed(subdirs))
+            await self._maybe_finish(d)
+
+    async def _walk_stdin(self, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> None:
+        assert self.opts.stdin_name is not None
+        now = time.time_ns()
+        root = _Dir(b"/", None, None, None)
+        node = Node(
+            type="file",
+            name=self.opts.stdin_name,
+            mode=0o644,
+            mtime_ns=now,
+            atime_ns=now,
+            ctime_ns=now,
+            uid=os.getuid(),
+            gid=os.getgid(),
+        )
+        root.nodes.append(node)
+        root.pending += 1
+        root.walked = True
+        await file_tx.send(_FileJob(root, node, b"/dev/stdin", None))
+
+    def _unchanged(self, node: Node, old: Node | None) -> bool:
+        if self.opts.force or old is None or old.type != "file":
+            return False
+        return (
+            old.size == node.size
+            and old.mtime_ns == node.mtime_ns
+            and old.ctime_ns == node.ctime_ns
+            and old.inode == node.inode
+            and all(blob in self.index for blob in old.content)
+        )
+
+    async def _old_entries(self, tree_id: bytes | None) -> dict[bytes, Node] | None:
+        if tree_id is None:
+            return None
+        try:
+            tree: Tree = await self.repo.load_tree(tree_id)
+        except Exception as exc:  # a damaged parent only costs re-reading
+            log.warning("backup.parent_tree_unreadable", tree=tree_id.hex(), error=str(exc))
+            return None
+        return {n.name: n for n in tree.nodes}
+
+    # -- trees ---------------------------------------------------------------------
+
+    async def _maybe_finish(self, d: _Dir) -> None:
+        """Store the tree of a fully processed directory, then look at its parent."""
+        while d.walked and d.pending == 0:
+            payload = encode_tree(Tree(d.nodes))
+            tree_id = self.crypto.blob_id(payload)
+            if self.saver.claim(tree_id):
+                stored = encode_blob(self.crypto, TREE, tree_id, payload, self.opts.level)
+                await self.saver.add(TREE, tree_id, stored, len(payload))
+            if d.node is not None:
+                d.node.subtree = tree_id
+            if d.old_tree is None:
+                self.stats.dirs_new += 1
+            elif d.old_tree == tree_id:
+                self.stats.dirs_unmodified += 1
+            else:
+                self.stats.dirs_changed += 1
+            parent = d.parent
+            if parent is None:
+                self.root_tree = tree_id
+                return
+            parent.pending -= 1
+            d = parent
+
+    def _file_done(self, job: _FileJob, content: list[bytes], size: int) -> None:
+        job.node.content = content
+        job.node.size = size
+        if job.old is None:
+            self.stats.files_new += 1
+        else:
+            self.stats.files_changed += 1
+
+    # -- reading ---------------------------------------------------------------------
+
+    async def _reader(self, rx: anyio.abc.ObjectReceiveStream[_FileJob]) -> None:
+        async with rx:
+            async for job in rx:
+                ok = await self._read_file(job)
+                if not ok:
+                    job.dir.nodes = [n for n in job.dir.nodes if n is not job.node]
+                job.dir.pending -= 1
+                await self._maybe_finish(job.dir)
+
+    async def _read_file(self, job: _FileJob) -> bool:
+        """Read, chunk and queue one file; False if it could not be read."""
+        try:
+            fd = (
+                0
+                if job.path == b"/dev/stdin"
+                else await anyio.to_thread.run_sync(open_for_backup, job.path)
+            )
+        except OSError as exc:
+            problem = (
+                "vanished before it could be read"
+                if isinstance(exc, FileNotFoundError)
+                else (exc.strerror or str(exc))
+            )
+            self._warn(job.path, problem)
+            return False
+        try:
+            if job.node.size < self.chunker_params.min_size and fd != 0:
+                content, size = await self._read_small(fd, job)
+            else:
+                content, size = await self._read_large(fd)
+        except OSError as exc:
+            self._warn(job.path, exc.strerror or str(exc))
+            return False
+        finally:
+            if fd != 0:
+                os.close(fd)
+        if fd != 0:
+            after = await anyio.to_thread.run_sync(os.lstat, job.path)
+            if after.st_mtime_ns != job.node.mtime_ns or after.st_size != size:
+                self.stats.files_changed_during_read += 1
+                self._warn(job.path, "file changed while it was read; stored as read")
+        self.stats.bytes_read += size
+        self._file_done(job, content, size)
+        return True
+
+    async def _read_small(self, fd: int, job: _FileJob) -> tuple[list[bytes], int]:
+        data, blob_id = await anyio.to_thread.run_sync(_read_whole, fd, self.crypto, job.node.size)
+        if len(data) >= self.chunker_params.min_size:
+            raise OSError(0, "file grew while it was read")  # pragma: no cover - rare
+        if not data:
+            return [], 0
+        if self.saver.claim(blob_id):
+            await self._small_tx.send((blob_id, data))
+        return [blob_id], len(data)
+
+    async def _small_encoder(self) -> None:
+        """Group small blobs into one worker job per batch."""
+        assert self._pool is not None
+        async with self._small_rx:
+            batch: list[tuple[bytes, bytes]] = []
+            size = 0
+            async for item in self._small_rx:
+                batch.append(item)
+                size += len(item[1])
+                while size < SMALL_BATCH_BYTES and len(batch) < SMALL_BATCH_ITEMS:
+                    try:
+                        item = self._small_rx.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    batch.append(item)
+                    size += len(item[1])
+                assert self._tg is not None
+                await self._encode_small_batch(batch)
+                batch, size = [], 0
+
+    async def _encode_small_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
+        assert self._pool is not None
+        stored = await self._pool.run(cpu.encode_small, batch, self.opts.level)
+        for (blob_id, data), blob in zip(batch, stored, strict=True):
+            await self.saver.add(DATA, blob_id, blob, len(data))
+
+    async def _read_large(self, fd: int) -> tuple[list[bytes], int]:
+        """Read a file slot by slot; encode the new chunks of each slot concurrently."""
+        assert self._slots is not None and self._tg is not None
+        chunker = make_chunker(self.chunker_params)
+        content: list[bytes] = []
+        total = 0
+        carry = b""
+        eof = False
+        while not eof:
+            slot = await self._slots.acquire()
+            try:
+                slot.view[: len(carry)] = carry
+                filled, spans, eof = await anyio.to_thread.run_sync(
+                    _fill_and_chunk,
+                    fd,
+                    slot.view,
+                    len(carry),
+                    chunker,
+                    self.crypto,
+                    self.chunker_params.max_size,
+                )
+            except BaseException:
+                slot.release()
+                raise
+            total += filled - len(carry)
+            complete = spans if eof else spans[:-1]
+            if not eof and spans:
+                off, length, _ = spans[-1]
+                carry = bytes(slot.view[off : off + length])
+            else:
+                carry = b""
+            content.extend(blob_id for _, _, blob_id in complete)
+            new = [s for s in complete if self.saver.claim(s[2])]
+            if new:
+                self._tg.start_soon(self._encode_slot, slot, new)
+            else:
+                slot.release()
+        return content, total
+
+    async def _encode_slot(self, slot: Slot, spans: list[tuple[int, int, bytes]]) -> None:
+        assert self._pool is not None
+        try:
+            end = max(off + length for off, length, _ in spans)
+            stored = await self._pool.run(cpu.encode_spans, slot.ref(end), spans, self.opts.level)
+        finally:
+            slot.release()
+        for (_, length, blob_id), blob in zip(spans, stored, strict=True):
+            await self.saver.add(DATA, blob_id, blob, length)
+
+    def _warn(self, path: bytes, problem: str) -> None:
+        text = os.fsdecode(path)
+        self.stats.errors.append((text, problem))
+        log.warning("backup.file_error", path=text, error=problem)
+
+
+def _read_whole(fd: int, crypto: Any, size_hint: int) -> tuple[bytes, bytes]:
+    """Read a small file whole and hash it (thread side)."""
+    parts = []
+    want = max(size_hint, 1) + 1
+    while True:
+        piece = os.read(fd, want)
+        if not piece:
+            break
+        parts.append(piece)
+        want = 1 << 20
+    data = b"".join(parts)
+    return data, crypto.blob_id(data)
+
+
+def _fill_and_chunk(
+    fd: int, view: memoryview, start: int, chunker: Any, crypto: Any, max_size: int
+) -> tuple[int, list[tuple[int, int, bytes]], bool]:
+    """Fill a slot after ``start`` carried bytes, cut it and hash the pieces.
+
+    Returns (bytes in slot, [(offset, length, blob id)], eof). When not at EOF the
+    last span is an unfinished chunk the caller carries into the next slot.
+    """
+    filled = start
+    eof = False
+    while filled < len(view):
+        n = os.readv(fd, [view[filled:]])
+        if n == 0:
+            eof = True
+            break
+        filled += n
+    if filled == 0:
+        return 0, [], True
+    spans = []
+    for piece in chunker.cut_buf(view[:filled]):
+        spans.append((piece.offset, piece.length, crypto.blob_id(piece.data)))
+    if not eof and spans and spans[-1][1] >= max_size:
+        # A chunk cut at the maximum size is complete: nothing to carry.
+        spans.append((filled, 0, b""))
+    return filled, spans, eof

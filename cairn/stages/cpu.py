@@ -1,0 +1,87 @@
+"""CPU work that runs in the worker processes: encoding and decoding blobs.
+
+Module-level functions on plain data so the engine's process pool can run them.
+The repository's ``Crypto`` is installed once per worker by ``init_worker``; jobs
+carry only slot references or small byte strings.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cairn.repo.codec import decode_blob, encode_blob
+from cairn.repo.crypto import Crypto
+from cairn.repo.pack import DATA
+
+_crypto: Crypto | None = None
+
+
+def init_worker(crypto: Crypto) -> None:
+    """Runs once in each worker: keep the repository's sub-keys for later jobs."""
+    global _crypto
+    _crypto = crypto
+
+
+def _worker_crypto() -> Crypto:
+    if _crypto is None:  # pragma: no cover - a pool started without init_worker
+        raise RuntimeError("worker started without repository keys")
+    return _crypto
+
+
+def encode_spans(view: memoryview, spans: list[tuple[int, int, bytes]], level: int) -> list[bytes]:
+    """Compress and encrypt the data blobs at ``(offset, length, id)`` in a slot."""
+    crypto = _worker_crypto()
+    return [
+        encode_blob(crypto, DATA, blob_id, view[offset : offset + length], level)
+        for offset, length, blob_id in spans
+    ]
+
+
+def encode_small(items: list[tuple[bytes, bytes]], level: int) -> list[bytes]:
+    """Compress and encrypt a batch of small data blobs given as ``(id, data)``."""
+    crypto = _worker_crypto()
+    return [encode_blob(crypto, DATA, blob_id, data, level) for blob_id, data in items]
+
+
+def decode_spans(view: memoryview, spans: list[tuple[int, int, int, bytes]]) -> list[bytes]:
+    """Decrypt, decompress and verify blobs at ``(offset, length, type, id)`` in a slot."""
+    crypto = _worker_crypto()
+    return [
+        decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
+        for offset, length, blob_type, blob_id in spans
+    ]
+
+
+def decode_and_write(
+    view: memoryview,
+    spans: list[tuple[int, int, int, bytes, list[tuple[bytes, int]]]],
+    sparse: bool,
+) -> int:
+    """Decode blobs from a downloaded pack range and write each into every file
+    position that needs it; returns the bytes written.
+
+    With ``sparse``, all-zero blobs are not written: the file was created at its
+    full size, so they stay holes.
+    """
+    crypto = _worker_crypto()
+    written = 0
+    for offset, length, blob_type, blob_id, targets in spans:
+        data = decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
+        if sparse and not data.strip(b"\0"):
+            continue
+        for path, file_offset in targets:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                _pwrite_all(fd, data, file_offset)
+            finally:
+                os.close(fd)
+            written += len(data)
+    return written
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

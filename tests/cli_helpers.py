@@ -1,0 +1,53 @@
+"""Running the real ``cairn`` command in a subprocess, as users do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CAIRN = [sys.executable, "-m", "cairn.cli.main"]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+    def json_lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.out.splitlines() if line.strip()]
+
+
+class Cairn:
+    """A cairn command line bound to one repository and password file."""
+
+    def __init__(self, repo: Path, password_file: Path, extra_env: dict[str, str] | None = None):
+        self.repo = repo
+        self.password_file = password_file
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")
+        } | (extra_env or {})
+
+    def run(self, *args: str, env: dict[str, str] | None = None, input: bytes | None = None,
+            check: bool = False, base: bool = True, timeout: float = 600) -> Result:
+        cmd = list(CAIRN)
+        if base:
+            cmd += ["-r", str(self.repo), "--password-file", str(self.password_file),
+                    "--insecure-kdf"]
+        cmd += list(args)
+        proc = subprocess.run(
+            cmd, env=self.env | (env or {}), input=input, capture_output=True, timeout=timeout
+        )
+        result = Result(proc.returncode, proc.stdout.decode(errors="replace"),
+                        proc.stderr.decode(errors="replace"))
+        if check and result.code != 0:
+            raise AssertionError(f"cairn {' '.join(args)} exited {result.code}: {result.err}")
+        return result
