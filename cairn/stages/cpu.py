@@ -67,19 +67,40 @@ def decode_and_write(
     written = 0
     for offset, length, blob_type, blob_id, targets in spans:
         data = decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
-        if sparse and not data.strip(b"\0"):
-            continue
+        pieces = _nonzero_blocks(data) if sparse else [(0, len(data))]
         for path, file_offset in targets:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                _pwrite_all(fd, data, file_offset)
+                for start, end in pieces:
+                    _pwrite_all(fd, memoryview(data)[start:end], file_offset + start)
             finally:
                 os.close(fd)
             written += len(data)
     return written
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+# Holes are made in units of this many bytes (a multiple of every common fs block).
+_SPARSE_BLOCK = 64 * 1024
+_ZERO_BLOCK = bytes(_SPARSE_BLOCK)
+
+
+def _nonzero_blocks(data: bytes) -> list[tuple[int, int]]:
+    """Byte ranges of ``data`` that are not all-zero blocks, merged."""
+    ranges: list[tuple[int, int]] = []
+    view = memoryview(data)
+    for start in range(0, len(data), _SPARSE_BLOCK):
+        block = view[start : start + _SPARSE_BLOCK]
+        if block == _ZERO_BLOCK[: len(block)]:
+            continue
+        end = start + len(block)
+        if ranges and ranges[-1][1] == start:
+            ranges[-1] = (ranges[-1][0], end)
+        else:
+            ranges.append((start, end))
+    return ranges
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)

@@ -1,0 +1,161 @@
+"""Pack files: encoded blobs, then a sealed header listing them, then its length.
+
+Layout (``docs/format.md``)::
+
+    blob_0 | blob_1 | ... | blob_n-1 | sealed header | header length (u32 LE)
+
+The header is ``seal(crypto, "packheader", msgpack([[type, id, offset, length,
+raw_length], ...]))``. Blobs are contiguous from offset 0 and end where the header
+starts. A pack holds blobs of one type only (data or tree), so tree packs can be cached
+without data.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from cairn.repo import schema
+from cairn.repo.codec import seal, unseal
+from cairn.repo.crypto import OVERHEAD, Crypto, storage_id
+from cairn.repo.errors import CorruptedObject
+
+DATA = 0
+TREE = 1
+BLOB_TYPES = (DATA, TREE)
+
+_LENGTH = struct.Struct("<I")
+# First guess of how much of a pack's tail to load: a 16 MiB pack of 1 MiB blobs has a
+# header of a few hundred bytes; 64 KiB covers ~900 entries even uncompressed.
+TAIL_GUESS = 64 * 1024
+# Bounds of the in-memory index encoding (u64 offsets, u32 lengths).
+_MAX_OFFSET = 1 << 63
+_MAX_LENGTH = 1 << 32
+
+
+class PackEntry(NamedTuple):
+    """One blob in a pack: where its encoded bytes are and how long it is decoded."""
+
+    type: int
+    id: bytes
+    offset: int
+    length: int
+    raw_length: int
+
+
+class PackWriter:
+    """Accumulates already-encoded blobs of one type into a pack in memory."""
+
+    def __init__(self, blob_type: int) -> None:
+        if blob_type not in BLOB_TYPES:
+            raise ValueError(f"unknown blob type {blob_type}")
+        self.blob_type = blob_type
+        self._parts: list[bytes] = []
+        self._entries: list[PackEntry] = []
+        self._size = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes of blobs so far (the header adds ~60 bytes per blob when finished)."""
+        return self._size
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, blob_type: int, blob_id: bytes, stored: bytes, raw_length: int) -> None:
+        """Append one encoded blob (output of ``encode_blob``)."""
+        if blob_type != self.blob_type:
+            raise ValueError("data and tree blobs never share a pack")
+        if len(blob_id) != 32:
+            raise ValueError("a blob ID is 32 bytes")
+        self._entries.append(PackEntry(blob_type, blob_id, self._size, len(stored), raw_length))
+        self._parts.append(stored)
+        self._size += len(stored)
+
+    def finish(self, crypto: Crypto) -> tuple[bytes, str, list[PackEntry]]:
+        """The pack bytes, its ID (hex storage ID) and its entries."""
+        if not self._entries:
+            raise ValueError("an empty pack is never written")
+        header = seal(crypto, "packheader", schema.pack([list(e) for e in self._entries]))
+        self._parts.append(header)
+        self._parts.append(_LENGTH.pack(len(header)))
+        data = b"".join(self._parts)
+        self._parts = []
+        return data, storage_id(data), self._entries
+
+
+def initial_tail_length(pack_size: int) -> int:
+    """How many bytes from the end of a pack to load first."""
+    return min(pack_size, TAIL_GUESS)
+
+
+def required_tail_length(tail: bytes, pack_size: int, pack_id: str = "") -> int:
+    """How many tail bytes hold the header and its length; load more if above len(tail)."""
+    if len(tail) < _LENGTH.size or pack_size < _LENGTH.size:
+        raise CorruptedObject("pack", pack_id, f"too short ({pack_size} bytes)")
+    (header_len,) = _LENGTH.unpack_from(tail, len(tail) - _LENGTH.size)
+    needed = header_len + _LENGTH.size
+    if header_len < OVERHEAD or needed > pack_size:
+        raise CorruptedObject("pack", pack_id, f"header length {header_len} out of range")
+    return needed
+
+
+def parse_pack_header(
+    crypto: Crypto, tail: bytes, pack_size: int, pack_id: str = ""
+) -> list[PackEntry]:
+    """Decode and validate the entries from the last bytes of a pack.
+
+    ``tail`` must be at least ``required_tail_length`` bytes (the whole pack works).
+    """
+    needed = required_tail_length(tail, pack_size, pack_id)
+    if len(tail) < needed:
+        raise ValueError(f"need the last {needed} bytes of the pack, got {len(tail)}")
+    header = tail[len(tail) - needed : len(tail) - _LENGTH.size]
+    try:
+        payload = unseal(crypto, "packheader", header)
+    except CorruptedObject as exc:
+        raise exc.naming("pack header", pack_id) from None
+    raw = schema.unpack(payload, "pack header", pack_id)
+    blobs_end = pack_size - needed
+    entries = parse_entries(raw, "pack header", pack_id)
+    _check_layout(entries, blobs_end, pack_id)
+    return entries
+
+
+def parse_entries(raw: object, kind: str, name: str) -> list[PackEntry]:
+    """Validate a msgpack list of ``[type, id, offset, length, raw_length]``."""
+    if not isinstance(raw, list):
+        raise CorruptedObject(kind, name, "entry list is not an array")
+    entries = []
+    for item in raw:
+        if (
+            not isinstance(item, list)
+            or len(item) != 5
+            or type(item[0]) is not int
+            or item[0] not in BLOB_TYPES
+            or not isinstance(item[1], bytes)
+            or len(item[1]) != 32
+            or not all(type(v) is int and v >= 0 for v in item[2:])
+            or item[2] >= _MAX_OFFSET
+            or item[3] >= _MAX_LENGTH
+            or item[4] >= _MAX_LENGTH
+        ):
+            raise CorruptedObject(kind, name, "malformed blob entry")
+        if item[3] < OVERHEAD + 1:  # envelope + compression flag
+            raise CorruptedObject(kind, name, "blob entry shorter than the encryption overhead")
+        entries.append(PackEntry(*item))
+    return entries
+
+
+def _check_layout(entries: list[PackEntry], blobs_end: int, pack_id: str) -> None:
+    if not entries:
+        raise CorruptedObject("pack header", pack_id, "lists no blobs")
+    offset = 0
+    for entry in entries:
+        if entry.offset != offset:
+            raise CorruptedObject("pack header", pack_id, "blobs are not contiguous")
+        if entry.type != entries[0].type:
+            raise CorruptedObject("pack header", pack_id, "mixes data and tree blobs")
+        offset += entry.length
+    if offset != blobs_end:
+        raise CorruptedObject("pack header", pack_id, "blobs do not end where the header starts")

@@ -1,0 +1,312 @@
+"""The glue between a backend and the format: open/init, sealed objects, keys, blobs.
+
+Deliberately thin. The backup pipeline writes packs itself (``PackWriter`` →
+``backend.save(object_name("data", pack_id), bytes)``) and then calls ``save_index``;
+this class serves the CLI and the restore side with whole-object reads and writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from cairn.backends.base import AlreadyExists, Backend, NotFound, ObjectTruncated, is_hex_id
+from cairn.backends.base import object_name as backend_name
+from cairn.repo.codec import DEFAULT_LEVEL, decode_blob, encode_blob, seal, unseal
+from cairn.repo.config import Config, decode_config, encode_config
+from cairn.repo.crypto import Crypto, MasterKey, storage_id
+from cairn.repo.errors import (
+    AmbiguousId,
+    CorruptedObject,
+    KeyRefused,
+    ObjectNotFound,
+    RepoError,
+    RepositoryExists,
+    RepositoryNotFound,
+    WrongPassword,
+)
+from cairn.repo.index import Index, IndexFile, decode_index, encode_index
+from cairn.repo.keyfile import KdfParams, keyfile_info, make_keyfile, unwrap_keyfile
+from cairn.repo.pack import TREE, PackEntry, PackWriter
+from cairn.repo.snapshot import Snapshot, decode_snapshot, encode_snapshot
+from cairn.repo.tree import Tree, decode_tree
+
+# Backend directory → the kind sealed objects in it are bound to (their AD).
+_SEAL_KIND = {"snapshots": "snapshot", "index": "index", "locks": "lock"}
+
+# Decoding below this size is cheaper inline than a hop to a worker thread (~50 µs).
+_INLINE_DECODE = 64 * 1024
+
+
+async def init_repository(
+    backend: Backend,
+    password: str | bytes,
+    *,
+    hostname: str,
+    username: str,
+    kdf_params: KdfParams | None = None,
+    config: Config | None = None,
+) -> Repository:
+    """Create a repository: layout, first key file, then config (its presence = exists)."""
+    try:
+        await backend.stat("config")
+    except NotFound:
+        pass
+    else:
+        raise RepositoryExists(backend.location)
+    create_layout = getattr(backend, "create_layout", None)
+    if create_layout is not None:
+        try:
+            await create_layout()
+        except AlreadyExists:
+            raise RepositoryExists(backend.location) from None
+    master = MasterKey.generate()
+    keyfile = await anyio.to_thread.run_sync(
+        lambda: make_keyfile(
+            master, password, hostname=hostname, username=username, kdf_params=kdf_params
+        )
+    )
+    key_id = storage_id(keyfile)
+    await backend.save(backend_name("keys", key_id), keyfile)
+    config = config or Config()
+    crypto = master.crypto()
+    await backend.save("config", seal(crypto, "config", encode_config(config)))
+    return Repository(backend, master, config, key_id)
+
+
+async def _try_key(backend: Backend, key_id: str, password: str | bytes) -> MasterKey | None:
+    try:
+        data = await backend.load(backend_name("keys", key_id))
+        return await anyio.to_thread.run_sync(unwrap_keyfile, data, password, key_id)
+    except (WrongPassword, CorruptedObject, NotFound):
+        # A corrupt or vanished key must not lock the user out if another one opens.
+        return None
+
+
+async def open_repository(backend: Backend, password: str | bytes) -> Repository:
+    """Open with whichever key file the password unlocks."""
+    try:
+        config_bytes = await backend.load("config")
+    except NotFound:
+        raise RepositoryNotFound(backend.location) from None
+    key_ids = sorted([n.rsplit("/", 1)[-1] async for n, _size in backend.list("keys/")])
+    if not key_ids:
+        raise RepoError(f"{backend.location}: the repository has no key files")
+    for key_id in key_ids:
+        master = await _try_key(backend, key_id, password)
+        if master is not None:
+            break
+    else:
+        raise WrongPassword()
+    crypto = master.crypto()
+    config = decode_config(unseal(crypto, "config", config_bytes, name="config"))
+    return Repository(backend, master, config, key_id)
+
+
+class Repository:
+    """An open repository: its backend, sub-keys, config and the key in use."""
+
+    def __init__(self, backend: Backend, master: MasterKey, config: Config, key_id: str) -> None:
+        self.backend = backend
+        self._master = master
+        self.crypto: Crypto = master.crypto()
+        self.config = config
+        self.key_id = key_id
+        self.index: Index | None = None
+
+    # --- sealed whole-file objects -------------------------------------------------
+
+    async def save_sealed(self, kind: str, payload: bytes) -> str:
+        """Seal ``payload`` and store it under ``<kind>/<storage id>``; return the ID."""
+        stored = seal(self.crypto, _SEAL_KIND[kind], payload)
+        object_id = storage_id(stored)
+        await self.backend.save(backend_name(kind, object_id), stored)
+        return object_id
+
+    async def load_sealed(self, kind: str, object_id: str) -> bytes:
+        """Load, verify the name hash, and unseal one object."""
+        seal_kind = _SEAL_KIND[kind]
+        try:
+            stored = await self.backend.load(backend_name(kind, object_id))
+        except NotFound:
+            raise ObjectNotFound(f"{kind}/{object_id}: not found") from None
+        if storage_id(stored) != object_id:
+            raise CorruptedObject(seal_kind, object_id, "content does not match its name")
+        if len(stored) <= _INLINE_DECODE:
+            return unseal(self.crypto, seal_kind, stored, object_id)
+        return await anyio.to_thread.run_sync(unseal, self.crypto, seal_kind, stored, object_id)
+
+    async def list_ids(self, kind: str) -> list[str]:
+        """Sorted IDs of every object of a kind (``snapshots``, ``index``, ``keys``...)."""
+        ids = [name.rsplit("/", 1)[-1] async for name, _size in self.backend.list(f"{kind}/")]
+        return sorted(i for i in ids if is_hex_id(i))
+
+    async def find_id(self, kind: str, prefix: str) -> str:
+        """The one ID of ``kind`` starting with ``prefix`` (restic-style short IDs)."""
+        prefix = prefix.lower()
+        matches = [i for i in await self.list_ids(kind) if i.startswith(prefix)]
+        if not matches:
+            raise ObjectNotFound(f"no {kind} object matches ID {prefix!r}")
+        if len(matches) > 1:
+            raise AmbiguousId(
+                f"ID {prefix!r} matches {len(matches)} {kind} objects; give more characters"
+            )
+        return matches[0]
+
+    # --- keys ------------------------------------------------------------------------
+
+    async def list_keys(self) -> list[dict[str, Any]]:
+        """Metadata of every key file, with ``id`` and ``current`` (the key in use)."""
+        out = []
+        for key_id in await self.list_ids("keys"):
+            data = await self.backend.load(backend_name("keys", key_id))
+            try:
+                info = keyfile_info(data, key_id)
+            except CorruptedObject as exc:
+                info = {"error": str(exc)}
+            out.append({"id": key_id, "current": key_id == self.key_id, **info})
+        return out
+
+    async def add_key(
+        self,
+        new_password: str | bytes,
+        *,
+        hostname: str,
+        username: str,
+        kdf_params: KdfParams | None = None,
+    ) -> str:
+        """Add a key file for ``new_password``; return its ID."""
+        keyfile = await anyio.to_thread.run_sync(
+            lambda: make_keyfile(
+                self._master,
+                new_password,
+                hostname=hostname,
+                username=username,
+                kdf_params=kdf_params,
+            )
+        )
+        key_id = storage_id(keyfile)
+        await self.backend.save(backend_name("keys", key_id), keyfile)
+        return key_id
+
+    async def remove_key(self, key_id: str) -> None:
+        """Remove a key file; refuses the key in use and the last key."""
+        if key_id == self.key_id:
+            raise KeyRefused("refusing to remove the key in use (open with another key)")
+        keys = await self.list_ids("keys")
+        if key_id not in keys:
+            raise ObjectNotFound(f"keys/{key_id}: not found")
+        if len(keys) <= 1:
+            raise KeyRefused("refusing to remove the last key of the repository")
+        await self.backend.remove(backend_name("keys", key_id))
+
+    async def change_password(
+        self,
+        new_password: str | bytes,
+        *,
+        hostname: str,
+        username: str,
+        kdf_params: KdfParams | None = None,
+    ) -> str:
+        """Add a key for ``new_password``, switch to it, then remove the old key."""
+        new_id = await self.add_key(
+            new_password, hostname=hostname, username=username, kdf_params=kdf_params
+        )
+        old_id, self.key_id = self.key_id, new_id
+        await self.remove_key(old_id)
+        return new_id
+
+    # --- index -----------------------------------------------------------------------
+
+    async def load_index(self) -> Index:
+        """Load every index file concurrently, skipping superseded ones."""
+        ids = await self.list_ids("index")
+        files: dict[str, IndexFile] = {}
+        limiter = anyio.CapacityLimiter(max(1, self.backend.connections))
+
+        async def load_one(index_id: str) -> None:
+            async with limiter:
+                payload = await self.load_sealed("index", index_id)
+            files[index_id] = decode_index(payload, index_id)
+
+        async with anyio.create_task_group() as tg:
+            for index_id in ids:
+                tg.start_soon(load_one, index_id)
+        superseded = {s.hex() for f in files.values() for s in f.supersedes}
+        index = Index()
+        for index_id in ids:
+            if index_id not in superseded:
+                index.add_file(files[index_id])
+        self.index = index
+        return index
+
+    async def save_index(
+        self,
+        packs: Iterable[tuple[bytes | str, Sequence[PackEntry]]],
+        supersedes: Iterable[str] = (),
+    ) -> str:
+        """Write one index file for ``packs`` (ID bytes or hex, entries); return its ID."""
+        pack_list = [
+            (bytes.fromhex(p) if isinstance(p, str) else p, list(entries)) for p, entries in packs
+        ]
+        index_file = IndexFile(pack_list, [bytes.fromhex(s) for s in supersedes])
+        index_id = await self.save_sealed("index", encode_index(index_file))
+        if self.index is not None:
+            self.index.add_file(index_file)
+        return index_id
+
+    # --- snapshots, trees, blobs -----------------------------------------------------
+
+    async def save_snapshot(self, snap: Snapshot) -> str:
+        """Store a snapshot; its ID is the storage ID of the sealed bytes."""
+        return await self.save_sealed("snapshots", encode_snapshot(snap))
+
+    async def load_snapshot(self, snapshot_id: str) -> Snapshot:
+        """Load one snapshot by full ID."""
+        return decode_snapshot(await self.load_sealed("snapshots", snapshot_id), snapshot_id)
+
+    async def write_pack(
+        self, blob_type: int, blobs: Sequence[bytes], level: int = DEFAULT_LEVEL
+    ) -> tuple[str, list[PackEntry]]:
+        """Encode ``blobs`` into one pack and store it (no index written: call
+        ``save_index``). Convenience for small writes; the pipeline packs itself."""
+        writer = PackWriter(blob_type)
+        for data in blobs:
+            blob_id = self.crypto.blob_id(data)
+            writer.add(
+                blob_type,
+                blob_id,
+                encode_blob(self.crypto, blob_type, blob_id, data, level),
+                len(data),
+            )
+        pack, pack_id, entries = writer.finish(self.crypto)
+        await self.backend.save(backend_name("data", pack_id), pack)
+        return pack_id, entries
+
+    async def read_blob(self, blob_id: bytes) -> bytes:
+        """A blob's plaintext via the index (loaded on first use), verified."""
+        index = self.index if self.index is not None else await self.load_index()
+        loc = index.lookup(blob_id)
+        if loc is None:
+            raise ObjectNotFound(f"blob {blob_id.hex()} is not in the index")
+        pack_id = loc.pack_id.hex()
+        try:
+            stored = await self.backend.load(backend_name("data", pack_id), loc.offset, loc.length)
+        except NotFound:
+            raise CorruptedObject("pack", pack_id, "listed in the index but missing") from None
+        except ObjectTruncated:
+            raise CorruptedObject("pack", pack_id, "shorter than the index says") from None
+        if loc.length <= _INLINE_DECODE:
+            return decode_blob(self.crypto, loc.type, blob_id, stored)
+        return await anyio.to_thread.run_sync(decode_blob, self.crypto, loc.type, blob_id, stored)
+
+    async def load_tree(self, blob_id: bytes) -> Tree:
+        """Read and decode one tree blob."""
+        index = self.index if self.index is not None else await self.load_index()
+        loc = index.lookup(blob_id)
+        if loc is not None and loc.type != TREE:
+            raise CorruptedObject("tree", blob_id.hex(), "the index lists it as a data blob")
+        return decode_tree(await self.read_blob(blob_id), blob_id.hex())
