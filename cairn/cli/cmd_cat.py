@@ -30,6 +30,25 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def node_json(node: Any) -> dict[str, Any]:
+    """A tree node as JSON: names and link targets as text (hex if not UTF-8),
+    blob IDs as hex."""
+    out = _jsonable(node)
+    out["name"] = _text(node.name)
+    out["link_target"] = _text(node.link_target)
+    out["content"] = [b.hex() for b in node.content]
+    out["subtree"] = node.subtree.hex() if node.subtree else None
+    out["xattrs"] = {_text(k): _text(v) for k, v in node.xattrs.items()}
+    return dict(out)
+
+
+def _text(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.hex()
+
+
 def _looks_binary(value: bytes) -> bool:
     return len(value) == 32 and not value.isascii()
 
@@ -82,7 +101,8 @@ async def _cat(repo: Any, kind: str, object_id: str | None) -> Any:
         }
     blob_id = bytes.fromhex(await _find_blob(repo, object_id))
     if kind == "tree":
-        return decode_tree(await repo.read_blob(blob_id), blob_id.hex())
+        tree = decode_tree(await repo.read_blob(blob_id), blob_id.hex())
+        return {"nodes": [node_json(n) for n in tree.nodes]}
     return await repo.read_blob(blob_id)
 
 
