@@ -32,22 +32,43 @@ class Cairn:
     def __init__(self, repo: Path, password_file: Path, extra_env: dict[str, str] | None = None):
         self.repo = repo
         self.password_file = password_file
-        self.env = {
-            k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")
-        } | (extra_env or {})
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")} | (
+            extra_env or {}
+        )
 
-    def run(self, *args: str, env: dict[str, str] | None = None, input: bytes | None = None,
-            check: bool = False, base: bool = True, timeout: float = 600) -> Result:
+    def run(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        input: bytes | None = None,
+        check: bool = False,
+        base: bool = True,
+        timeout: float = 600,
+    ) -> Result:
         cmd = list(CAIRN)
         if base:
-            cmd += ["-r", str(self.repo), "--password-file", str(self.password_file),
-                    "--insecure-kdf"]
+            cmd += [
+                "-r",
+                str(self.repo),
+                "--password-file",
+                str(self.password_file),
+                "--insecure-kdf",
+            ]
         cmd += list(args)
         proc = subprocess.run(
             cmd, env=self.env | (env or {}), input=input, capture_output=True, timeout=timeout
         )
-        result = Result(proc.returncode, proc.stdout.decode(errors="replace"),
-                        proc.stderr.decode(errors="replace"))
+        result = Result(
+            proc.returncode,
+            proc.stdout.decode(errors="replace"),
+            proc.stderr.decode(errors="replace"),
+        )
+        self.last_stdout = proc.stdout
         if check and result.code != 0:
             raise AssertionError(f"cairn {' '.join(args)} exited {result.code}: {result.err}")
         return result
+
+    def run_bytes(self, *args: str) -> bytes:
+        """Run a command that must succeed; its raw stdout."""
+        self.run(*args, check=True)
+        return self.last_stdout

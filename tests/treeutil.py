@@ -74,18 +74,27 @@ def snapshot_of(root: Path) -> dict[bytes, tuple]:
             elif stat.S_ISLNK(st.st_mode):
                 content = os.readlink(path)
             try:
-                xattrs = tuple(sorted(
-                    (n, os.getxattr(path, n, follow_symlinks=False))
-                    for n in os.listxattr(path, follow_symlinks=False)
-                ))
+                xattrs = tuple(
+                    sorted(
+                        (n, os.getxattr(path, n, follow_symlinks=False))
+                        for n in os.listxattr(path, follow_symlinks=False)
+                    )
+                )
             except OSError:
                 xattrs = ()
             link_group = None
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 link_group = inodes.setdefault(st.st_ino, rel)
-            mtime = st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else st.st_mtime_ns
+            mtime = st.st_mtime_ns
             out[rel] = (
-                kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, mtime, content,
-                xattrs, st.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0, link_group,
+                kind,
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                mtime,
+                content,
+                xattrs,
+                st.st_rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0,
+                link_group,
             )
     return out

@@ -52,4 +52,3 @@ def configure_logging(settings: Settings, command: str | None = None) -> None:
     structlog.contextvars.bind_contextvars(
         run_id=uuid.uuid4().hex[:12], command=command or "", repository=settings.repo or ""
     )
-

@@ -21,6 +21,10 @@ _COMMAND_MODULES = (
     "backup",
     "snapshots",
     "restore",
+    "ls",
+    "find",
+    "diff",
+    "dump",
 )
 
 
