@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from cairn.pipeline.shm import Slot, SlotPool
 from cairn.pipeline.workers import WorkerPool
@@ -45,6 +46,8 @@ MiB = 1024 * 1024
 # up to this many bytes per worker job, so small files don't pay a job round trip each.
 SMALL_BATCH_BYTES = 4 * MiB
 SMALL_BATCH_ITEMS = 256
+# Small files read per thread hop.
+SMALL_READ_FILES = 64
 
 
 @dataclass(frozen=True)
@@ -369,60 +372,91 @@ class Archiver:
 
     # -- reading ---------------------------------------------------------------------
 
-    async def _reader(self, rx: anyio.abc.ObjectReceiveStream[_FileJob]) -> None:
+    def _is_small(self, job: _FileJob) -> bool:
+        return job.node.size < self.chunker_params.min_size and job.path != b"/dev/stdin"
+
+    async def _reader(self, rx: MemoryObjectReceiveStream[_FileJob]) -> None:
+        """Read files; small ones in batches, one thread hop per batch (a hop costs
+        ~50 µs, about as much as reading a 64 KiB file)."""
         async with rx:
             async for job in rx:
-                ok = await self._read_file(job)
-                if not ok:
-                    job.dir.nodes = [n for n in job.dir.nodes if n is not job.node]
-                job.dir.pending -= 1
-                await self._maybe_finish(job.dir)
+                batch = [job]
+                size = job.node.size
+                while (
+                    self._is_small(job)
+                    and len(batch) < SMALL_READ_FILES
+                    and (size < SMALL_BATCH_BYTES)
+                ):
+                    try:
+                        job = rx.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    batch.append(job)
+                    size += job.node.size
+                small = [j for j in batch if self._is_small(j)]
+                if small:
+                    results = await anyio.to_thread.run_sync(
+                        _read_small_files,
+                        [j.path for j in small],
+                        self.crypto,
+                        self.chunker_params.min_size,
+                    )
+                    for j, result in zip(small, results, strict=True):
+                        if result is None:  # grew past the small-file size meanwhile
+                            await self._job_done(j, await self._read_file(j))
+                        else:
+                            await self._job_done(j, await self._small_done(j, result))
+                for j in batch:
+                    if not self._is_small(j):
+                        await self._job_done(j, await self._read_file(j))
+
+    async def _job_done(self, job: _FileJob, ok: bool) -> None:
+        if not ok:
+            job.dir.nodes = [n for n in job.dir.nodes if n is not job.node]
+        job.dir.pending -= 1
+        await self._maybe_finish(job.dir)
+
+    async def _small_done(
+        self, job: _FileJob, result: tuple[bytes, bytes, os.stat_result] | OSError
+    ) -> bool:
+        if isinstance(result, OSError):
+            self._warn(job.path, _problem(result))
+            return False
+        data, blob_id, after = result
+        self._check_unchanged(job, after, len(data))
+        if data and self.saver.claim(blob_id):
+            await self._small_tx.send((blob_id, data))
+        self.stats.bytes_read += len(data)
+        self._file_done(job, [blob_id] if data else [], len(data))
+        return True
+
+    def _check_unchanged(self, job: _FileJob, after: os.stat_result, size: int) -> None:
+        if after.st_mtime_ns != job.node.mtime_ns or after.st_size != size:
+            self.stats.files_changed_during_read += 1
+            self._warn(job.path, "file changed while it was read; stored as read")
 
     async def _read_file(self, job: _FileJob) -> bool:
-        """Read, chunk and queue one file; False if it could not be read."""
+        """Read, chunk and queue one large file (or stdin); False if unreadable."""
+        stdin = job.path == b"/dev/stdin"
         try:
-            fd = (
-                0
-                if job.path == b"/dev/stdin"
-                else await anyio.to_thread.run_sync(open_for_backup, job.path)
-            )
+            fd = 0 if stdin else await anyio.to_thread.run_sync(open_for_backup, job.path)
         except OSError as exc:
-            problem = (
-                "vanished before it could be read"
-                if isinstance(exc, FileNotFoundError)
-                else (exc.strerror or str(exc))
-            )
-            self._warn(job.path, problem)
+            self._warn(job.path, _problem(exc))
             return False
         try:
-            if job.node.size < self.chunker_params.min_size and fd != 0:
-                content, size = await self._read_small(fd, job)
-            else:
-                content, size = await self._read_large(fd)
+            content, size = await self._read_large(fd)
+            after = None if stdin else await anyio.to_thread.run_sync(os.fstat, fd)
         except OSError as exc:
-            self._warn(job.path, exc.strerror or str(exc))
+            self._warn(job.path, _problem(exc))
             return False
         finally:
-            if fd != 0:
+            if not stdin:
                 os.close(fd)
-        if fd != 0:
-            after = await anyio.to_thread.run_sync(os.lstat, job.path)
-            if after.st_mtime_ns != job.node.mtime_ns or after.st_size != size:
-                self.stats.files_changed_during_read += 1
-                self._warn(job.path, "file changed while it was read; stored as read")
+        if after is not None:
+            self._check_unchanged(job, after, size)
         self.stats.bytes_read += size
         self._file_done(job, content, size)
         return True
-
-    async def _read_small(self, fd: int, job: _FileJob) -> tuple[list[bytes], int]:
-        data, blob_id = await anyio.to_thread.run_sync(_read_whole, fd, self.crypto, job.node.size)
-        if len(data) >= self.chunker_params.min_size:
-            raise OSError(0, "file grew while it was read")  # pragma: no cover - rare
-        if not data:
-            return [], 0
-        if self.saver.claim(blob_id):
-            await self._small_tx.send((blob_id, data))
-        return [blob_id], len(data)
 
     async def _small_encoder(self) -> None:
         """Group small blobs into one worker job per batch."""
@@ -505,18 +539,37 @@ class Archiver:
         log.warning("backup.file_error", path=text, error=problem)
 
 
-def _read_whole(fd: int, crypto: Any, size_hint: int) -> tuple[bytes, bytes]:
-    """Read a small file whole and hash it (thread side)."""
-    parts = []
-    want = max(size_hint, 1) + 1
-    while True:
-        piece = os.read(fd, want)
-        if not piece:
-            break
-        parts.append(piece)
-        want = 1 << 20
-    data = b"".join(parts)
-    return data, crypto.blob_id(data)
+def _problem(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "vanished before it could be read"
+    return exc.strerror or str(exc)
+
+
+def _read_small_files(
+    paths: list[bytes], crypto: Any, limit: int
+) -> list[tuple[bytes, bytes, os.stat_result] | OSError | None]:
+    """Read and hash whole small files (thread side): ``(data, blob id, fstat after)``,
+    the error, or None for a file that has grown to ``limit`` or more."""
+    out: list[tuple[bytes, bytes, os.stat_result] | OSError | None] = []
+    for path in paths:
+        try:
+            fd = open_for_backup(path)
+        except OSError as exc:
+            out.append(exc)
+            continue
+        try:
+            data = os.read(fd, limit)
+            after = os.fstat(fd)
+        except OSError as exc:
+            out.append(exc)
+            continue
+        finally:
+            os.close(fd)
+        if len(data) >= limit:
+            out.append(None)
+            continue
+        out.append((data, crypto.blob_id(data), after))
+    return out
 
 
 def _fill_and_chunk(
