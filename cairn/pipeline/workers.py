@@ -1,0 +1,246 @@
+"""The process pool: CPU stages run here, started once per run.
+
+Each worker is a process joined to the parent by a socket pair. A job is one
+pickled ``(function, args)`` message and one pickled result back; bulk bytes
+go through shared-memory slots (:mod:`cairn.pipeline.shm`), so messages stay
+small. The parent waits for a reply with ``anyio.wait_readable`` on the
+socket: no helper thread per call, and it works on asyncio and trio alike
+(bench/ENGINE.md compares it with ``to_thread`` + ``concurrent.futures``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, TypeVar
+
+import anyio
+
+from .errors import RemoteError, WorkerCrashed
+from .shm import SlotRef
+
+R = TypeVar("R")
+
+# Seconds a worker gets to exit after its socket is closed before it is killed.
+_STOP_GRACE = 2.0
+
+
+def _worker_main(conn: Connection, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+    # Ctrl-C reaches the whole foreground process group; the parent decides
+    # how to stop, so a worker must not die with its own KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if initializer is not None:
+            initializer(*initargs)
+    except BaseException as exc:
+        conn.send_bytes(_dump_result(False, exc))
+        return
+    conn.send_bytes(_dump_result(True, os.getpid()))
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # parent closed our socket (normal stop) or died
+        conn.send_bytes(_run_job(message))
+
+
+def _run_job(message: bytes) -> bytes:
+    views: list[memoryview] = []
+    try:
+        fn, args = pickle.loads(message)
+        # Top-level SlotRef arguments arrive as memoryviews of the slot.
+        call_args = []
+        for arg in args:
+            if isinstance(arg, SlotRef):
+                arg = arg.view()
+                views.append(arg)
+            call_args.append(arg)
+        return _dump_result(True, fn(*call_args))
+    except BaseException as exc:
+        return _dump_result(False, exc)
+    finally:
+        for view in views:
+            try:
+                view.release()
+            except BufferError:
+                pass  # the function kept a slice; it dies with the job's garbage
+
+
+def _dump_result(ok: bool, value: Any) -> bytes:
+    if not ok:
+        # Tracebacks do not pickle; notes do, so the parent can show where.
+        value.add_note("in worker:\n" + "".join(traceback.format_exception(value)))
+    try:
+        return pickle.dumps((ok, value), pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        error = RemoteError(f"unpicklable {'result' if ok else 'error'}: {value!r} ({exc})")
+        return pickle.dumps((False, error), pickle.HIGHEST_PROTOCOL)
+
+
+class _Worker:
+    """Parent-side handle of one worker process."""
+
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.reaped = False
+
+    @property
+    def alive(self) -> bool:
+        return not self.conn.closed
+
+    async def receive(self) -> tuple[bool, Any]:
+        await anyio.wait_readable(self.conn.fileno())
+        try:
+            data = self.conn.recv_bytes()
+        except (EOFError, OSError):
+            raise WorkerCrashed(
+                f"worker process {self.process.pid} died (exit code {self._exitcode()})"
+            ) from None
+        result: tuple[bool, Any] = pickle.loads(data)
+        return result
+
+    def _exitcode(self) -> int | None:
+        self.process.join(0.1)
+        return self.process.exitcode
+
+    async def stop(self, grace: float = _STOP_GRACE) -> None:
+        """Close the socket (the worker exits on EOF); kill it if it lingers."""
+        if self.reaped:
+            return
+        if not self.conn.closed:
+            self.conn.close()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(grace):
+            await anyio.wait_readable(self.process.sentinel)
+        await self.kill()
+
+    async def kill(self) -> None:
+        """SIGKILL the worker and reap it (it holds no state worth saving)."""
+        if self.reaped:
+            return
+        self.reaped = True
+        if not self.conn.closed:
+            self.conn.close()
+        if self.process.exitcode is None:
+            self.process.kill()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_GRACE):
+                await anyio.wait_readable(self.process.sentinel)
+        # The sentinel closes a moment before the child can be reaped, so
+        # join with a (short, blocking) timeout rather than join(0).
+        self.process.join(_STOP_GRACE)
+        if self.process.exitcode is not None:
+            self.process.close()
+
+
+class WorkerPool:
+    """``workers`` processes running module-level functions on plain data.
+
+    Use as ``async with WorkerPool(2) as pool: await pool.run(fn, *args)``.
+    ``initializer(*initargs)`` runs once in each worker (load keys, import
+    modules). Leaving the context stops every worker, even when cancelled.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        start_method: str = "forkserver",
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+    ) -> None:
+        if workers < 1:
+            raise ValueError("a pool needs at least one worker")
+        self.workers = workers
+        # get_context's stub returns BaseContext, which lacks Process; every
+        # concrete context has it.
+        self._ctx: Any = multiprocessing.get_context(start_method)
+        self._initializer = initializer
+        self._initargs = initargs
+        self._all: list[_Worker] = []
+        self._idle_tx, self._idle_rx = anyio.create_memory_object_stream[_Worker](workers)
+        self._closed = False
+
+    async def __aenter__(self) -> WorkerPool:
+        try:
+            for worker in await self._spawn(self.workers):
+                self._idle_tx.send_nowait(worker)
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (for tests and diagnostics)."""
+        return [w.process.pid for w in self._all if w.alive and w.process.pid is not None]
+
+    async def _spawn(self, count: int) -> list[_Worker]:
+        # Process.start() blocks on the forkserver round trip: keep it off the loop.
+        started = await anyio.to_thread.run_sync(self._start_processes, count)
+        self._all.extend(started)
+        for worker in started:
+            ok, value = await worker.receive()  # the ready message
+            if not ok:
+                raise value
+        return started
+
+    def _start_processes(self, count: int) -> list[_Worker]:
+        started = []
+        for _ in range(count):
+            parent_conn, child_conn = self._ctx.Pipe()
+            process = self._ctx.Process(
+                target=_worker_main,
+                args=(child_conn, self._initializer, self._initargs),
+                name="cairn-worker",
+                daemon=True,  # multiprocessing's atexit hook reaps daemons too
+            )
+            process.start()
+            child_conn.close()
+            started.append(_Worker(process, parent_conn))
+        return started
+
+    async def run(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run ``fn(*args)`` in a worker and return its result (or raise its error).
+
+        ``fn`` must be a module-level function; top-level :class:`SlotRef`
+        arguments arrive as memoryviews. If the caller is cancelled while the
+        job runs, that worker is killed (so nothing writes into a slot the
+        caller is about to release) and replaced on next use.
+        """
+        if self._closed:
+            raise RuntimeError("worker pool is closed")
+        message = pickle.dumps((fn, args), pickle.HIGHEST_PROTOCOL)
+        worker = await self._idle_rx.receive()
+        try:
+            if not worker.alive:
+                self._all.remove(worker)
+                (worker,) = await self._spawn(1)
+            worker.conn.send_bytes(message)
+            ok, value = await worker.receive()
+        except BaseException:
+            await worker.kill()
+            raise
+        finally:
+            self._idle_tx.send_nowait(worker)
+        if not ok:
+            raise value
+        result: R = value
+        return result
+
+    async def aclose(self) -> None:
+        """Stop all workers: graceful EOF first, SIGKILL after a grace period."""
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for worker in self._all:
+                    tg.start_soon(worker.stop)
+            self._all.clear()

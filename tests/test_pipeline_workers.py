@@ -1,0 +1,253 @@
+"""Process pool and shared-memory slots: results, errors, crashes, cleanup."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from cairn.pipeline import (
+    PipelineOptions,
+    SlotPool,
+    SlotRef,
+    SlotWriter,
+    StageError,
+    WorkerCrashed,
+    WorkerPool,
+    open_engine,
+)
+
+pytestmark = pytest.mark.anyio
+
+OPTIONS = PipelineOptions(cpu_workers=2, slot_size=64 * 1024, slot_count=4)
+
+
+# --- functions run inside worker processes (module level, so they pickle) ---
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def sha256_of(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def upper_into(data: memoryview, out: memoryview) -> list[tuple[int, int]]:
+    # Variable-size output: several pieces written into an output slot.
+    writer = SlotWriter(out)
+    placed = []
+    for part in bytes(data).split(b" "):
+        where = writer.write(part.upper())
+        if where is None:
+            raise ValueError("output slot full")
+        placed.append(where)
+    return placed
+
+
+def fail(message: str) -> None:
+    raise KeyError(message)
+
+
+def die(code: int) -> None:
+    os._exit(code)
+
+
+def unpicklable_result() -> Any:
+    return lambda: None
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+def block() -> None:
+    signal.pause()
+
+
+_setting = ""
+
+
+def remember(value: str) -> None:
+    global _setting
+    _setting = value
+
+
+def recall() -> str:
+    return _setting
+
+
+# --- helpers ---
+
+
+def shm_segments() -> set[str]:
+    # Only this process's segments: other test runs may share the machine.
+    prefix = f"cairn_{os.getpid()}_"
+    return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves worker processes or shared memory behind."""
+    before = shm_segments()
+    yield
+    assert shm_segments() == before
+    assert multiprocessing.active_children() == []
+
+
+# --- tests ---
+
+
+async def test_run_returns_results_and_slots_cross_as_memoryviews(no_leaks: None) -> None:
+    async with WorkerPool(2) as pool:
+        assert await pool.run(add, 2, 3) == 5
+        slots = SlotPool(1024, 2)
+        try:
+            slot = await slots.acquire()
+            slot.view[:5] = b"hello"
+            digest = await pool.run(sha256_of, slot.ref(5))
+            assert digest == hashlib.sha256(b"hello").hexdigest()
+            assert slots.in_use == 1
+            slot.release()
+            slot.release()  # idempotent
+            assert slots.in_use == 0
+        finally:
+            slots.close()
+
+
+async def test_worker_writes_variable_size_output_into_a_slot(no_leaks: None) -> None:
+    async with open_engine(OPTIONS) as engine:
+        out_slots = engine.slot_pool(slot_count=2)
+        src, out = await engine.slots.acquire(), await out_slots.acquire()
+        text = b"many small blobs"
+        src.view[: len(text)] = text
+        placed = await engine.pool.run(upper_into, src.ref(len(text)), out.ref())
+        assert [bytes(out.view[o : o + n]) for o, n in placed] == [b"MANY", b"SMALL", b"BLOBS"]
+        assert SlotRef(*src.ref(3)) == src.ref(3)  # descriptors are plain tuples
+
+
+async def test_worker_exception_is_raised_with_remote_traceback(no_leaks: None) -> None:
+    async with WorkerPool(1) as pool:
+        with pytest.raises(KeyError, match="nope") as info:
+            await pool.run(fail, "nope")
+        assert any("in worker" in note for note in info.value.__notes__)
+        with pytest.raises(Exception, match="unpicklable result"):
+            await pool.run(unpicklable_result)
+        assert await pool.run(add, 1, 1) == 2  # the worker survived both
+
+
+async def test_crashed_worker_raises_and_is_replaced(no_leaks: None) -> None:
+    async with WorkerPool(1) as pool:
+        first = await pool.run(worker_pid)
+        with pytest.raises(WorkerCrashed, match="exit code 3"):
+            await pool.run(die, 3)
+        second = await pool.run(worker_pid)
+        assert second != first
+        assert not alive(first)
+
+
+async def test_initializer_runs_once_per_worker(no_leaks: None) -> None:
+    async with WorkerPool(2, initializer=remember, initargs=("key",)) as pool:
+        assert [await pool.run(recall) for _ in range(4)] == ["key"] * 4
+
+
+async def test_cancelling_a_job_kills_its_worker(no_leaks: None) -> None:
+    async with WorkerPool(2) as pool:
+        pids = pool.pids
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, block)
+            await anyio.wait_all_tasks_blocked()  # the job is sent, awaiting a reply
+            tg.cancel_scope.cancel()
+        assert sum(alive(pid) for pid in pids) == 1
+        assert await pool.run(add, 1, 2) == 3  # a fresh worker replaced it
+
+
+async def test_pool_exit_stops_workers(no_leaks: None) -> None:
+    async with WorkerPool(2) as pool:
+        pids = pool.pids
+        assert all(alive(pid) for pid in pids)
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_cpu_stage_error_cancels_run_and_cleans_up(no_leaks: None) -> None:
+    async def numbers() -> AsyncIterator[int]:
+        for n in range(1000):
+            yield n
+
+    async with open_engine(OPTIONS) as engine:
+        pids = engine.pool.pids
+        pipe = engine.pipeline("t").source("src", numbers())
+        pipe.cpu("fail", fail, engine.pool, args=lambda n: (f"item {n}",) if n == 5 else ("",))
+        with pytest.raises(StageError) as info:
+            await pipe.run()
+        assert info.value.stage == "fail"
+        assert isinstance(info.value.__cause__, KeyError)
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_cancelled_engine_leaves_no_processes_or_shm(no_leaks: None) -> None:
+    before = shm_segments()
+
+    async def pieces(slots: SlotPool) -> AsyncIterator[Any]:
+        while True:
+            slot = await slots.acquire()
+            slot.view[:4] = b"data"
+            yield slot
+
+    async def digest(slot: Any) -> None:
+        try:
+            await engine.pool.run(block)  # never returns: cancelled mid-job
+        finally:
+            slot.release()
+
+    async with anyio.create_task_group() as tg, open_engine(OPTIONS) as engine:
+        pids = engine.pool.pids
+        assert len(shm_segments() - before) == 1
+        pipe = engine.pipeline("t").source("src", pieces(engine.slots))
+        tg.start_soon(pipe.map("block", digest, concurrency=2).run)
+        await anyio.wait_all_tasks_blocked()  # both jobs stuck, slots full
+        tg.cancel_scope.cancel()
+    assert not any(alive(pid) for pid in pids)
+
+
+async def test_cpu_stage_ordered_results_through_shared_memory(no_leaks: None) -> None:
+    async with open_engine(OPTIONS) as engine:
+        slots = engine.slots
+
+        async def pieces() -> AsyncIterator[Any]:
+            for n in range(40):
+                slot = await slots.acquire()  # waits while 4 slots are in use
+                data = f"piece {n}".encode()
+                slot.view[: len(data)] = data
+                yield slot, len(data)
+
+        async def digest(piece: tuple[Any, int]) -> str:
+            slot, length = piece
+            try:
+                return await engine.pool.run(sha256_of, slot.ref(length))
+            finally:
+                slot.release()
+
+        seen: list[str] = []
+
+        async def sink(d: str) -> None:
+            seen.append(d)
+            assert slots.in_use <= slots.slot_count
+
+        pipe = engine.pipeline("t").source("read", pieces())
+        await pipe.map("hash", digest, concurrency=4, ordered=True).sink("out", sink).run()
+        assert seen == [hashlib.sha256(f"piece {n}".encode()).hexdigest() for n in range(40)]
