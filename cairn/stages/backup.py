@@ -45,7 +45,8 @@ MiB = 1024 * 1024
 # Files below the chunker's minimum are one blob: read whole, encoded in batches of
 # up to this many bytes per worker job, so small files don't pay a job round trip each.
 SMALL_BATCH_BYTES = 4 * MiB
-SMALL_BATCH_ITEMS = 256
+# Room for the encryption envelope and flag of every blob in an output slot.
+OUT_SLACK = 256 * 1024
 # Small files read per thread hop.
 SMALL_READ_FILES = 64
 
@@ -80,6 +81,10 @@ class BackupStats:
     files_changed_during_read: int = 0
     bytes_processed: int = 0
     bytes_read: int = 0
+    # For progress (polled by the CLI): files the walk found, bytes of unchanged files.
+    files_seen: int = 0
+    bytes_unmodified: int = 0
+    current: bytes = b""  # the large file being read
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -141,16 +146,18 @@ class Archiver:
         self.root_tree: bytes | None = None
         self._pool: WorkerPool | None = None
         self._slots: SlotPool | None = None
+        self._out_slots: SlotPool | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._small_tx, self._small_rx = anyio.create_memory_object_stream[tuple[bytes, bytes]](
-            SMALL_BATCH_ITEMS
-        )
 
     # -- the run ---------------------------------------------------------------
 
     async def run(self) -> bytes:
+        # Input slots: one being filled per reader, two queued per worker, and some
+        # slack so a reader never waits while a worker finishes. Output slots: one per
+        # job in flight (input + per-blob encryption overhead).
         slot_count = 2 * (self.opts.cpu_workers + self.opts.read_concurrency) + 2
         self._slots = SlotPool(self.opts.slot_size, slot_count)
+        self._out_slots = SlotPool(self.opts.slot_size + OUT_SLACK, 2 * self.opts.cpu_workers)
         try:
             async with WorkerPool(
                 self.opts.cpu_workers, initializer=cpu.init_worker, initargs=(self.crypto,)
@@ -159,6 +166,7 @@ class Archiver:
                 await self._run_stages()
         finally:
             self._slots.close()
+            self._out_slots.close()
         assert self.root_tree is not None
         return self.root_tree
 
@@ -169,13 +177,11 @@ class Archiver:
                 outer.start_soon(self.saver.run_uploaders)
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
-                    tg.start_soon(self._small_encoder)
                     async with anyio.create_task_group() as readers:
                         readers.start_soon(self._walk_all, file_tx)
                         for _ in range(self.opts.read_concurrency):
                             readers.start_soon(self._reader, file_rx.clone())
                         file_rx.close()
-                    self._small_tx.close()
                 await self.saver.close_packs()
         finally:
             # Whatever happened, index what reached the backend so a rerun reuses it.
@@ -256,10 +262,12 @@ class Archiver:
             await self._walk_tree(child, file_tx)
         elif node.type == "file":
             self.stats.bytes_processed += node.size
+            self.stats.files_seen += 1
             if self._unchanged(node, old):
                 assert old is not None
                 node.content = list(old.content)
                 self.stats.files_unmodified += 1
+                self.stats.bytes_unmodified += node.size
                 return
             d.pending += 1
             await file_tx.send(_FileJob(d, node, path, old))
@@ -286,10 +294,12 @@ class Archiver:
                     subdirs.append(_Dir(cpath, child, d, await self._old_entries(sub_old), sub_old))
                 elif child.type == "file":
                     self.stats.bytes_processed += child.size
+                    self.stats.files_seen += 1
                     if self._unchanged(child, cold):
                         assert cold is not None
                         child.content = list(cold.content)
                         self.stats.files_unmodified += 1
+                        self.stats.bytes_unmodified += child.size
                     else:
                         d.pending += 1
                         await file_tx.send(_FileJob(d, child, cpath, cold))
@@ -376,59 +386,69 @@ class Archiver:
         return job.node.size < self.chunker_params.min_size and job.path != b"/dev/stdin"
 
     async def _reader(self, rx: MemoryObjectReceiveStream[_FileJob]) -> None:
-        """Read files; small ones in batches, one thread hop per batch (a hop costs
-        ~50 µs, about as much as reading a 64 KiB file)."""
+        """Read files; small ones in batches into one slot, one thread hop per batch
+        (a hop costs ~50 µs, about as much as reading a 64 KiB file)."""
         async with rx:
             async for job in rx:
+                if not self._is_small(job):
+                    await self._job_done(job, await self._read_file(job))
+                    continue
                 batch = [job]
                 size = job.node.size
-                while (
-                    self._is_small(job)
-                    and len(batch) < SMALL_READ_FILES
-                    and (size < SMALL_BATCH_BYTES)
-                ):
+                while len(batch) < SMALL_READ_FILES and size < SMALL_BATCH_BYTES:
                     try:
                         job = rx.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                    if not self._is_small(job):
+                        await self._job_done(job, await self._read_file(job))
+                        continue
                     batch.append(job)
                     size += job.node.size
-                small = [j for j in batch if self._is_small(j)]
-                if small:
-                    results = await anyio.to_thread.run_sync(
-                        _read_small_files,
-                        [j.path for j in small],
-                        self.crypto,
-                        self.chunker_params.min_size,
-                    )
-                    for j, result in zip(small, results, strict=True):
-                        if result is None:  # grew past the small-file size meanwhile
-                            await self._job_done(j, await self._read_file(j))
-                        else:
-                            await self._job_done(j, await self._small_done(j, result))
-                for j in batch:
-                    if not self._is_small(j):
-                        await self._job_done(j, await self._read_file(j))
+                while batch:
+                    batch = await self._read_small_batch(batch)
+
+    async def _read_small_batch(self, batch: list[_FileJob]) -> list[_FileJob]:
+        """Read as many of ``batch`` as fit into one slot; return the rest."""
+        assert self._slots is not None and self._tg is not None
+        slot = await self._slots.acquire()
+        try:
+            results = await anyio.to_thread.run_sync(
+                _read_small_files,
+                [j.path for j in batch],
+                slot.view,
+                self.crypto,
+                self.chunker_params.min_size,
+            )
+        except BaseException:
+            slot.release()
+            raise
+        new: list[tuple[int, int, bytes]] = []
+        for j, result in zip(batch, results, strict=False):
+            if result is None:  # grew past the small-file size since the walk
+                await self._job_done(j, await self._read_file(j))
+            elif isinstance(result, OSError):
+                self._warn(j.path, _problem(result))
+                await self._job_done(j, False)
+            else:
+                offset, length, blob_id, after = result
+                self._check_unchanged(j, after, length)
+                if length and self.saver.claim(blob_id):
+                    new.append((offset, length, blob_id))
+                self.stats.bytes_read += length
+                self._file_done(j, [blob_id] if length else [], length)
+                await self._job_done(j, True)
+        if new:
+            self._tg.start_soon(self._encode_slot, slot, new)
+        else:
+            slot.release()
+        return batch[len(results) :]
 
     async def _job_done(self, job: _FileJob, ok: bool) -> None:
         if not ok:
             job.dir.nodes = [n for n in job.dir.nodes if n is not job.node]
         job.dir.pending -= 1
         await self._maybe_finish(job.dir)
-
-    async def _small_done(
-        self, job: _FileJob, result: tuple[bytes, bytes, os.stat_result] | OSError
-    ) -> bool:
-        if isinstance(result, OSError):
-            self._warn(job.path, _problem(result))
-            return False
-        data, blob_id, after = result
-        self._check_unchanged(job, after, len(data))
-        if data and self.saver.claim(blob_id):
-            await self._small_tx.send((blob_id, data))
-        self.stats.bytes_read += len(data)
-        self._file_done(job, [blob_id] if data else [], len(data))
-        return True
 
     def _check_unchanged(self, job: _FileJob, after: os.stat_result, size: int) -> None:
         if after.st_mtime_ns != job.node.mtime_ns or after.st_size != size:
@@ -438,6 +458,7 @@ class Archiver:
     async def _read_file(self, job: _FileJob) -> bool:
         """Read, chunk and queue one large file (or stdin); False if unreadable."""
         stdin = job.path == b"/dev/stdin"
+        self.stats.current = job.path
         try:
             fd = 0 if stdin else await anyio.to_thread.run_sync(open_for_backup, job.path)
         except OSError as exc:
@@ -457,32 +478,6 @@ class Archiver:
         self.stats.bytes_read += size
         self._file_done(job, content, size)
         return True
-
-    async def _small_encoder(self) -> None:
-        """Group small blobs into one worker job per batch."""
-        assert self._pool is not None
-        async with self._small_rx:
-            batch: list[tuple[bytes, bytes]] = []
-            size = 0
-            async for item in self._small_rx:
-                batch.append(item)
-                size += len(item[1])
-                while size < SMALL_BATCH_BYTES and len(batch) < SMALL_BATCH_ITEMS:
-                    try:
-                        item = self._small_rx.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                    batch.append(item)
-                    size += len(item[1])
-                assert self._tg is not None
-                await self._encode_small_batch(batch)
-                batch, size = [], 0
-
-    async def _encode_small_batch(self, batch: list[tuple[bytes, bytes]]) -> None:
-        assert self._pool is not None
-        stored = await self._pool.run(cpu.encode_small, batch, self.opts.level)
-        for (blob_id, data), blob in zip(batch, stored, strict=True):
-            await self.saver.add(DATA, blob_id, blob, len(data))
 
     async def _read_large(self, fd: int) -> tuple[list[bytes], int]:
         """Read a file slot by slot; encode the new chunks of each slot concurrently."""
@@ -524,10 +519,20 @@ class Archiver:
         return content, total
 
     async def _encode_slot(self, slot: Slot, spans: list[tuple[int, int, bytes]]) -> None:
-        assert self._pool is not None
+        """Compress and encrypt new chunks in a worker, slot to slot; then pack them."""
+        assert self._pool is not None and self._out_slots is not None
         try:
-            end = max(off + length for off, length, _ in spans)
-            stored = await self._pool.run(cpu.encode_spans, slot.ref(end), spans, self.opts.level)
+            out = await self._out_slots.acquire()
+            try:
+                end = max(off + length for off, length, _ in spans)
+                placed = await self._pool.run(
+                    cpu.encode_into, slot.ref(end), out.ref(), spans, self.opts.level
+                )
+                # Copy out before awaiting the saver: it may wait on uploads, and the
+                # slots must go back to the readers meanwhile.
+                stored = [bytes(out.view[o : o + n]) for o, n in placed]
+            finally:
+                out.release()
         finally:
             slot.release()
         for (_, length, blob_id), blob in zip(spans, stored, strict=True):
@@ -546,29 +551,35 @@ def _problem(exc: OSError) -> str:
 
 
 def _read_small_files(
-    paths: list[bytes], crypto: Any, limit: int
-) -> list[tuple[bytes, bytes, os.stat_result] | OSError | None]:
-    """Read and hash whole small files (thread side): ``(data, blob id, fstat after)``,
-    the error, or None for a file that has grown to ``limit`` or more."""
-    out: list[tuple[bytes, bytes, os.stat_result] | OSError | None] = []
+    paths: list[bytes], view: memoryview, crypto: Any, limit: int
+) -> list[tuple[int, int, bytes, os.stat_result] | OSError | None]:
+    """Read whole small files one after another into a slot and hash them (thread
+    side). Per file: ``(offset, length, blob id, fstat after)``, the error, or None
+    for a file that has grown to ``limit`` or more. Stops early when the slot is
+    full; the caller passes the remaining paths again."""
+    out: list[tuple[int, int, bytes, os.stat_result] | OSError | None] = []
+    pos = 0
     for path in paths:
+        if pos + limit > len(view):
+            break
         try:
             fd = open_for_backup(path)
         except OSError as exc:
             out.append(exc)
             continue
         try:
-            data = os.read(fd, limit)
+            n = os.readv(fd, [view[pos : pos + limit]])
             after = os.fstat(fd)
         except OSError as exc:
             out.append(exc)
             continue
         finally:
             os.close(fd)
-        if len(data) >= limit:
+        if n >= limit:
             out.append(None)
             continue
-        out.append((data, crypto.blob_id(data), after))
+        out.append((pos, n, crypto.blob_id(view[pos : pos + n]), after))
+        pos += n
     return out
 
 

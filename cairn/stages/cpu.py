@@ -106,3 +106,22 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def encode_into(
+    src: memoryview, dst: memoryview, spans: list[tuple[int, int, bytes]], level: int
+) -> list[tuple[int, int]]:
+    """Compress and encrypt the blobs at ``(offset, length, id)`` of ``src`` into
+    ``dst`` one after another; returns where each landed. Nothing bulky is pickled."""
+    crypto = _worker_crypto()
+    pos = 0
+    placed = []
+    for offset, length, blob_id in spans:
+        stored = encode_blob(crypto, DATA, blob_id, src[offset : offset + length], level)
+        end = pos + len(stored)
+        if end > len(dst):
+            raise ValueError("output slot too small for the encoded blobs")
+        dst[pos:end] = stored
+        placed.append((pos, len(stored)))
+        pos = end
+    return placed

@@ -58,9 +58,7 @@ class BlobSaver:
         self._dry_run = dry_run
         self._claimed: set[bytes] = set()
         self._writers = {DATA: PackWriter(DATA), TREE: PackWriter(TREE)}
-        self._tx, self._rx = anyio.create_memory_object_stream[tuple[bytes, str, list[PackEntry]]](
-            connections
-        )
+        self._tx, self._rx = anyio.create_memory_object_stream[PackWriter](connections)
         self._unindexed: list[tuple[bytes, list[PackEntry]]] = []
         self._index_lock = anyio.Lock()
         self.stats = SaverStats()
@@ -93,8 +91,7 @@ class BlobSaver:
         if not len(writer):
             return
         self._writers[blob_type] = PackWriter(blob_type)
-        data, pack_id, entries = writer.finish(self._crypto)
-        await self._tx.send((data, pack_id, entries))
+        await self._tx.send(writer)
 
     async def run_uploaders(self) -> None:
         """Upload packs with ``connections`` concurrent tasks until ``finish``."""
@@ -103,12 +100,12 @@ class BlobSaver:
                 tg.start_soon(self._uploader, self._rx.clone())
         self._rx.close()
 
-    async def _uploader(
-        self, rx: anyio.abc.ObjectReceiveStream[tuple[bytes, str, list[PackEntry]]]
-    ) -> None:
+    async def _uploader(self, rx: anyio.abc.ObjectReceiveStream[PackWriter]) -> None:
         async with rx:
-            async for data, pack_id, entries in rx:
+            async for writer in rx:
                 started = time.monotonic()
+                # Joining 16 MiB and hashing it is kept off the event loop.
+                data, pack_id, entries = await anyio.to_thread.run_sync(writer.finish, self._crypto)
                 if not self._dry_run:
                     await self._backend.save(object_name("data", pack_id), data)
                 log.debug(

@@ -1,0 +1,30 @@
+"""glibc malloc tuning for bulk buffers.
+
+Blobs and packs are 0.5-16 MiB: above glibc's mmap threshold, so every one is a
+fresh mmap whose pages fault in on first touch and are unmapped on free. Measured
+here: ~0.9 ms per MiB of page faults, several times the cost of the crypto itself.
+Raising the thresholds keeps such buffers on the heap and reuses their pages.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_THRESHOLD = 64 * 1024 * 1024
+
+
+def tune_malloc() -> None:
+    """Apply to this process, and via the environment to worker processes."""
+    # Workers start from a forkserver that is a fresh interpreter: it reads these
+    # variables at startup (glibc's tunables); harmless elsewhere.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(_THRESHOLD))
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(_THRESHOLD))
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
