@@ -1,0 +1,147 @@
+"""The storage protocol every backend implements, and its typed errors.
+
+A backend stores opaque bytes under slash-separated names such as ``config``,
+``keys/<id>``, ``snapshots/<id>``, ``index/<id>``, ``data/<xx>/<id>`` and
+``locks/<id>``. It never sees keys or plaintext.
+
+Contract (checked for every backend by ``tests/test_backend_conformance.py``):
+
+* ``save(name, data)`` is atomic: a reader sees either nothing or all of ``data``,
+  never a prefix. Saving an existing name replaces it only when ``atomic_replace``
+  is true; otherwise the caller must not rely on replacing (content-addressed names
+  never need it). Retrying a save with the same bytes is harmless (idempotent).
+* Read-after-write: once ``save`` returns, ``load``, ``stat`` and ``list`` see it.
+* ``load(name, offset, length)`` returns exactly ``length`` bytes from ``offset``
+  (or to the end when ``length`` is None); asking past the end raises
+  ``ObjectTruncated`` rather than returning fewer bytes silently.
+* ``list(prefix)`` yields ``(name, size)`` for every object under a directory prefix
+  (``"data/"`` includes the fan-out subdirectories); order is unspecified.
+* ``remove(name)`` raises ``NotFound`` when there is nothing to remove.
+* ``aclose()`` releases connections and processes, and completes even on failure.
+* Errors are the subclasses of ``BackendError`` below; anything a retry may cure is a
+  ``TransientError``, everything else is permanent.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+# Object kinds and the directory each lives in.
+KINDS = ("keys", "snapshots", "index", "data", "locks")
+_HEX_ID = re.compile(r"^[0-9a-f]{64}$")
+_DATA_DIR = re.compile(r"^data/[0-9a-f]{2}/$")
+# Names never start with a dot: ``..`` would escape the repository and backends keep
+# their temporary files under dot-names (``.tmp-*``) that ``list`` must not report.
+_NAME = re.compile(
+    r"^(config|(keys|snapshots|index|locks)/[0-9a-zA-Z_-][0-9a-zA-Z_.-]*"
+    r"|data/[0-9a-f]{2}/[0-9a-f]{64})$"
+)
+
+
+class BackendError(Exception):
+    """A storage operation failed; the message is written for the user."""
+
+    exit_code = 1
+
+
+class NotFound(BackendError):
+    """The named object does not exist."""
+
+
+class AlreadyExists(BackendError):
+    """The named object exists and the operation must not replace it."""
+
+
+class PermissionDenied(BackendError):
+    """The backend refused access (credentials, file modes)."""
+
+
+class QuotaExceeded(BackendError):
+    """No space left, or a storage quota is reached."""
+
+
+class TransientError(BackendError):
+    """A failure a retry may cure: connection reset, timeout, 5xx, throttling."""
+
+
+class ObjectTruncated(BackendError):
+    """A ranged read asked for bytes past the end of the stored object."""
+
+
+class InvalidName(BackendError, ValueError):
+    """The object name is not one the repository layout allows."""
+
+
+def object_name(kind: str, object_id: str) -> str:
+    """The backend name of an object: ``data/`` objects fan out by two hex chars."""
+    if kind == "config":
+        return "config"
+    if kind not in KINDS:
+        raise InvalidName(f"unknown object kind {kind!r}")
+    if kind == "data":
+        return f"data/{object_id[:2]}/{object_id}"
+    return f"{kind}/{object_id}"
+
+
+def validate_name(name: str) -> str:
+    """Reject anything but the repository layout (no ``..``, no absolute paths)."""
+    if not _NAME.match(name):
+        raise InvalidName(f"invalid object name {name!r}")
+    return name
+
+
+def is_hex_id(text: str) -> bool:
+    """Whether ``text`` is a 64-character lowercase hex id."""
+    return bool(_HEX_ID.match(text))
+
+
+def validate_prefix(prefix: str) -> str:
+    """Accept the prefixes ``list`` understands: ``""``, ``<kind>/`` and ``data/<xx>/``."""
+    if prefix == "" or prefix in {f"{kind}/" for kind in KINDS} or _DATA_DIR.match(prefix):
+        return prefix
+    raise InvalidName(f"invalid list prefix {prefix!r}")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The async storage protocol. See the module docstring for the contract."""
+
+    @property
+    def location(self) -> str:
+        """A user-facing description, e.g. ``local:/srv/repo``."""
+        ...
+
+    @property
+    def connections(self) -> int:
+        """How many concurrent operations this backend handles well."""
+        ...
+
+    @property
+    def atomic_replace(self) -> bool:
+        """Whether ``save`` over an existing name atomically replaces it."""
+        ...
+
+    async def save(self, name: str, data: bytes | memoryview) -> None: ...
+
+    async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    async def stat(self, name: str) -> int:
+        """Size in bytes; raises ``NotFound``."""
+        ...
+
+    def list(self, prefix: str) -> AsyncIterator[tuple[str, int]]: ...
+
+    async def remove(self, name: str) -> None:
+        """Delete one object; raises ``NotFound``."""
+        ...
+
+    async def create_layout(self) -> None:
+        """Prepare an empty repository (bucket, directories) for ``cairn init``.
+
+        Idempotent; refusing when ``config`` already exists is the caller's job.
+        """
+        ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,146 @@
+"""Fault-injection wrapper, driven by a small spec; used by tests of retry, check, prune.
+
+A spec is a list of ``Fault`` rules, or the same written as text, comma-separated::
+
+    save#2=transient            the 2nd save raises TransientError
+    save#1-3=transient          saves 1 to 3 fail
+    load:data/=truncate:10      every load of a name under data/ returns 10 bytes fewer
+    load#1=flip:5               the 1st load has byte 5 flipped
+    save=partial:100            saves store only the first 100 bytes, then fail (a
+                                connection dropped mid-upload on a non-atomic store)
+    stat=delay:0.5              stats are delayed by half a second
+    remove=denied               removes raise PermissionDenied
+
+With no rules the wrapper passes every call through unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import anyio
+
+from cairn.backends.base import (
+    Backend,
+    BackendError,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    TransientError,
+)
+from cairn.backends.forward import ForwardingBackend
+
+ERRORS: dict[str, type[BackendError]] = {
+    "transient": TransientError,
+    "denied": PermissionDenied,
+    "notfound": NotFound,
+    "quota": QuotaExceeded,
+    "error": BackendError,
+}
+ACTIONS = ("fail", "truncate", "flip", "delay", "partial")
+_RULE = re.compile(
+    r"^(?P<op>save|load|stat|list|remove)(?::(?P<match>[^#=]*))?"
+    r"(?:#(?P<first>\d+)(?:-(?P<last>\d+))?)?=(?P<action>[a-z]+)(?::(?P<arg>[0-9.]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One rule: which calls (op, name prefix, call numbers) and what happens to them.
+
+    ``first``/``last`` count matching calls from 1; ``last=None`` means every call
+    from ``first`` on. ``action`` is ``fail`` (raise ``error``), ``truncate`` (drop
+    ``arg`` bytes from a load's end), ``flip`` (invert byte ``arg`` of a load),
+    ``delay`` (sleep ``arg`` seconds first) or ``partial`` (store ``arg`` bytes of a
+    save, then raise ``error``).
+    """
+
+    op: str
+    action: str = "fail"
+    error: type[BackendError] = TransientError
+    arg: float = 0
+    match: str = ""
+    first: int = 1
+    last: int | None = None
+
+    def applies(self, op: str, name: str, call: int) -> bool:
+        if op != self.op or not name.startswith(self.match) or call < self.first:
+            return False
+        return self.last is None or call <= self.last
+
+
+def parse_faults(spec: str) -> list[Fault]:
+    """Parse the text form shown in the module docstring."""
+    faults = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = _RULE.match(part)
+        if not m:
+            raise ValueError(f"malformed fault rule {part!r}")
+        word, arg = m["action"], float(m["arg"] or 0)
+        first = int(m["first"] or 1)
+        last = int(m["last"]) if m["last"] else (first if m["first"] else None)
+        if word in ERRORS:
+            fault = Fault(m["op"], "fail", ERRORS[word], arg, m["match"] or "", first, last)
+        elif word in ACTIONS:
+            fault = Fault(m["op"], word, TransientError, arg, m["match"] or "", first, last)
+        else:
+            raise ValueError(f"unknown fault action {word!r} in {part!r}")
+        faults.append(fault)
+    return faults
+
+
+class FaultyBackend(ForwardingBackend):
+    """Applies ``faults`` to matching calls; counts calls per operation."""
+
+    def __init__(self, inner: Backend, faults: Sequence[Fault] | str = ()) -> None:
+        super().__init__(inner)
+        self.faults = parse_faults(faults) if isinstance(faults, str) else list(faults)
+        self.calls: dict[str, int] = {}
+
+    def _match(self, op: str, name: str) -> list[Fault]:
+        self.calls[op] = call = self.calls.get(op, 0) + 1
+        return [f for f in self.faults if f.applies(op, name, call)]
+
+    @staticmethod
+    async def _before(faults: list[Fault], op: str, name: str) -> None:
+        for fault in faults:
+            if fault.action == "delay":
+                await anyio.sleep(fault.arg)
+            elif fault.action == "fail":
+                raise fault.error(f"{name}: injected {op} failure")
+
+    async def save(self, name: str, data: bytes | memoryview) -> None:
+        faults = self._match("save", name)
+        await self._before(faults, "save", name)
+        for fault in faults:
+            if fault.action == "partial":
+                await self.inner.save(name, memoryview(data)[: int(fault.arg)])
+                raise fault.error(f"{name}: injected connection drop during save")
+        await self.inner.save(name, data)
+
+    async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        faults = self._match("load", name)
+        await self._before(faults, "load", name)
+        data = await self.inner.load(name, offset, length)
+        for fault in faults:
+            if fault.action == "truncate":
+                data = data[: max(0, len(data) - int(fault.arg))]
+            elif fault.action == "flip" and int(fault.arg) < len(data):
+                pos = int(fault.arg)
+                data = data[:pos] + bytes([data[pos] ^ 0xFF]) + data[pos + 1 :]
+        return data
+
+    async def stat(self, name: str) -> int:
+        await self._before(self._match("stat", name), "stat", name)
+        return await self.inner.stat(name)
+
+    async def remove(self, name: str) -> None:
+        await self._before(self._match("remove", name), "remove", name)
+        await self.inner.remove(name)
+
+    async def list(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        await self._before(self._match("list", prefix), "list", prefix)
+        async for entry in self.inner.list(prefix):
+            yield entry

@@ -1,0 +1,282 @@
+"""The ``s3:`` backend on aiobotocore, for AWS and any S3-compatible store.
+
+Credentials and region come from botocore's usual chain: the ``AWS_*`` environment
+variables, the shared ``~/.aws/credentials`` and ``~/.aws/config`` files (``profile``
+picks a section), then instance metadata. botocore's own retries are switched off:
+the retry wrapper decides, so a wrong key fails at once instead of after backoff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+from cairn.backends.base import (
+    BackendError,
+    NotFound,
+    ObjectTruncated,
+    PermissionDenied,
+    QuotaExceeded,
+    TransientError,
+    validate_name,
+    validate_prefix,
+)
+
+# restic's default; S3 serves many parallel requests, but each holds a 16 MiB pack.
+DEFAULT_CONNECTIONS = 5
+# Objects above the threshold go up in parts: a failed part is retried alone, and
+# parts travel in parallel. Packs (16 MiB by default) fit in one PUT.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+PART_SIZE = 16 * 1024 * 1024  # S3's minimum is 5 MiB; at most 10,000 parts
+_DENIED = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "403",
+    "AllAccessDisabled",
+    "InvalidToken",
+    "ExpiredToken",
+}
+_MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchBucket", "NoSuchUpload"}
+_TRANSIENT = {
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "500",
+    "502",
+    "503",
+    "504",
+    "Throttling",
+    "RequestTimeTooSkewed",
+}
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Settings beyond the location; ``None`` defers to botocore's configuration."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    path_style: bool | None = None
+    storage_class: str | None = None
+    multipart_threshold: int = MULTIPART_THRESHOLD
+    part_size: int = PART_SIZE
+    connections: int = DEFAULT_CONNECTIONS
+
+
+def _translate(exc: Exception, what: str) -> BackendError:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        message = err.get("Message") or code or str(status)
+        if code in _MISSING or status == 404:
+            return NotFound(f"{what}: not found ({message})")
+        if code in _DENIED or status == 403:
+            return PermissionDenied(f"{what}: access denied ({code}: {message})")
+        if code == "InvalidRange" or status == 416:
+            return ObjectTruncated(f"{what}: requested range is past the end of the object")
+        if code in ("QuotaExceeded", "EntityTooLarge"):
+            return QuotaExceeded(f"{what}: {message}")
+        if code in _TRANSIENT or status >= 500 or status == 429:
+            return TransientError(f"{what}: {code} {message}")
+        return BackendError(f"{what}: {code} {message}")
+    if isinstance(exc, NoCredentialsError):
+        return PermissionDenied(
+            f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials)"
+        )
+    if isinstance(exc, BotoConnectionError | HTTPClientError | ReadTimeoutError | OSError):
+        return TransientError(f"{what}: {exc}")
+    return BackendError(f"{what}: {exc}")
+
+
+class S3Backend:
+    """Objects under ``prefix`` in ``bucket``; the client is created on first use."""
+
+    def __init__(self, bucket: str, prefix: str, options: S3Options | None = None) -> None:
+        self._bucket = bucket
+        self._prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self._opts = options or S3Options()
+        self._client: Any = None
+        self._stack = contextlib.AsyncExitStack()
+        self._lock = anyio.Lock()
+        where = f"{self._opts.endpoint.rstrip('/')}/" if self._opts.endpoint else ""
+        self._location = f"s3:{where}{bucket}/{self._prefix}".rstrip("/")
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    @property
+    def connections(self) -> int:
+        return self._opts.connections
+
+    @property
+    def atomic_replace(self) -> bool:
+        return True  # a PUT (or a completed multipart upload) replaces atomically
+
+    async def _s3(self) -> Any:
+        async with self._lock:
+            if self._client is None:
+                o = self._opts
+                s3conf: dict[str, Any] = {}
+                if o.path_style is not None:
+                    s3conf["addressing_style"] = "path" if o.path_style else "virtual"
+                config = AioConfig(
+                    s3=s3conf,
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    max_pool_connections=max(o.connections, 1) * 2,
+                    connect_timeout=15,
+                    read_timeout=300,
+                )
+                session = get_session()
+                if o.profile:
+                    session.set_config_variable("profile", o.profile)
+                self._client = await self._stack.enter_async_context(
+                    session.create_client(
+                        "s3", endpoint_url=o.endpoint, region_name=o.region, config=config
+                    )
+                )
+            return self._client
+
+    def _key(self, name: str) -> str:
+        return self._prefix + validate_name(name)
+
+    async def _call(self, what: str, method: str, **kw: Any) -> Any:
+        client = await self._s3()
+        try:
+            return await getattr(client, method)(Bucket=self._bucket, **kw)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise _translate(exc, f"{self._location}: {what}") from exc
+
+    async def save(self, name: str, data: bytes | memoryview) -> None:
+        body = memoryview(data).cast("B")
+        extra = {"StorageClass": self._opts.storage_class} if self._opts.storage_class else {}
+        if len(body) <= self._opts.multipart_threshold:
+            await self._call(
+                f"save {name}", "put_object", Key=self._key(name), Body=bytes(body), **extra
+            )
+        else:
+            await self._save_multipart(name, body, extra)
+
+    async def _save_multipart(self, name: str, body: memoryview, extra: dict[str, str]) -> None:
+        key, what = self._key(name), f"save {name}"
+        upload = await self._call(what, "create_multipart_upload", Key=key, **extra)
+        upload_id = upload["UploadId"]
+        size = self._opts.part_size
+        parts: dict[int, str] = {}
+
+        async def send(number: int, start: int) -> None:
+            reply = await self._call(
+                what,
+                "upload_part",
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=bytes(body[start : start + size]),
+            )
+            parts[number] = reply["ETag"]
+
+        try:
+            # Parts go up in parallel, bounded by a few at a time per object.
+            limiter = anyio.CapacityLimiter(4)
+
+            async def bounded(number: int, start: int) -> None:
+                async with limiter:
+                    await send(number, start)
+
+            async with anyio.create_task_group() as tg:
+                for number, start in enumerate(range(0, len(body), size), start=1):
+                    tg.start_soon(bounded, number, start)
+            listing = [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]
+            await self._call(
+                what,
+                "complete_multipart_upload",
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": listing},
+            )
+        except BaseException:
+            # An abandoned upload is invisible but billed; abort it.
+            with anyio.CancelScope(shield=True), contextlib.suppress(BackendError):
+                await self._call(what, "abort_multipart_upload", Key=key, UploadId=upload_id)
+            raise
+
+    async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if length == 0:
+            if await self.stat(name) < offset:
+                raise ObjectTruncated(f"{name}: offset {offset} is past the end")
+            return b""
+        kw: dict[str, Any] = {}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            kw["Range"] = f"bytes={offset}-{end}"
+        what = f"load {name}"
+        reply = await self._call(what, "get_object", Key=self._key(name), **kw)
+        try:
+            async with reply["Body"] as stream:
+                data: bytes = await stream.read()
+        except (BotoCoreError, OSError) as exc:
+            raise _translate(exc, f"{self._location}: {what}") from exc
+        if length is not None and len(data) != length:
+            raise ObjectTruncated(
+                f"{name}: asked for {length} bytes at offset {offset}, got {len(data)}"
+            )
+        return data
+
+    async def stat(self, name: str) -> int:
+        reply = await self._call(f"stat {name}", "head_object", Key=self._key(name))
+        return int(reply["ContentLength"])
+
+    async def remove(self, name: str) -> None:
+        # S3 deletes succeed for missing keys; the contract wants NotFound.
+        await self.stat(name)
+        await self._call(f"remove {name}", "delete_object", Key=self._key(name))
+
+    async def list(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        validate_prefix(prefix)
+        client = await self._s3()
+        paginator = client.get_paginator("list_objects_v2")
+        try:
+            async for page in paginator.paginate(Bucket=self._bucket, Prefix=self._prefix + prefix):
+                for item in page.get("Contents", []):
+                    yield item["Key"][len(self._prefix) :], int(item["Size"])
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise _translate(exc, f"{self._location}: list {prefix}") from exc
+
+    async def create_layout(self) -> None:
+        """Create the bucket when missing; S3 has no directories to make."""
+        try:
+            await self._call("create layout", "head_bucket")
+            return
+        except NotFound:
+            pass
+        kw: dict[str, Any] = {}
+        region = (await self._s3()).meta.region_name
+        if region and region != "us-east-1" and not self._opts.endpoint:
+            kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        await self._call("create bucket", "create_bucket", **kw)
+
+    async def aclose(self) -> None:
+        with anyio.CancelScope(shield=True):
+            self._client = None
+            await self._stack.aclose()

