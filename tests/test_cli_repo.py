@@ -25,8 +25,11 @@ def test_init_refuses_existing_repository(cairn: Cairn) -> None:  # noqa: F811
 def test_wrong_password_exit_12(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
     wrong = tmp_path / "wrong"
     wrong.write_text("not it")
-    result = cairn.run("snapshots", base=False, env={"CAIRN_REPOSITORY": str(cairn.repo),
-                                                     "CAIRN_PASSWORD_FILE": str(wrong)})
+    result = cairn.run(
+        "snapshots",
+        base=False,
+        env={"CAIRN_REPOSITORY": str(cairn.repo), "CAIRN_PASSWORD_FILE": str(wrong)},
+    )
     assert result.code == 12
     assert result.err.strip().startswith("cairn: wrong password")
     assert "Traceback" not in result.err
@@ -43,8 +46,12 @@ def test_no_repository_exit_10(tmp_path: Path) -> None:
 
 def test_password_sources(cairn: Cairn) -> None:  # noqa: F811
     env = {"CAIRN_REPOSITORY": str(cairn.repo)}
-    r = cairn.run("key", "list", base=False, env=env | {
-        "CAIRN_PASSWORD_COMMAND": f"cat {cairn.password_file}"})
+    r = cairn.run(
+        "key",
+        "list",
+        base=False,
+        env=env | {"CAIRN_PASSWORD_COMMAND": f"cat {cairn.password_file}"},
+    )
     assert r.code == 0, r.err
     r = cairn.run("key", "list", "--password-command", "false", base=False, env=env)
     assert r.code == 1 and "password command" in r.err

@@ -36,6 +36,7 @@ class Snapshot:
     excludes: list[str] = field(default_factory=list)
     program_version: str = ""
     summary: dict[str, SummaryValue] = field(default_factory=dict)
+    original: str | None = None  # hex ID of the snapshot this one rewrites (tag, repair)
 
     @property
     def time(self) -> datetime:
@@ -54,23 +55,25 @@ def encode_snapshot(snap: Snapshot) -> bytes:
     """The msgpack payload of a snapshot (seal it with kind ``"snapshot"``)."""
     if len(snap.tree) != 32:
         raise ValueError("a tree ID is 32 bytes")
-    return schema.pack(
-        {
-            "v": SNAPSHOT_VERSION,
-            "time_ns": snap.time_ns,
-            "tree": snap.tree,
-            "paths": [os.fsencode(p) for p in snap.paths],
-            "hostname": snap.hostname,
-            "username": snap.username,
-            "uid": snap.uid,
-            "gid": snap.gid,
-            "tags": list(snap.tags),
-            "parent": snap.parent,
-            "excludes": list(snap.excludes),
-            "program_version": snap.program_version,
-            "summary": dict(snap.summary),
-        }
-    )
+    payload: dict[str, object] = {
+        "v": SNAPSHOT_VERSION,
+        "time_ns": snap.time_ns,
+        "tree": snap.tree,
+        "paths": [os.fsencode(p) for p in snap.paths],
+        "hostname": snap.hostname,
+        "username": snap.username,
+        "uid": snap.uid,
+        "gid": snap.gid,
+        "tags": list(snap.tags),
+        "parent": snap.parent,
+        "excludes": list(snap.excludes),
+        "program_version": snap.program_version,
+        "summary": dict(snap.summary),
+    }
+    if snap.original is not None:
+        # Written only when set, so snapshots that were never rewritten keep their bytes.
+        payload["original"] = snap.original
+    return schema.pack(payload)
 
 
 def decode_snapshot(payload: bytes, name: str = "") -> Snapshot:
@@ -82,6 +85,9 @@ def decode_snapshot(payload: bytes, name: str = "") -> Snapshot:
     parent = r.map.get("parent")
     if parent is not None and not (isinstance(parent, str) and len(parent) == 64):
         r.fail("field 'parent' is not a snapshot ID")
+    original = r.map.get("original")
+    if original is not None and not (isinstance(original, str) and len(original) == 64):
+        r.fail("field 'original' is not a snapshot ID")
     summary = r.map.get("summary", {})
     if not isinstance(summary, dict) or not all(
         isinstance(k, str) and type(v) in (int, float, str) for k, v in summary.items()
@@ -100,4 +106,5 @@ def decode_snapshot(payload: bytes, name: str = "") -> Snapshot:
         excludes=r.get_str_list("excludes", []),
         program_version=r.get_str("program_version", ""),
         summary=summary,
+        original=original,
     )

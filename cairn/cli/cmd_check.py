@@ -1,0 +1,97 @@
+"""``cairn check``: verify the repository's structure and, optionally, its data."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from cairn.cli.common import open_repo, run_async
+from cairn.cli.errors import EXIT_FATAL, EXIT_OK
+from cairn.config.settings import Settings
+
+
+def _subset(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    from cairn.stages.check import parse_subset
+
+    try:
+        return parse_subset(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command("check")
+@click.option("--read-data", is_flag=True, help="Download and verify every pack and blob.")
+@click.option(
+    "--read-data-subset",
+    "subset",
+    callback=_subset,
+    help="Read only a subset of packs: n/t, x% or a size like 500M.",
+)
+@click.option("--seed", type=int, hidden=True, help="Seed for random subsets (tests).")
+@click.pass_obj
+def command(settings: Settings, read_data: bool, subset: Any, seed: int | None) -> int:
+    """Check the repository for errors; exit 1 if any are found."""
+    from cairn.stages.check import CheckOptions, Problem
+
+    options = CheckOptions(
+        read_data=read_data or subset is not None,
+        subset=subset,
+        cpu_workers=settings.cpu_workers or len(os.sched_getaffinity(0)),
+        connections=settings.connections or 4,
+        seed=seed,
+    )
+
+    def report(problem: Problem) -> None:
+        if settings.json:
+            click.echo(json.dumps(problem.as_json()))
+        elif not (settings.quiet and problem.severity == "info"):
+            # Problems go to stdout, one per line, so they can be grepped and counted.
+            click.echo(problem.line())
+
+    started = time.monotonic()
+    result = run_async(lambda: _check(settings, options, report))
+    errors = len(result.errors)
+    summary = {
+        "message_type": "summary",
+        "errors": errors,
+        "warnings": sum(p.severity == "warning" for p in result.problems),
+        "snapshots": result.snapshots,
+        "trees": result.trees,
+        "data_blobs": result.data_blobs,
+        "packs": result.packs,
+        "index_files": result.index_files,
+        "packs_read": result.packs_read,
+        "bytes_read": result.bytes_read,
+        "seconds_elapsed": round(time.monotonic() - started, 3),
+    }
+    if settings.json:
+        click.echo(json.dumps(summary))
+    elif not settings.quiet:
+        read = f", read {result.packs_read} packs" if options.read_data else ""
+        click.echo(
+            f"checked {result.snapshots} snapshots, {result.trees} trees, "
+            f"{result.data_blobs} data blobs, {result.packs} packs{read}: "
+            + (f"{errors} errors" if errors else "no errors were found")
+        )
+    if errors:
+        print(f"cairn: check found {errors} errors", file=sys.stderr)
+        return EXIT_FATAL
+    return EXIT_OK
+
+
+async def _check(settings: Settings, options: Any, report: Any) -> Any:
+    from cairn.stages.check import Checker
+    from cairn.stages.locking import repository_lock
+
+    async with open_repo(settings) as repo:
+        if settings.no_lock:
+            return await Checker(repo, options, report).run()
+        async with repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock):
+            return await Checker(repo, options, report).run()

@@ -1,0 +1,141 @@
+"""``cairn prune``: remove data no snapshot references."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from cairn.cli.common import open_repo, run_async
+from cairn.cli.errors import EXIT_OK
+from cairn.config.settings import Settings
+
+
+def _max_repack(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from cairn.stages.prune import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _max_unused(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    from cairn.stages.prune import max_unused_limit
+
+    try:
+        max_unused_limit(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+prune_options = [
+    click.option(
+        "--max-unused",
+        default="5%",
+        show_default=True,
+        callback=_max_unused,
+        help="Tolerated unused space: x%, a size, or 'unlimited'.",
+    ),
+    click.option(
+        "--max-repack-size", callback=_max_repack, help="Repack at most this much (e.g. 1G)."
+    ),
+]
+
+
+def prune_settings(settings: Settings, repo: Any, opts: dict[str, Any], dry_run: bool) -> Any:
+    """PruneOptions from the command's flags and the global settings."""
+    from cairn.stages.prune import PruneOptions
+
+    pack_size = (settings.pack_size or 0) * 1024 * 1024 or repo.config.pack_size
+    return PruneOptions(
+        max_unused=opts["max_unused"],
+        max_repack_size=opts["max_repack_size"],
+        dry_run=dry_run,
+        connections=settings.connections or 4,
+        pack_size=pack_size,
+    )
+
+
+async def run_prune(repo: Any, options: Any) -> dict[str, Any]:
+    """Plan, and unless a dry run, execute; the summary as a dict. Caller holds the lock."""
+    from cairn.stages.prune import execute_prune, plan_prune
+
+    plan = await plan_prune(repo, options)
+    out: dict[str, Any] = {"message_type": "prune", **plan.summary(), "dry_run": options.dry_run}
+    if not options.dry_run:
+        result = await execute_prune(repo, plan, options)
+        out |= {
+            "packs_written": result.packs_written,
+            "bytes_written": result.bytes_written,
+            "packs_deleted": result.packs_deleted,
+            "bytes_deleted": result.bytes_deleted,
+            "index_files_written": len(result.index_written),
+            "index_files_deleted": result.index_deleted,
+        }
+    return out
+
+
+def print_prune(settings: Settings, out: dict[str, Any]) -> None:
+    """Text or JSON report of a prune."""
+    if settings.json:
+        click.echo(json.dumps(out))
+        return
+    if settings.quiet:
+        return
+    verb = "would" if out["dry_run"] else "will"
+    click.echo(
+        f"used: {out['used_blobs']} blobs, {_human(out['used_bytes'])}; "
+        f"unused: {_human(out['unused_bytes'])}"
+    )
+    click.echo(
+        f"{verb} delete {out['packs_delete']} packs and {out['packs_unindexed']} unindexed "
+        f"packs ({_human(out['bytes_delete'])}), repack {out['packs_repack']} packs "
+        f"({_human(out['bytes_repack'])}); unused afterwards: "
+        f"{_human(out['unused_bytes_after'])}"
+    )
+    if out["packs_missing"]:
+        click.echo(f"{out['packs_missing']} packs listed in the index are missing; dropping them")
+    if not out["dry_run"]:
+        click.echo(
+            f"wrote {out['packs_written']} packs ({_human(out['bytes_written'])}), deleted "
+            f"{out['packs_deleted']} packs ({_human(out['bytes_deleted'])}), replaced "
+            f"{out['index_files_deleted']} index files by {out['index_files_written']}"
+        )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _decorate(func: Any) -> Any:
+    for option in reversed(prune_options):
+        func = option(func)
+    return func
+
+
+@click.command("prune")
+@click.option("-n", "--dry-run", is_flag=True, help="Only show what would be done.")
+@_decorate
+@click.pass_obj
+def command(settings: Settings, dry_run: bool, **opts: Any) -> int:
+    """Remove unreferenced data from the repository (takes an exclusive lock)."""
+    from cairn.stages.locking import repository_lock
+
+    async def main() -> dict[str, Any]:
+        async with (
+            open_repo(settings) as repo,
+            repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
+        ):
+            return await run_prune(repo, prune_settings(settings, repo, opts, dry_run))
+
+    print_prune(settings, run_async(main))
+    return EXIT_OK

@@ -1,0 +1,80 @@
+"""``cairn repair index`` and ``cairn repair snapshots``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from cairn.cli.common import echo_json, open_repo, run_async
+from cairn.cli.errors import EXIT_OK
+from cairn.config.settings import Settings
+
+
+@click.group("repair")
+def command() -> None:
+    """Repair a damaged repository (run `cairn check` first)."""
+
+
+@command.command("index")
+@click.pass_obj
+def index(settings: Settings) -> int:
+    """Rebuild the index from the pack headers."""
+    from cairn.stages.locking import repository_lock
+    from cairn.stages.repair import repair_index
+
+    async def main() -> Any:
+        async with (
+            open_repo(settings) as repo,
+            repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
+        ):
+            return await repair_index(repo, settings.connections or 4)
+
+    result = run_async(main)
+    if settings.json:
+        echo_json({"message_type": "repair_index", **vars(result)})
+        return EXIT_OK
+    for pack_id, problem in result.unreadable:
+        click.echo(f"warning: pack {pack_id}: header unreadable, not indexed: {problem}")
+    if not settings.quiet:
+        click.echo(
+            f"indexed {result.blobs} blobs in {result.packs_indexed} packs; replaced "
+            f"{result.old_index_files} index files by {result.new_index_files}"
+        )
+    return EXIT_OK
+
+
+@command.command("snapshots")
+@click.option("--forget", is_flag=True, help="Remove the original snapshots.")
+@click.option("-n", "--dry-run", is_flag=True, help="Only show what would be repaired.")
+@click.pass_obj
+def snapshots(settings: Settings, forget: bool, dry_run: bool) -> int:
+    """Rewrite snapshots that reference missing data, marking what was lost."""
+    from cairn.repo.codec import compression_level
+    from cairn.stages.locking import repository_lock
+    from cairn.stages.repair import repair_snapshots
+
+    async def main() -> Any:
+        async with (
+            open_repo(settings) as repo,
+            repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
+        ):
+            return await repair_snapshots(
+                repo, forget=forget, dry_run=dry_run, level=compression_level(settings.compression)
+            )
+
+    repaired = run_async(main)
+    if settings.json:
+        for r in repaired:
+            click.echo(json.dumps({"message_type": "repaired", **vars(r)}))
+        return EXIT_OK
+    for r in repaired:
+        new = r.new_id[:8] if r.new_id else "(dry run)"
+        click.echo(f"snapshot {r.old_id[:8]} → {new}:")
+        for item in r.lost:
+            click.echo(f"  lost {item}")
+    if not settings.quiet:
+        verb = "would repair" if dry_run else "repaired"
+        click.echo(f"{verb} {len(repaired)} snapshots")
+    return EXIT_OK

@@ -1,0 +1,510 @@
+"""``check``: verify a repository's structure and, with ``--read-data``, every byte.
+
+Structure (always):
+
+* every index file decodes; the effective index is the union of those not superseded;
+* every pack the index names exists, and every pack on the backend is indexed (an
+  unindexed pack is only a warning, as in restic: interrupted backups and prunes leave
+  them, and ``prune`` removes them);
+* every pack header agrees with the index entries for that pack;
+* every snapshot decodes, and each of its trees and data blobs is in the index with
+  the right type; trees are read and decoded;
+* a blob stored in several packs is reported as info.
+
+``--read-data`` (or a subset) downloads whole packs on ``connections`` tasks into
+shared-memory slots; a worker process hashes the pack (its name is its BLAKE3),
+parses its header and decodes every blob (decrypt, decompress, verify the ID).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, cast
+
+import anyio
+import anyio.abc
+import structlog
+
+from cairn.backends.base import NotFound, ObjectTruncated, object_name
+from cairn.pipeline.shm import SlotPool
+from cairn.pipeline.workers import WorkerPool
+from cairn.repo.codec import BLOB_TYPE_NAMES, decode_blob
+from cairn.repo.crypto import storage_id
+from cairn.repo.errors import CorruptedObject, ObjectNotFound
+from cairn.repo.index import Index, IndexFile, decode_index
+from cairn.repo.pack import (
+    DATA,
+    TREE,
+    PackEntry,
+    initial_tail_length,
+    parse_pack_header,
+    required_tail_length,
+)
+from cairn.stages import cpu
+
+log = structlog.get_logger("cairn.check")
+
+ERROR, WARNING, INFO = "error", "warning", "info"
+# Shared memory for --read-data: at most this much, whatever the pack size.
+_SLOT_BUDGET = 512 * 1024 * 1024
+# Individual duplicate-blob lines shown before summarising the rest.
+_MAX_DUPLICATE_LINES = 20
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: what object, what is wrong, and where it was reached from."""
+
+    severity: str  # error | warning | info
+    kind: str  # snapshot | index | pack | tree | data blob | blob
+    id: str
+    message: str
+    snapshot: str = ""
+    path: str = ""
+
+    def line(self) -> str:
+        """The one-line form ``check`` prints."""
+        where = ""
+        if self.snapshot:
+            where = (
+                f" (snapshot {self.snapshot[:8]}" + (f", {self.path}" if self.path else "") + ")"
+            )
+        return f"{self.severity}: {self.kind} {self.id}{where}: {self.message}"
+
+    def as_json(self) -> dict[str, str]:
+        """The ``--json`` form (one object per line)."""
+        out = {"message_type": self.severity, "object": self.kind, "id": self.id}
+        if self.snapshot:
+            out["snapshot"] = self.snapshot
+        if self.path:
+            out["path"] = self.path
+        out["message"] = self.message
+        return out
+
+
+class Subset(NamedTuple):
+    """``--read-data-subset``: ``bucket`` n of t, ``percent`` of packs, or ``size`` bytes."""
+
+    kind: str
+    n: int = 0
+    t: int = 0
+    value: float = 0.0
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_subset(text: str) -> Subset:
+    """Parse ``n/t``, ``x%`` or a size such as ``500M``; ``ValueError`` otherwise."""
+    text = text.strip()
+    if m := re.fullmatch(r"(\d+)/(\d+)", text):
+        n, t = int(m[1]), int(m[2])
+        if not 1 <= n <= t:
+            raise ValueError(f"subset {text!r}: need 1 <= n <= t")
+        return Subset("bucket", n=n, t=t)
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", text):
+        pct = float(m[1])
+        if not 0 < pct <= 100:
+            raise ValueError(f"subset {text!r}: percentage must be in (0, 100]")
+        return Subset("percent", value=pct)
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", text, re.IGNORECASE):
+        size = float(m[1]) * _SIZE_UNITS[m[2].lower()]
+        if size <= 0:
+            raise ValueError(f"subset {text!r}: size must be positive")
+        return Subset("size", value=size)
+    raise ValueError(f"invalid subset {text!r}: use n/t, x% or a size like 500M")
+
+
+def select_packs(packs: dict[str, int], subset: Subset | None, rng: random.Random) -> list[str]:
+    """Which packs ``--read-data[-subset]`` reads.
+
+    ``n/t`` takes packs whose first ID byte modulo ``t`` is ``n-1`` (restic's rule, so
+    ``1/t`` … ``t/t`` cover everything once); ``x%`` and sizes pick packs at random.
+    """
+    ids = sorted(packs)
+    if subset is None:
+        return ids
+    if subset.kind == "bucket":
+        return [i for i in ids if int(i[:2], 16) % subset.t == subset.n - 1]
+    shuffled = ids[:]
+    rng.shuffle(shuffled)
+    if subset.kind == "percent":
+        count = max(1, round(len(ids) * subset.value / 100)) if ids else 0
+        return sorted(shuffled[:count])
+    chosen, total = [], 0
+    for pack_id in shuffled:
+        if total >= subset.value:
+            break
+        chosen.append(pack_id)
+        total += packs[pack_id]
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """What to check and with how much concurrency."""
+
+    read_data: bool = False
+    subset: Subset | None = None
+    cpu_workers: int = 2
+    connections: int = 4
+    seed: int | None = None  # for random subsets; tests pin it
+
+
+@dataclass
+class CheckResult:
+    """Everything found, plus counters for the summary."""
+
+    problems: list[Problem] = field(default_factory=list)
+    snapshots: int = 0
+    trees: int = 0
+    data_blobs: int = 0
+    packs: int = 0
+    index_files: int = 0
+    packs_read: int = 0
+    bytes_read: int = 0
+
+    @property
+    def errors(self) -> list[Problem]:
+        """Problems that make ``check`` fail."""
+        return [p for p in self.problems if p.severity == ERROR]
+
+
+def compare_entries(
+    pack_id: str, index_entries: Sequence[PackEntry], header_entries: Sequence[PackEntry]
+) -> list[str]:
+    """Ways the index and a pack header disagree about one pack (empty: they agree)."""
+    by_index = {e.id: e for e in index_entries}
+    by_header = {e.id: e for e in header_entries}
+    out = []
+    for blob_id, entry in by_index.items():
+        other = by_header.get(blob_id)
+        if other is None:
+            out.append(f"the index lists blob {blob_id.hex()} but the pack header does not")
+        elif other != entry:
+            out.append(
+                f"blob {blob_id.hex()}: index says {_describe(entry)}, "
+                f"pack header says {_describe(other)}"
+            )
+    for blob_id in by_header.keys() - by_index.keys():
+        out.append(f"the pack header lists blob {blob_id.hex()} but the index does not")
+    return out
+
+
+def _describe(e: PackEntry) -> str:
+    kind = BLOB_TYPE_NAMES.get(e.type, str(e.type))
+    return f"{kind} at offset {e.offset}, length {e.length}, raw length {e.raw_length}"
+
+
+def verify_pack(
+    view: memoryview, pack_id: str, entries: list[tuple[int, bytes, int, int, int]]
+) -> tuple[list[tuple[str, str, str]], int]:
+    """Worker job for ``--read-data``: hash, header and every blob of one whole pack.
+
+    Returns ``([(kind, id, message), ...], blobs decoded)``.
+    """
+    crypto = cpu._worker_crypto()
+    problems: list[tuple[str, str, str]] = []
+    if storage_id(view) != pack_id:
+        problems.append(("pack", pack_id, "content does not match its name (hash mismatch)"))
+    index_entries = [PackEntry(*e) for e in entries]
+    try:
+        # parse_pack_header only slices and unpacks: a memoryview serves as well as bytes.
+        header = parse_pack_header(crypto, cast(bytes, view), len(view), pack_id)
+    except CorruptedObject as exc:
+        problems.append(("pack", pack_id, f"unreadable header: {exc.problem}"))
+    else:
+        problems.extend(
+            ("pack", pack_id, m) for m in compare_entries(pack_id, index_entries, header)
+        )
+    decoded = 0
+    for e in index_entries:
+        kind = f"{BLOB_TYPE_NAMES[e.type]} blob"
+        if e.offset + e.length > len(view):
+            problems.append((kind, e.id.hex(), f"in pack {pack_id}: extends past the pack's end"))
+            continue
+        try:
+            decode_blob(crypto, e.type, e.id, view[e.offset : e.offset + e.length])
+        except CorruptedObject as exc:
+            problems.append((kind, e.id.hex(), f"in pack {pack_id}: {exc.problem}"))
+        else:
+            decoded += 1
+    return problems, decoded
+
+
+async def read_pack_header(backend: Any, crypto: Any, pack_id: str, size: int) -> list[PackEntry]:
+    """Load a pack's tail (twice if the first guess was short) and parse its header."""
+    name = object_name("data", pack_id)
+    want = initial_tail_length(size)
+    tail = await backend.load(name, size - want, want)
+    needed = required_tail_length(tail, size, pack_id)
+    if needed > len(tail):
+        tail = await backend.load(name, size - needed, needed)
+    entries: list[PackEntry] = parse_pack_header(crypto, tail, size, pack_id)
+    return entries
+
+
+class Checker:
+    """Runs one check; ``report`` is called for each problem as it is found."""
+
+    def __init__(
+        self,
+        repo: Any,
+        options: CheckOptions,
+        report: Callable[[Problem], None] | None = None,
+    ) -> None:
+        self.repo = repo
+        self.backend = repo.backend
+        self.opts = options
+        self.result = CheckResult()
+        self._report = report
+        # pack id (hex) → (index file id, entries), from the effective index only
+        self.pack_entries: dict[str, tuple[str, list[PackEntry]]] = {}
+        self.packs_on_backend: dict[str, int] = {}
+        self.index = Index()
+        self._limiter = anyio.CapacityLimiter(max(1, options.connections))
+
+    def _add(self, problem: Problem) -> None:
+        self.result.problems.append(problem)
+        if self._report is not None:
+            self._report(problem)
+
+    def _error(self, kind: str, obj: str, message: str, snapshot: str = "", path: str = "") -> None:
+        self._add(Problem(ERROR, kind, obj, message, snapshot, path))
+
+    async def run(self) -> CheckResult:
+        """Every check in order: index, packs, snapshots and trees, then pack contents."""
+        self.packs_on_backend = await self._list_packs()
+        await self._load_index()
+        self._check_pack_presence()
+        self._report_duplicates()
+        await self._check_snapshots()
+        present = {p: s for p, s in self.packs_on_backend.items() if p in self.pack_entries}
+        if self.opts.read_data:
+            rng = random.Random(self.opts.seed)
+            await self._read_packs(select_packs(present, self.opts.subset, rng))
+        else:
+            await self._check_headers(sorted(present))
+        return self.result
+
+    # -- index and packs ----------------------------------------------------------
+
+    async def _list_packs(self) -> dict[str, int]:
+        packs = {}
+        async for name, size in self.backend.list("data/"):
+            packs[name.rsplit("/", 1)[-1]] = size
+        return packs
+
+    async def _load_index(self) -> None:
+        ids = await self.repo.list_ids("index")
+        files: dict[str, IndexFile] = {}
+
+        async def one(index_id: str) -> None:
+            async with self._limiter:
+                try:
+                    payload = await self.repo.load_sealed("index", index_id)
+                    files[index_id] = decode_index(payload, index_id)
+                except CorruptedObject as exc:
+                    self._error("index", index_id, exc.problem)
+                except ObjectNotFound:
+                    pass  # removed while we listed (a concurrent prune would hold a lock)
+
+        async with anyio.create_task_group() as tg:
+            for index_id in ids:
+                tg.start_soon(one, index_id)
+        self.result.index_files = len(files)
+        superseded = {s.hex() for f in files.values() for s in f.supersedes}
+        for index_id in sorted(files):
+            if index_id in superseded:
+                continue
+            for raw_id, entries in files[index_id].packs:
+                pack_id = raw_id.hex()
+                known = self.pack_entries.get(pack_id)
+                if known is None:
+                    self.pack_entries[pack_id] = (index_id, entries)
+                    self.index.add_pack(raw_id, entries)
+                elif sorted(known[1]) != sorted(entries):
+                    self._error(
+                        "pack",
+                        pack_id,
+                        f"index files {known[0]} and {index_id} list it differently",
+                    )
+        self.result.packs = len(self.pack_entries)
+        self.repo.index = self.index
+
+    def _check_pack_presence(self) -> None:
+        for pack_id, (index_id, _entries) in sorted(self.pack_entries.items()):
+            if pack_id not in self.packs_on_backend:
+                self._error("pack", pack_id, f"listed in index {index_id} but missing")
+        for pack_id in sorted(self.packs_on_backend.keys() - self.pack_entries.keys()):
+            self._add(
+                Problem(
+                    WARNING,
+                    "pack",
+                    pack_id,
+                    "not referenced by any index (left by an interrupted backup or prune; "
+                    "`cairn prune` removes it)",
+                )
+            )
+
+    def _report_duplicates(self) -> None:
+        where: dict[bytes, list[str]] = defaultdict(list)
+        for pack_id, (_index_id, entries) in self.pack_entries.items():
+            for e in entries:
+                where[e.id].append(pack_id)
+        dups = sorted((b, p) for b, p in where.items() if len(p) > 1)
+        for blob_id, packs in dups[:_MAX_DUPLICATE_LINES]:
+            self._add(Problem(INFO, "blob", blob_id.hex(), f"stored in packs {', '.join(packs)}"))
+        if len(dups) > _MAX_DUPLICATE_LINES:
+            more = len(dups) - _MAX_DUPLICATE_LINES
+            self._add(Problem(INFO, "blob", "", f"{more} more blobs are stored in several packs"))
+
+    async def _check_headers(self, pack_ids: Iterable[str]) -> None:
+        async with anyio.create_task_group() as tg:
+            for pack_id in pack_ids:
+                tg.start_soon(self._check_header, pack_id)
+
+    async def _check_header(self, pack_id: str) -> None:
+        size = self.packs_on_backend[pack_id]
+        async with self._limiter:
+            try:
+                header = await read_pack_header(self.backend, self.repo.crypto, pack_id, size)
+            except CorruptedObject as exc:
+                self._error("pack", pack_id, f"unreadable header: {exc.problem}")
+                return
+            except (NotFound, ObjectTruncated) as exc:
+                self._error("pack", pack_id, f"could not be read: {exc}")
+                return
+        for message in compare_entries(pack_id, self.pack_entries[pack_id][1], header):
+            self._error("pack", pack_id, message)
+
+    # -- snapshots and trees -------------------------------------------------------
+
+    async def _check_snapshots(self) -> None:
+        snapshot_ids = await self.repo.list_ids("snapshots")
+        roots: list[tuple[bytes, str, str]] = []
+        for sid in snapshot_ids:
+            try:
+                snap = await self.repo.load_snapshot(sid)
+            except CorruptedObject as exc:
+                self._error("snapshot", sid, exc.problem)
+                continue
+            except ObjectNotFound:
+                continue
+            self.result.snapshots += 1
+            roots.append((snap.tree, sid, "/"))
+        seen_trees: set[bytes] = set()
+        seen_blobs: set[bytes] = set()
+        level = roots
+        # Breadth first: each level's trees are loaded concurrently.
+        while level:
+            todo = []
+            for item in level:
+                if item[0] not in seen_trees:
+                    seen_trees.add(item[0])
+                    todo.append(item)
+            children: list[tuple[bytes, str, str]] = []
+            async with anyio.create_task_group() as tg:
+                for tree_id, sid, path in todo:
+                    tg.start_soon(self._check_tree, tree_id, sid, path, children, seen_blobs)
+            level = children
+        self.result.trees = len(seen_trees)
+        self.result.data_blobs = len(seen_blobs)
+
+    async def _check_tree(
+        self,
+        tree_id: bytes,
+        sid: str,
+        path: str,
+        children: list[tuple[bytes, str, str]],
+        seen_blobs: set[bytes],
+    ) -> None:
+        loc = self.index.lookup(tree_id)
+        if loc is None:
+            self._error("tree", tree_id.hex(), "not in the index", sid, path)
+            return
+        if loc.type != TREE:
+            self._error("tree", tree_id.hex(), "the index lists it as a data blob", sid, path)
+            return
+        async with self._limiter:
+            try:
+                tree = await self.repo.load_tree(tree_id)
+            except CorruptedObject as exc:
+                self._error("tree", tree_id.hex(), f"cannot be read: {exc}", sid, path)
+                return
+        base = path.rstrip("/")
+        for node in tree.nodes:
+            child = f"{base}/{node.name.decode('utf-8', 'backslashreplace')}"
+            if node.type == "dir" and node.subtree is not None:
+                children.append((node.subtree, sid, child))
+            elif node.type == "file":
+                for blob_id in node.content:
+                    if blob_id in seen_blobs:
+                        continue
+                    seen_blobs.add(blob_id)
+                    blob = self.index.lookup(blob_id)
+                    if blob is None:
+                        self._error("data blob", blob_id.hex(), "not in the index", sid, child)
+                    elif blob.type != DATA:
+                        self._error(
+                            "data blob", blob_id.hex(), "the index lists it as a tree", sid, child
+                        )
+
+    # -- reading pack contents -------------------------------------------------------
+
+    async def _read_packs(self, pack_ids: list[str]) -> None:
+        if not pack_ids:
+            return
+        biggest = max(1, *(self.packs_on_backend[p] for p in pack_ids))
+        count = max(1, min(self.opts.cpu_workers + self.opts.connections, _SLOT_BUDGET // biggest))
+        slots = SlotPool(biggest, count)
+        tx, rx = anyio.create_memory_object_stream[str](len(pack_ids))
+        for pack_id in pack_ids:
+            tx.send_nowait(pack_id)
+        tx.close()
+        try:
+            async with (
+                WorkerPool(
+                    self.opts.cpu_workers,
+                    initializer=cpu.init_worker,
+                    initargs=(self.repo.crypto,),
+                ) as pool,
+                anyio.create_task_group() as tg,
+            ):
+                for _ in range(min(count, self.opts.connections)):
+                    tg.start_soon(self._reader, rx.clone(), slots, pool)
+                rx.close()
+        finally:
+            slots.close()
+
+    async def _reader(
+        self, rx: anyio.abc.ObjectReceiveStream[str], slots: SlotPool, pool: WorkerPool
+    ) -> None:
+        async with rx:
+            async for pack_id in rx:
+                size = self.packs_on_backend[pack_id]
+                slot = await slots.acquire()
+                try:
+                    try:
+                        data = await self.backend.load(object_name("data", pack_id))
+                    except (NotFound, ObjectTruncated) as exc:
+                        self._error("pack", pack_id, f"could not be read: {exc}")
+                        continue
+                    if len(data) != size:
+                        self._error("pack", pack_id, f"size changed from {size} to {len(data)}")
+                        continue
+                    slot.view[:size] = data
+                    del data
+                    entries = [tuple(e) for e in self.pack_entries[pack_id][1]]
+                    found, decoded = await pool.run(verify_pack, slot.ref(size), pack_id, entries)
+                finally:
+                    slot.release()
+                for kind, obj, message in found:
+                    self._error(kind, obj, message)
+                self.result.packs_read += 1
+                self.result.bytes_read += size
+                log.debug("check.pack_read", pack=pack_id, bytes=size, blobs=decoded)

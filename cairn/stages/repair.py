@@ -1,0 +1,192 @@
+"""``repair index`` and ``repair snapshots``.
+
+* **index**: read every pack's header and write a new index from them, superseding
+  (then deleting) every old index file. Packs whose header cannot be read are left
+  unindexed and reported; ``prune`` removes them.
+* **snapshots**: rewrite each snapshot that references data the index does not
+  have. A file losing data blobs keeps the blobs that remain (its size shrinks to
+  match); a directory whose tree is lost or unreadable becomes empty. The new
+  snapshot carries ``original`` (the old ID) and the tag ``repaired``; what was lost
+  is returned path by path. New trees go into new packs and an index before the
+  snapshot is written; the old snapshot is deleted only with ``--forget``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+
+from cairn.backends.base import NotFound, ObjectTruncated, object_name
+from cairn.repo.codec import encode_blob
+from cairn.repo.errors import CorruptedObject, ObjectNotFound
+from cairn.repo.index import Index
+from cairn.repo.pack import TREE, PackEntry, PackWriter
+from cairn.repo.tree import Node, Tree, encode_tree
+from cairn.stages.check import read_pack_header
+from cairn.stages.prune import write_index_files
+from cairn.stages.snapshots import load_snapshots
+
+log = structlog.get_logger("cairn.repair")
+
+REPAIRED_TAG = "repaired"
+
+
+@dataclass
+class IndexRepair:
+    """What ``repair index`` did."""
+
+    packs_indexed: int = 0
+    blobs: int = 0
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (pack, problem)
+    old_index_files: int = 0
+    new_index_files: int = 0
+
+
+async def repair_index(repo: Any, connections: int = 4) -> IndexRepair:
+    """Rebuild the index from the pack headers."""
+    result = IndexRepair()
+    old = await repo.list_ids("index")
+    sizes = {n.rsplit("/", 1)[-1]: s async for n, s in repo.backend.list("data/")}
+    found: dict[str, list[PackEntry]] = {}
+    limiter = anyio.CapacityLimiter(max(1, connections))
+
+    async def one(pack_id: str) -> None:
+        async with limiter:
+            try:
+                found[pack_id] = await read_pack_header(
+                    repo.backend, repo.crypto, pack_id, sizes[pack_id]
+                )
+            except CorruptedObject as exc:
+                result.unreadable.append((pack_id, exc.problem))
+            except (NotFound, ObjectTruncated) as exc:
+                result.unreadable.append((pack_id, str(exc)))
+
+    async with anyio.create_task_group() as tg:
+        for pack_id in sorted(sizes):
+            tg.start_soon(one, pack_id)
+    packs = [(bytes.fromhex(p), found[p]) for p in sorted(found)]
+    written = await write_index_files(repo, packs, old)
+    for index_id in old:
+        try:
+            await repo.backend.remove(object_name("index", index_id))
+        except NotFound:
+            pass
+    result.packs_indexed = len(packs)
+    result.blobs = sum(len(e) for _p, e in packs)
+    result.old_index_files = len(old)
+    result.new_index_files = len(written)
+    result.unreadable.sort()
+    return result
+
+
+@dataclass
+class SnapshotRepair:
+    """One rewritten snapshot: old and new ID and what was lost."""
+
+    old_id: str
+    new_id: str | None
+    lost: list[str]
+
+
+class _TreeRewriter:
+    """Rewrites trees bottom-up, remembering results so shared subtrees are done once."""
+
+    def __init__(self, repo: Any, index: Index, level: int) -> None:
+        self.repo = repo
+        self.index = index
+        self.level = level
+        self.done: dict[bytes, tuple[bytes, list[str]]] = {}
+        self.new_trees = PackWriter(TREE)
+        self.new_ids: set[bytes] = set()
+
+    def _store(self, tree: Tree) -> bytes:
+        payload = encode_tree(tree)
+        tree_id: bytes = self.repo.crypto.blob_id(payload)
+        if tree_id not in self.index and tree_id not in self.new_ids:
+            stored = encode_blob(self.repo.crypto, TREE, tree_id, payload, self.level)
+            self.new_trees.add(TREE, tree_id, stored, len(payload))
+            self.new_ids.add(tree_id)
+        return tree_id
+
+    async def rewrite(self, tree_id: bytes, path: str) -> tuple[bytes, list[str]]:
+        """The repaired tree's ID (maybe unchanged) and the losses below ``path``."""
+        if tree_id in self.done:
+            new_id, lost = self.done[tree_id]
+            return new_id, [f"{path}{item}" for item in lost]
+        try:
+            tree = await self.repo.load_tree(tree_id) if tree_id in self.index else None
+        except (CorruptedObject, ObjectNotFound):
+            tree = None
+        rel_lost: list[str] = []
+        if tree is None:
+            new_id = self._store(Tree())
+            rel_lost.append(f": directory contents lost (tree {tree_id.hex()})")
+        else:
+            nodes = []
+            for node in tree.nodes:
+                name = "/" + node.name.decode("utf-8", "backslashreplace")
+                nodes.append(await self._node(node, name, rel_lost))
+            new_id = self._store(Tree(nodes)) if rel_lost else tree_id
+        self.done[tree_id] = (new_id, rel_lost)
+        return new_id, [f"{path}{item}" for item in rel_lost]
+
+    async def _node(self, node: Node, name: str, lost: list[str]) -> Node:
+        if node.type == "dir" and node.subtree is not None:
+            sub_id, sub_lost = await self.rewrite(node.subtree, name)
+            lost.extend(sub_lost)
+            return dataclasses.replace(node, subtree=sub_id)
+        if node.type == "file":
+            kept = [b for b in node.content if b in self.index]
+            if len(kept) != len(node.content):
+                missing = len(node.content) - len(kept)
+                lost.append(f"{name}: {missing} of {len(node.content)} data blobs lost")
+                size = 0
+                for blob_id in kept:
+                    loc = self.index.lookup(blob_id)
+                    size += loc.raw_length if loc is not None else 0
+                return dataclasses.replace(node, content=kept, size=size)
+        return node
+
+    async def flush(self) -> None:
+        """Store the new trees (pack, then index) before any snapshot refers to them."""
+        if not len(self.new_trees):
+            return
+        data, pack_id, entries = self.new_trees.finish(self.repo.crypto)
+        self.new_trees = PackWriter(TREE)
+        await self.repo.backend.save(object_name("data", pack_id), data)
+        await self.repo.save_index([(pack_id, entries)])
+        for e in entries:
+            self.index.add_pack(bytes.fromhex(pack_id), [e])
+
+
+async def repair_snapshots(
+    repo: Any, *, forget: bool = False, dry_run: bool = False, level: int = 3
+) -> list[SnapshotRepair]:
+    """Rewrite every snapshot that references missing data; see the module docstring."""
+    index = repo.index if repo.index is not None else await repo.load_index()
+    rewriter = _TreeRewriter(repo, index, level)
+    plans = []
+    for sid, snap in await load_snapshots(repo):
+        new_root, lost = await rewriter.rewrite(snap.tree, "")
+        if lost:
+            plans.append((sid, snap, new_root, lost))
+    if dry_run:
+        return [SnapshotRepair(sid, None, lost) for sid, _s, _r, lost in plans]
+    await rewriter.flush()
+    out = []
+    for sid, snap, new_root, lost in plans:
+        tags = snap.tags + ([REPAIRED_TAG] if REPAIRED_TAG not in snap.tags else [])
+        summary = {**snap.summary, "repair_lost_items": len(lost)}
+        new = dataclasses.replace(
+            snap, tree=new_root, tags=tags, original=snap.original or sid, summary=summary
+        )
+        new_id = await repo.save_snapshot(new)
+        if forget:
+            await repo.backend.remove(object_name("snapshots", sid))
+        log.info("repair.snapshot", old=sid, new=new_id, lost=len(lost))
+        out.append(SnapshotRepair(sid, new_id, lost))
+    return out
