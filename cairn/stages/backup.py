@@ -17,6 +17,7 @@ Shape of the run (all inside one task group, so the first error cancels all):
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from cairn.stages import cpu
 from cairn.stages.chunker import ChunkerParams, make_chunker, open_for_backup
 from cairn.stages.excludes import ExcludeRules
 from cairn.stages.saver import BlobSaver
+from cairn.stages.treecache import TreeCache
 from cairn.stages.walk import scan_dir, stat_path
 
 log = structlog.get_logger("cairn.backup")
@@ -47,6 +49,8 @@ MiB = 1024 * 1024
 SMALL_BATCH_BYTES = 4 * MiB
 # Room for the encryption envelope and flag of every blob in an output slot.
 OUT_SLACK = 256 * 1024
+# Directories scanned at once (each scan is one thread hop of syscalls).
+WALK_CONCURRENCY = 3
 # Small files read per thread hop.
 SMALL_READ_FILES = 64
 
@@ -144,6 +148,7 @@ class Archiver:
             dry_run=options.dry_run,
         )
         self.root_tree: bytes | None = None
+        self._trees = TreeCache(repo, index)
         self._pool: WorkerPool | None = None
         self._slots: SlotPool | None = None
         self._out_slots: SlotPool | None = None
@@ -277,35 +282,59 @@ class Archiver:
         root_dev = None
         if self.opts.rules.one_file_system:
             root_dev = top.node.device if top.node else os.lstat(top.path).st_dev
-        stack = [top]
-        while stack:
-            d = stack.pop()
-            scan = await anyio.to_thread.run_sync(scan_dir, d.path, self.opts.rules, root_dev)
-            for wpath, problem in scan.warnings:
-                self._warn(wpath, problem)
-            subdirs: list[_Dir] = []
-            for child in scan.nodes:
-                cpath = d.path.rstrip(b"/") + b"/" + child.name
-                cold = d.old.get(child.name) if d.old else None
-                d.nodes.append(child)
-                if child.type == "dir":
+        # Directories are scanned by a few tasks at once: a scan is a thread hop of
+        # mostly syscalls, so two or three overlap well. Order does not matter —
+        # a directory's tree is stored when its last entry completes, whenever.
+        queue_tx, queue_rx = anyio.create_memory_object_stream[_Dir](math.inf)
+        outstanding = 1
+        queue_tx.send_nowait(top)
+
+        async def scanner() -> None:
+            nonlocal outstanding
+            async for d in queue_rx:
+                for sub in await self._scan_one(d, root_dev, file_tx):
+                    outstanding += 1
+                    queue_tx.send_nowait(sub)
+                outstanding -= 1
+                if outstanding == 0:
+                    queue_tx.close()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(WALK_CONCURRENCY):
+                tg.start_soon(scanner)
+
+    async def _scan_one(
+        self, d: _Dir, root_dev: int | None, file_tx: anyio.abc.ObjectSendStream[_FileJob]
+    ) -> list[_Dir]:
+        """Scan one directory, queue its changed files, return its subdirectories."""
+        if d.old is None and d.old_tree is not None:
+            d.old = await self._old_entries(d.old_tree)
+        scan = await anyio.to_thread.run_sync(scan_dir, d.path, self.opts.rules, root_dev)
+        for wpath, problem in scan.warnings:
+            self._warn(wpath, problem)
+        subdirs: list[_Dir] = []
+        for child in scan.nodes:
+            cpath = d.path.rstrip(b"/") + b"/" + child.name
+            cold = d.old.get(child.name) if d.old else None
+            d.nodes.append(child)
+            if child.type == "dir":
+                d.pending += 1
+                sub_old = cold.subtree if cold and cold.type == "dir" else None
+                subdirs.append(_Dir(cpath, child, d, None, sub_old))
+            elif child.type == "file":
+                self.stats.bytes_processed += child.size
+                self.stats.files_seen += 1
+                if self._unchanged(child, cold):
+                    assert cold is not None
+                    child.content = list(cold.content)
+                    self.stats.files_unmodified += 1
+                    self.stats.bytes_unmodified += child.size
+                else:
                     d.pending += 1
-                    sub_old = cold.subtree if cold and cold.type == "dir" else None
-                    subdirs.append(_Dir(cpath, child, d, await self._old_entries(sub_old), sub_old))
-                elif child.type == "file":
-                    self.stats.bytes_processed += child.size
-                    self.stats.files_seen += 1
-                    if self._unchanged(child, cold):
-                        assert cold is not None
-                        child.content = list(cold.content)
-                        self.stats.files_unmodified += 1
-                        self.stats.bytes_unmodified += child.size
-                    else:
-                        d.pending += 1
-                        await file_tx.send(_FileJob(d, child, cpath, cold))
-            d.walked = True
-            stack.extend(reversed(subdirs))
-            await self._maybe_finish(d)
+                    await file_tx.send(_FileJob(d, child, cpath, cold))
+        d.walked = True
+        await self._maybe_finish(d)
+        return subdirs
 
     async def _walk_stdin(self, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> None:
         assert self.opts.stdin_name is not None
@@ -341,7 +370,7 @@ class Archiver:
         if tree_id is None:
             return None
         try:
-            tree: Tree = await self.repo.load_tree(tree_id)
+            tree: Tree = await self._trees.get(tree_id)
         except Exception as exc:  # a damaged parent only costs re-reading
             log.warning("backup.parent_tree_unreadable", tree=tree_id.hex(), error=str(exc))
             return None
