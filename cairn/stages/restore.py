@@ -37,8 +37,9 @@ from cairn.stages.fsmeta import apply_metadata, create_special
 log = structlog.get_logger("cairn.restore")
 
 MiB = 1024 * 1024
-# A download never spans more than this; it must hold the largest encoded blob.
-SLOT_SIZE = 16 * MiB
+# A download never spans more than this; it must hold the largest encoded blob
+# (an incompressible 8 MiB chunk plus its envelope).
+SLOT_SIZE = 8 * MiB + 64 * 1024
 # Gaps between needed blobs smaller than this are downloaded rather than split
 # into two requests (a request costs more than reading 1 MiB locally or remotely).
 MERGE_GAP = 1 * MiB
