@@ -10,6 +10,10 @@ if [ "$(id -u)" = 0 ] && [ -f scripts/install-test-deps.sh ]; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
+    # Debian's own python3 ships venv separately.
+    if ! python3 -c "import ensurepip, venv" 2>/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq python3-venv
+    fi
     python3 -m venv .venv
 fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
