@@ -9,13 +9,16 @@ import time
 from typing import Any
 
 import click
+import structlog
 
 from cairn import __version__
 from cairn.cli.common import hostname, open_repo, run_async, username
 from cairn.cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from cairn.cli.progress import backup_status, track
 from cairn.config.settings import Settings
 
 MiB = 1024 * 1024
+log = structlog.get_logger("cairn.backup")
 
 
 def _collect_paths(
@@ -98,9 +101,32 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         connections=settings.connections or 4,
         stdin_name=os.fsencode(opts["stdin_filename"]) if opts["use_stdin"] else None,
     )
+    log.info("backup.started", paths=[os.fsdecode(p) for p in targets], host=options.host,
+             tags=options.tags, dry_run=options.dry_run)
     result = run_async(lambda: _backup(settings, options, opts["parent"]))
+    _log_finished(result)
+    click.get_current_context().meta["cairn.backup.result"] = result  # for ``cairn run``
     _report(settings, result)
     return EXIT_PARTIAL if result["errors"] else EXIT_OK
+
+
+def _log_finished(result: dict[str, Any]) -> None:
+    s = result["summary"]
+    log.info(
+        "backup.finished",
+        snapshot_id=result["snapshot_id"],
+        parent=result["parent"],
+        files_new=s["files_new"],
+        files_changed=s["files_changed"],
+        files_unmodified=s["files_unmodified"],
+        files=s["total_files_processed"],
+        bytes=s["total_bytes_processed"],
+        bytes_read=s["bytes_read"],
+        bytes_added=s["data_added"],
+        bytes_stored=s["data_added_packed"],
+        errors=s["errors"],
+        duration=s["duration_seconds"],
+    )
 
 
 async def _backup(settings: Settings, options: Any, parent_ref: str | None) -> dict[str, Any]:
@@ -129,7 +155,8 @@ async def _backup(settings: Settings, options: Any, parent_ref: str | None) -> d
             if matching:
                 parent_id, parent_tree = matching[-1][0], matching[-1][1].tree
         archiver = Archiver(repo, index, options, None if options.force else parent_tree)
-        root = await archiver.run()
+        async with track(settings, "backup", lambda: backup_status(archiver)):
+            root = await archiver.run()
         stats = archiver.stats
         saver = archiver.saver.stats
         duration = time.time() - started

@@ -9,10 +9,14 @@ import time
 from typing import Any
 
 import click
+import structlog
 
 from cairn.cli.common import open_repo, run_async
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK
+from cairn.cli.progress import restore_status, track
 from cairn.config.settings import Settings
+
+log = structlog.get_logger("cairn.restore")
 
 
 @click.command("restore")
@@ -52,8 +56,18 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
         connections=settings.connections or 4,
     )
     started = time.time()
+    log.info("restore.started", snapshot=snapshot, target=target, dry_run=options.dry_run)
     sid, stats = run_async(lambda: _restore(settings, snapshot, options, opts))
     duration = time.time() - started
+    log.info(
+        "restore.finished",
+        snapshot_id=sid,
+        files=stats.files,
+        files_skipped=stats.files_skipped,
+        bytes=stats.bytes_written,
+        errors=len(stats.errors),
+        duration=round(duration, 3),
+    )
     for path, problem in stats.errors:
         if settings.json:
             print(
@@ -114,7 +128,8 @@ async def _restore(settings: Settings, ref: str, options: Any, opts: dict[str, A
         tree_id, node = await resolve_subpath(repo, snap.tree, subpath)
         restorer = Restorer(repo, index, options)
         await restorer.plan(tree_id, node)
-        stats = await restorer.run()
+        async with track(settings, "restore", lambda: restore_status(restorer)):
+            stats = await restorer.run()
     return sid, stats
 
 

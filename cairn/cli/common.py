@@ -8,11 +8,14 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
 import click
+import structlog
 
+from cairn.cli.logsetup import bind_repository
 from cairn.config.password import read_password
 from cairn.config.settings import Settings
 
@@ -56,17 +59,72 @@ def username() -> str:
 
 
 def open_backend(settings: Settings) -> Any:
-    """The storage backend for ``settings.repo``, wrapped as the settings ask."""
+    """The storage backend for ``settings.repo``, wrapped as the settings ask.
+
+    The wrapper stack (retry, ``--connections``, ``--limit-upload``/``--limit-download``
+    token buckets, logging) comes from :func:`cairn.backends.wrap.wrap_backend`. The
+    throttles are kept on the returned backend as ``cairn_throttles`` so that
+    :func:`open_repo` can drive them from a bandwidth schedule.
+    """
     if not settings.repo:
         raise NoRepositoryGiven()
-    try:
-        from cairn.backends.location import parse_location
-    except ImportError:  # remote backends not installed yet: local paths only
-        from cairn.backends.local import LocalBackend
+    from cairn.backends.location import parse_location
+    from cairn.backends.wrap import wrap_backend
+    from cairn.pipeline.throttle import Throttle
 
-        location = settings.repo.removeprefix("local:")
-        return LocalBackend(location)
-    return parse_location(settings.repo, {})
+    backend = parse_location(settings.repo, settings.backend_options)
+    upload = _throttle(Throttle, settings.limit_upload, settings.limit_upload_schedule)
+    download = _throttle(Throttle, settings.limit_download, settings.limit_download_schedule)
+    wrapped = wrap_backend(
+        backend,
+        connections=settings.connections,
+        upload_limiter=upload,
+        download_limiter=download,
+    )
+    wrapped.cairn_throttles = {"upload": upload, "download": download}  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _throttle(cls: Any, kib: int | None, schedule: tuple[str, ...]) -> Any:
+    """A token bucket when a limit or a schedule applies (the schedule sets its rate)."""
+    if not kib and not schedule:
+        return None
+    return cls(kib * 1024 if kib else None)
+
+
+@asynccontextmanager
+async def _follow_schedules(settings: Settings, backend: Any) -> AsyncIterator[None]:
+    """While the body runs, move the throttles' rates at the schedules' boundaries.
+
+    A ``--limit-upload``/``--limit-download`` flag beats the profile's schedule.
+    """
+    from cairn.config.schedule import follow_schedule
+
+    throttles = getattr(backend, "cairn_throttles", {})
+    plans = []
+    for direction in ("upload", "download"):
+        schedule = getattr(settings, f"limit_{direction}_schedule")
+        limit = getattr(settings, f"limit_{direction}")
+        flag_wins = settings.sources.get(f"limit_{direction}") == "flag"
+        if schedule and not flag_wins and throttles.get(direction) is not None:
+            plans.append((direction, throttles[direction], schedule, limit))
+    if not plans:
+        yield
+        return
+    log = structlog.get_logger("cairn.throttle")
+    async with anyio.create_task_group() as tg:
+        for direction, throttle, schedule, limit in plans:
+
+            def changed(rate: int | None, direction: str = direction) -> None:
+                log.info("throttle.rate_changed", direction=direction, kib_per_second=rate or 0)
+
+            tg.start_soon(
+                partial(follow_schedule, throttle, schedule, fallback=limit, on_change=changed)
+            )
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
 
 
 def kdf_params(settings: Settings) -> Any:
@@ -87,10 +145,31 @@ async def open_repo(settings: Settings) -> AsyncIterator[Any]:
     try:
         password = read_password(settings)
         repo = await open_repository(backend, password)
-        yield repo
+        bind_repository(repo.config.id)
+        structlog.get_logger("cairn.cli").info(
+            "repository.opened", backend=type(_innermost(backend)).__name__
+        )
+        async with _follow_schedules(settings, backend):
+            yield repo
     finally:
         with anyio.CancelScope(shield=True):
             await backend.aclose()
+
+
+def _innermost(backend: Any) -> Any:
+    while hasattr(backend, "inner"):
+        backend = backend.inner
+    return backend
+
+
+def backend_counters(backend: Any) -> Any:
+    """The logging wrapper's traffic counters (bytes saved/loaded), or None."""
+    while backend is not None:
+        counters = getattr(backend, "counters", None)
+        if counters is not None:
+            return counters
+        backend = getattr(backend, "inner", None)
+    return None
 
 
 def echo_json(value: Any) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
 
 import click
 
@@ -39,39 +40,56 @@ def _unwrap(exc: BaseException) -> BaseException:
         return exc
 
 
-def run_cli(group: click.Group, args: list[str]) -> int:
-    """Run the click group; every failure becomes one line and an exit code."""
+def describe(exc: BaseException, *, debug: bool = False) -> tuple[int, str]:
+    """The exit code and the one-line message (without ``cairn: ``) for a failure."""
+    err = _unwrap(exc)
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    code = getattr(err, "exit_code", None)
+    if isinstance(code, int):
+        return code, str(err)
+    if isinstance(err, OSError):
+        return EXIT_FATAL, f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")
+    return EXIT_FATAL, f"internal error: {type(err).__name__}: {err}"
+
+
+ExitHook = Callable[[int, "str | None"], None]
+
+
+def run_cli(group: click.Group, args: list[str], on_exit: ExitHook | None = None) -> int:
+    """Run the click group; every failure becomes one line and an exit code.
+
+    ``on_exit(code, error)`` is called last (the CLI logs ``command.finished`` or
+    ``command.failed`` there); ``error`` is the one-line message or None.
+    """
+    code, error = _run(group, args)
+    if on_exit is not None:
+        on_exit(code, error)
+    return code
+
+
+def _run(group: click.Group, args: list[str]) -> tuple[int, str | None]:
     debug = "--debug" in args
     try:
         result = group.main(args=args, prog_name="cairn", standalone_mode=False)
     except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
+        return int(exc.exit_code), None
     except click.ClickException as exc:
         exc.show()
-        return EXIT_FATAL if exc.exit_code == 2 else int(exc.exit_code)
+        return (EXIT_FATAL if exc.exit_code == 2 else int(exc.exit_code)), exc.format_message()
     except (KeyboardInterrupt, click.exceptions.Abort):
         print("cairn: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED, "interrupted"
     except BaseException as exc:
         if isinstance(exc, SystemExit):
-            return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_FATAL
-        err = _unwrap(exc)
-        if isinstance(err, KeyboardInterrupt):
-            print("cairn: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        code = getattr(err, "exit_code", None)
-        if debug:
+            if isinstance(exc.code, str):
+                return EXIT_FATAL, exc.code
+            return int(exc.code or 0), None
+        code, message = describe(exc)
+        if debug and code != EXIT_INTERRUPTED:
             traceback.print_exception(exc)
-        if isinstance(code, int):
-            print(f"cairn: {err}", file=sys.stderr)
-            return code
-        if isinstance(err, OSError):
-            print(
-                f"cairn: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr
-            )
-            return EXIT_FATAL
-        print(f"cairn: internal error: {type(err).__name__}: {err}", file=sys.stderr)
-        if not debug:
+        print(f"cairn: {message}", file=sys.stderr)
+        if message.startswith("internal error") and not debug:
             print("cairn: run with --debug for the traceback", file=sys.stderr)
-        return EXIT_FATAL
-    return result if isinstance(result, int) else EXIT_OK
+        return code, message
+    return (result if isinstance(result, int) else EXIT_OK), None

@@ -19,10 +19,22 @@ GLOBAL_OPTIONS: list[click.Option] = [
         type=click.Choice(["console", "json", "logfmt"]),
         help="Log line format.",
     ),
-    click.Option(["--log-file"], help="Write logs to this file."),
+    click.Option(["--log-file"], help="Write logs to this file (info level and up)."),
+    click.Option(
+        ["--log-level"],
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        help="Minimum log level (overrides -v/-q for logs).",
+    ),
     click.Option(["-v", "--verbose", "verbosity"], count=True, default=None, help="More output."),
     click.Option(["-q", "--quiet"], is_flag=True, default=None, help="Only errors."),
     click.Option(["--debug"], is_flag=True, default=None, help="Tracebacks on errors."),
+    click.Option(
+        ["--progress/--no-progress"],
+        default=None,
+        help="Show progress even when stderr is not a terminal (or never).",
+    ),
+    click.Option(["--config"], help="Configuration file (default $XDG_CONFIG_HOME/cairn/...)."),
+    click.Option(["--profile"], help="Profile of the configuration file to use."),
     click.Option(["--cpu-workers"], type=click.IntRange(1, 256), help="CPU worker processes."),
     click.Option(["--read-concurrency"], type=click.IntRange(1, 256), help="Files read at once."),
     click.Option(["--connections"], type=click.IntRange(1, 256), help="Backend connections."),
@@ -34,6 +46,12 @@ GLOBAL_OPTIONS: list[click.Option] = [
     click.Option(["--no-cache"], is_flag=True, default=None, help="Do not use a local cache."),
     click.Option(["--no-lock"], is_flag=True, default=None, help="Do not lock the repository."),
     click.Option(["--retry-lock"], type=float, help="Seconds to keep retrying a held lock."),
+    click.Option(
+        ["-o", "--option", "backend_options"],
+        multiple=True,
+        default=None,
+        help="Backend option KEY=VALUE, e.g. s3.region=eu-west-1 (repeatable).",
+    ),
     click.Option(["--insecure-kdf"], is_flag=True, default=None, hidden=True),
 ]
 
@@ -45,6 +63,7 @@ def _option_names() -> tuple[set[str], set[str]]:
     for opt in GLOBAL_OPTIONS:
         target = flags if (opt.is_flag or opt.count) else valued
         target.update(opt.opts)
+        target.update(opt.secondary_opts)
     return flags, valued
 
 
@@ -80,9 +99,24 @@ def hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
     return moved + kept
 
 
-def settings_from_params(params: dict[str, Any]) -> Settings:
-    """Build the run's Settings from the parsed global flags and the environment."""
+def settings_from_params(params: dict[str, Any], *, use_config: bool = True) -> Settings:
+    """Build the run's Settings from the parsed global flags, environment and profile."""
     values = {k: v for k, v in params.items() if v is not None}
     if values.get("verbosity") == 0:
         values.pop("verbosity")
-    return Settings.from_flags(**values)
+    if values.get("backend_options"):
+        values["backend_options"] = _backend_options(values["backend_options"])
+    else:
+        values.pop("backend_options", None)
+    return Settings.from_flags(use_config=use_config, **values)
+
+
+def _backend_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``-o key=value`` flags as a dict; the last of a repeated key wins."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="-o/--option")
+        out[key.strip()] = value
+    return out

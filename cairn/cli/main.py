@@ -10,7 +10,9 @@ import click
 
 from cairn.cli import errors as cli_errors
 from cairn.cli.globals import GLOBAL_OPTIONS, hoist_global_options, settings_from_params
-from cairn.cli.logsetup import configure_logging
+from cairn.cli.logsetup import configure_logging, log_exit
+from cairn.cli.memory import tune_malloc
+from cairn.config.profiles import ConfigError
 
 # Commands register themselves by module; each module defines ``command``.
 _COMMAND_MODULES = (
@@ -21,10 +23,19 @@ _COMMAND_MODULES = (
     "backup",
     "snapshots",
     "restore",
+    "check",
+    "forget",
+    "prune",
+    "unlock",
+    "tag",
+    "stats",
+    "repair",
     "ls",
     "find",
     "diff",
     "dump",
+    "config",
+    "run",
 )
 
 
@@ -42,7 +53,12 @@ class CairnGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, **params: Any) -> None:
     """cairn: encrypted, deduplicated, compressed backups."""
-    ctx.obj = settings_from_params(params)
+    try:
+        ctx.obj = settings_from_params(params)
+    except ConfigError:
+        # Still log the failure where the flags say logs go.
+        configure_logging(settings_from_params(params, use_config=False), ctx.invoked_subcommand)
+        raise
     configure_logging(ctx.obj, ctx.invoked_subcommand)
 
 
@@ -64,7 +80,8 @@ _register()
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run, then exit with the documented code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    sys.exit(cli_errors.run_cli(cli, args))
+    tune_malloc()
+    sys.exit(cli_errors.run_cli(cli, args, on_exit=log_exit))
 
 
 if __name__ == "__main__":

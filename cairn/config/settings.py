@@ -1,18 +1,34 @@
-"""Global settings: the values every command shares, from flags and environment.
+"""Global settings: the values every command shares, from flags, environment and profile.
 
-Precedence is flags > environment > defaults. Profiles from TOML files slot in
-between environment and defaults once they land.
+Precedence is flags > environment > profile > defaults. ``Settings.sources`` says
+where each value came from (``flag``, ``env``, ``profile:NAME`` or ``default``), for
+``cairn config show``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from cairn.config.profiles import SETTINGS_KEYS, Profile, load_profile
+
+#: Environment variables and the settings they fill.
+ENV_VARS = {
+    "repo": "CAIRN_REPOSITORY",
+    "password_file": "CAIRN_PASSWORD_FILE",
+    "password_command": "CAIRN_PASSWORD_COMMAND",
+    "profile": "CAIRN_PROFILE",
+    "config": "CAIRN_CONFIG",
+}
+_PASSWORD = ("password_file", "password_command")
+# Fields that are bookkeeping, not settings a user sets.
+_INTERNAL = {"env", "sources", "flags", "job"}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What the global flags and the environment say, resolved once per run."""
+    """What the global flags, the environment and the profile say, resolved once per run."""
 
     repo: str | None = None
     password_file: str | None = None
@@ -20,32 +36,120 @@ class Settings:
     json: bool = False
     log_format: str = "console"
     log_file: str | None = None
+    log_level: str | None = None  # None: from -v/-q (and info for a log file)
     verbosity: int = 0
     quiet: bool = False
     debug: bool = False
+    progress: bool | None = None  # None: only when stderr is a terminal
     cpu_workers: int | None = None
     read_concurrency: int | None = None
     connections: int | None = None
     limit_upload: int | None = None  # KiB/s
     limit_download: int | None = None  # KiB/s
+    limit_upload_schedule: tuple[str, ...] = ()
+    limit_download_schedule: tuple[str, ...] = ()
     pack_size: int | None = None  # MiB
     compression: str = "auto"
     cache_dir: str | None = None
     no_cache: bool = False
     no_lock: bool = False
     retry_lock: float = 0.0
+    backend_options: dict[str, str] = field(default_factory=dict)
     insecure_kdf: bool = False  # cheap Argon2 parameters: tests only
+    profile: str | None = None
+    config: str | None = None  # the config file that was read, if any
+    job: Profile | None = field(default=None, repr=False)  # the profile's job keys, for run
+    sources: dict[str, str] = field(default_factory=dict, repr=False)
+    flags: dict[str, Any] = field(default_factory=dict, repr=False)
     env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_flags(cls, env: dict[str, str] | None = None, **flags: object) -> Settings:
-        """Merge flags with ``CAIRN_*`` environment variables (flags win)."""
+    def from_flags(
+        cls, env: dict[str, str] | None = None, *, use_config: bool = True, **flags: object
+    ) -> Settings:
+        """Merge flags, ``CAIRN_*`` environment variables and the selected profile.
+
+        ``use_config=False`` ignores the configuration file (to log a broken one).
+        """
         environ = dict(os.environ if env is None else env)
-        values = {k: v for k, v in flags.items() if v is not None}
-        values.setdefault("repo", environ.get("CAIRN_REPOSITORY"))
-        if "password_file" not in values and "password_command" not in values:
-            values["password_file"] = environ.get("CAIRN_PASSWORD_FILE")
-            if values["password_file"] is None:
-                values["password_command"] = environ.get("CAIRN_PASSWORD_COMMAND")
-        values["env"] = environ
-        return cls(**values)  # type: ignore[arg-type]
+        given = {k: v for k, v in flags.items() if v is not None}
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+
+        def put(name: str, value: Any, source: str) -> None:
+            values[name] = value
+            sources[name] = source
+
+        profile_name = given.get("profile") or environ.get(ENV_VARS["profile"])
+        profile, path = (
+            load_profile(environ, given.get("config"), profile_name)  # type: ignore[arg-type]
+            if use_config
+            else (None, None)
+        )
+        if profile is not None:
+            for key, (_, name) in SETTINGS_KEYS.items():
+                if key in profile.values:
+                    value = profile.values[key]
+                    put(
+                        name,
+                        tuple(value) if isinstance(value, list) else value,
+                        f"profile:{profile.origin[key]}",
+                    )
+            put(
+                "profile",
+                profile.name,
+                "flag"
+                if "profile" in given
+                else "env"
+                if environ.get(ENV_VARS["profile"])
+                else f"profile:{profile.name}",
+            )
+        if path is not None:
+            put(
+                "config",
+                path,
+                "flag"
+                if "config" in given
+                else "env"
+                if environ.get(ENV_VARS["config"])
+                else "default",
+            )
+        # The password is one choice made as a whole: a source named on a higher
+        # layer replaces every source named below it.
+        if any(k in given for k in _PASSWORD):
+            for k in _PASSWORD:
+                values.pop(k, None)
+                sources.pop(k, None)
+        elif any(environ.get(ENV_VARS[k]) for k in _PASSWORD) or "CAIRN_PASSWORD" in environ:
+            for k in _PASSWORD:
+                values.pop(k, None)
+                sources.pop(k, None)
+            for k in _PASSWORD:
+                if environ.get(ENV_VARS[k]):
+                    put(k, environ[ENV_VARS[k]], "env")
+                    break
+        if environ.get(ENV_VARS["repo"]):
+            put("repo", environ[ENV_VARS["repo"]], "env")
+        for name, value in given.items():
+            if name in ("profile", "config"):
+                continue
+            if name == "backend_options":  # -o keys add to / override the profile's table
+                value = {**values.get(name, {}), **value}  # type: ignore[dict-item]
+            put(name, value, "flag")
+        for f in fields(cls):
+            if f.name not in _INTERNAL:
+                sources.setdefault(f.name, "default")
+        return cls(**values, job=profile, sources=sources, flags=dict(given), env=environ)
+
+    def with_profile(self, name: str) -> Settings:
+        """The same flags and environment resolved against another profile."""
+        return Settings.from_flags(self.env, **{**self.flags, "profile": name})
+
+    def items(self) -> list[tuple[str, Any, str]]:
+        """``(name, value, source)`` for every user-facing setting."""
+        out = []
+        for f in fields(self):
+            if f.name in _INTERNAL:
+                continue
+            out.append((f.name, getattr(self, f.name), self.sources.get(f.name, "default")))
+        return out

@@ -3,8 +3,10 @@
 Each worker is a process joined to the parent by a socket pair. A job is one
 pickled ``(function, args)`` message and one pickled result back; bulk bytes
 go through shared-memory slots (:mod:`cairn.pipeline.shm`), so messages stay
-small. The parent waits for a reply with ``anyio.wait_readable`` on the
-socket: no helper thread per call, and it works on asyncio and trio alike
+small. Log events a job emits travel back with its reply and are re-emitted
+by the parent (:mod:`cairn.pipeline.worklog`). The parent waits for a reply
+with ``anyio.wait_readable`` on the socket: no helper thread per call, and it
+works on asyncio and trio alike
 (bench/ENGINE.md compares it with ``to_thread`` + ``concurrent.futures``).
 """
 
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from . import worklog
 from .errors import RemoteError, WorkerCrashed
 from .shm import SlotRef
 
@@ -31,10 +34,17 @@ R = TypeVar("R")
 _STOP_GRACE = 2.0
 
 
-def _worker_main(conn: Connection, initializer: Callable[..., Any] | None, initargs: tuple) -> None:
+def _worker_main(
+    conn: Connection,
+    initializer: Callable[..., Any] | None,
+    initargs: tuple,
+    log_level: int = worklog.DEFAULT_LEVEL,
+) -> None:
     # Ctrl-C reaches the whole foreground process group; the parent decides
     # how to stop, so a worker must not die with its own KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Log events ride back to the parent with each reply (see worklog.py).
+    worklog.capture(log_level)
     try:
         if initializer is not None:
             initializer(*initargs)
@@ -76,11 +86,12 @@ def _dump_result(ok: bool, value: Any) -> bytes:
     if not ok:
         # Tracebacks do not pickle; notes do, so the parent can show where.
         value.add_note("in worker:\n" + "".join(traceback.format_exception(value)))
+    records = worklog.drain()
     try:
-        return pickle.dumps((ok, value), pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((ok, value, records), pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         error = RemoteError(f"unpicklable {'result' if ok else 'error'}: {value!r} ({exc})")
-        return pickle.dumps((False, error), pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((False, error, []), pickle.HIGHEST_PROTOCOL)
 
 
 class _Worker:
@@ -103,8 +114,10 @@ class _Worker:
             raise WorkerCrashed(
                 f"worker process {self.process.pid} died (exit code {self._exitcode()})"
             ) from None
-        result: tuple[bool, Any] = pickle.loads(data)
-        return result
+        ok, value, records = pickle.loads(data)
+        if records:
+            worklog.replay(records, self.process.pid)
+        return ok, value
 
     def _exitcode(self) -> int | None:
         self.process.join(0.1)
@@ -199,7 +212,7 @@ class WorkerPool:
             parent_conn, child_conn = self._ctx.Pipe()
             process = self._ctx.Process(
                 target=_worker_main,
-                args=(child_conn, self._initializer, self._initargs),
+                args=(child_conn, self._initializer, self._initargs, worklog.level()),
                 name="cairn-worker",
                 daemon=True,  # multiprocessing's atexit hook reaps daemons too
             )
