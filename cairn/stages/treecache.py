@@ -74,7 +74,9 @@ class TreeCache:
         try:
             data = await self._repo.backend.load(name, start, end - start)
         except NotFound:
-            raise CorruptedObject("pack", pack_id.hex(), "listed in the index but missing") from None
+            raise CorruptedObject(
+                "pack", pack_id.hex(), "listed in the index but missing"
+            ) from None
         except ObjectTruncated:
             raise CorruptedObject("pack", pack_id.hex(), "shorter than the index says") from None
         if self._cached + len(data) > MAX_CACHED_BYTES:
