@@ -29,11 +29,22 @@ class Result:
 class Cairn:
     """A cairn command line bound to one repository and password file."""
 
-    def __init__(self, repo: Path, password_file: Path, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        repo: Path | str,
+        password_file: Path,
+        extra_env: dict[str, str] | None = None,
+        global_args: tuple[str, ...] = (),
+    ):
         self.repo = repo
         self.password_file = password_file
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")} | (
-            extra_env or {}
+        self.global_args = global_args  # e.g. -o backend options, before every command
+        # The metadata cache goes next to the password file, never into ~/.cache.
+        cache_home = {"XDG_CACHE_HOME": str(Path(password_file).parent / "xdg-cache")}
+        self.env = (
+            {k: v for k, v in os.environ.items() if not k.startswith("CAIRN_")}
+            | cache_home
+            | (extra_env or {})
         )
 
     def run(
@@ -53,6 +64,7 @@ class Cairn:
                 "--password-file",
                 str(self.password_file),
                 "--insecure-kdf",
+                *self.global_args,
             ]
         cmd += list(args)
         proc = subprocess.run(

@@ -29,6 +29,11 @@ class ForwardingBackend:
     def atomic_replace(self) -> bool:
         return self.inner.atomic_replace
 
+    @property
+    def paces_uploads(self) -> bool:
+        """Whether the backend underneath sends ``save`` bodies at UPLOAD_PACER's rate."""
+        return bool(getattr(self.inner, "paces_uploads", False))
+
     async def save(self, name: str, data: bytes | memoryview) -> None:
         await self.inner.save(name, data)
 

@@ -26,6 +26,7 @@ from cairn.backends.base import (
     validate_name,
     validate_prefix,
 )
+from cairn.backends.throttle import UPLOAD_PACER, paced_pieces
 
 # A module-level alias: inside the class, ``list`` names the method.
 Entries = list[tuple[str, int]]
@@ -108,6 +109,11 @@ class RestBackend:
         # rest-server refuses to overwrite objects; don't rely on replacing.
         return False
 
+    @property
+    def paces_uploads(self) -> bool:
+        # Bodies are streamed from an async generator when an upload limit applies.
+        return True
+
     async def _request(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
         try:
             response = await self._client.request(method, quote(path), **kw)
@@ -118,6 +124,18 @@ class RestBackend:
         return response
 
     async def save(self, name: str, data: bytes | memoryview) -> None:
+        pacer = UPLOAD_PACER.get()
+        if pacer is not None:
+            # --limit-upload: each piece goes out once the token bucket admits it.
+            size = memoryview(data).nbytes
+            await self._request(
+                "POST",
+                _path(name),
+                name,
+                content=paced_pieces(data, pacer),
+                headers={"Content-Length": str(size)},
+            )
+            return
         body = bytes(data)  # httpx wants bytes; the copy is cheap next to the upload
         await self._request("POST", _path(name), name, content=body)
 

@@ -3,10 +3,18 @@
 The limiter is anything with ``async def acquire(nbytes)`` — in production the
 pipeline engine's token bucket, handed in by the caller so that ``backends/`` does
 not import ``pipeline/``.
+
+Uploads are paced on the wire where the backend can stream a body (``paces_uploads``:
+REST and rclone): the wrapper hands the limiter down in :data:`UPLOAD_PACER` and the
+backend sends each piece only once the limiter admits it, so no second carries more
+than the limit. Other backends are charged for the whole object before it is sent: the
+average holds, but each object leaves in one burst.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Protocol
 
 from cairn.backends.base import Backend
@@ -30,6 +38,20 @@ async def _acquire(limiter: RateLimiter, nbytes: int) -> None:
         nbytes -= piece
 
 
+#: The upload limiter for the ``save`` running in this task, set by ThrottledBackend
+#: for backends whose ``paces_uploads`` is true.
+UPLOAD_PACER: ContextVar[RateLimiter | None] = ContextVar("cairn_upload_pacer", default=None)
+
+
+async def paced_pieces(data: bytes | memoryview, limiter: RateLimiter) -> AsyncIterator[bytes]:
+    """``data`` in pieces of at most CHUNK bytes, each yielded once ``limiter`` admits it."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), CHUNK):
+        piece = view[start : start + CHUNK]
+        await limiter.acquire(len(piece))
+        yield bytes(piece)
+
+
 class ThrottledBackend(ForwardingBackend):
     """Charges uploads before sending and downloads after receiving."""
 
@@ -44,9 +66,17 @@ class ThrottledBackend(ForwardingBackend):
         self.download = download
 
     async def save(self, name: str, data: bytes | memoryview) -> None:
-        if self.upload is not None:
+        if self.upload is None:
+            await self.inner.save(name, data)
+        elif getattr(self.inner, "paces_uploads", False):
+            token = UPLOAD_PACER.set(self.upload)
+            try:
+                await self.inner.save(name, data)
+            finally:
+                UPLOAD_PACER.reset(token)
+        else:
             await _acquire(self.upload, len(memoryview(data).cast("B")))
-        await self.inner.save(name, data)
+            await self.inner.save(name, data)
 
     async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         # A download's size is known only when it arrives; charging afterwards still

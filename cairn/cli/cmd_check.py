@@ -91,6 +91,9 @@ async def _check(settings: Settings, options: Any, report: Any) -> Any:
     from cairn.stages.locking import repository_lock
 
     async with open_repo(settings) as repo:
+        # Check what the backend holds, not the local cache's copies (restic, too,
+        # checks with a fresh cache).
+        repo.cache = None
         if settings.no_lock:
             return await Checker(repo, options, report).run()
         async with repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock):

@@ -139,12 +139,19 @@ def kdf_params(settings: Settings) -> Any:
 @asynccontextmanager
 async def open_repo(settings: Settings) -> AsyncIterator[Any]:
     """Open the repository named by the settings; close the backend afterwards."""
+    from cairn.repo.cache import open_cache
     from cairn.repo.repository import open_repository
 
     backend = open_backend(settings)
     try:
         password = read_password(settings)
         repo = await open_repository(backend, password)
+        repo.cache = open_cache(
+            repo.config.id,
+            cache_dir=settings.cache_dir,
+            no_cache=settings.no_cache,
+            env=settings.env,
+        )
         bind_repository(repo.config.id)
         structlog.get_logger("cairn.cli").info(
             "repository.opened", backend=type(_innermost(backend)).__name__

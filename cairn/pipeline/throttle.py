@@ -8,8 +8,9 @@ import anyio
 
 Clock = Callable[[], float]
 
-#: Default burst, in seconds of traffic at the configured rate.
-BURST_SECONDS = 0.25
+#: Default burst, in seconds of traffic at the configured rate. Small, so that no
+#: second on the wire carries more than ~5% above the limit (bench/latency.py).
+BURST_SECONDS = 0.05
 #: Smallest default burst: a few socket writes, so slow limits stay smooth.
 MIN_BURST = 64 * 1024
 # Float slack (bytes) when comparing cumulative counters that grow large.
@@ -22,7 +23,7 @@ class Throttle:
     ``rate`` is bytes per second; ``None`` or ``0`` means unlimited (as
     restic's ``--limit-upload 0``), where :meth:`acquire` returns at once.
     ``burst`` is how many unused bytes may accumulate while idle (default: a
-    quarter second of traffic). Callers pay before they send: by time ``t``
+    twentieth of a second of traffic). Callers pay before they send: by time ``t``
     after a rate was set, at most ``burst + rate * t`` bytes have passed.
     Waiters are served in arrival order. ``clock`` defaults to anyio's
     loop clock, so tests can run on trio's virtual clock.

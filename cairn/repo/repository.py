@@ -15,6 +15,7 @@ import anyio.to_thread
 
 from cairn.backends.base import AlreadyExists, Backend, NotFound, ObjectTruncated, is_hex_id
 from cairn.backends.base import object_name as backend_name
+from cairn.repo.cache import MetadataCache
 from cairn.repo.codec import DEFAULT_LEVEL, decode_blob, encode_blob, seal, unseal
 from cairn.repo.config import Config, decode_config, encode_config
 from cairn.repo.crypto import Crypto, MasterKey, storage_id
@@ -36,6 +37,8 @@ from cairn.repo.tree import Tree, decode_tree
 
 # Backend directory → the kind sealed objects in it are bound to (their AD).
 _SEAL_KIND = {"snapshots": "snapshot", "index": "index", "locks": "lock"}
+# Sealed kinds the metadata cache keeps.
+_CACHED = ("snapshots", "index")
 
 # Decoding below this size is cheaper inline than a hop to a worker thread (~50 µs).
 _INLINE_DECODE = 64 * 1024
@@ -116,6 +119,10 @@ class Repository:
         self.config = config
         self.key_id = key_id
         self.index: Index | None = None
+        # The local metadata cache (index files, snapshots, tree packs); set by the
+        # CLI unless --no-cache. None: every read goes to the backend.
+        self.cache: MetadataCache | None = None
+        self._pack_locks: dict[str, anyio.Lock] = {}
 
     # --- sealed whole-file objects -------------------------------------------------
 
@@ -124,17 +131,26 @@ class Repository:
         stored = seal(self.crypto, _SEAL_KIND[kind], payload)
         object_id = storage_id(stored)
         await self.backend.save(backend_name(kind, object_id), stored)
+        if self.cache is not None and kind in _CACHED:
+            await self.cache.save(kind, object_id, stored)
         return object_id
 
     async def load_sealed(self, kind: str, object_id: str) -> bytes:
         """Load, verify the name hash, and unseal one object."""
         seal_kind = _SEAL_KIND[kind]
-        try:
-            stored = await self.backend.load(backend_name(kind, object_id))
-        except NotFound:
-            raise ObjectNotFound(f"{kind}/{object_id}: not found") from None
-        if storage_id(stored) != object_id:
-            raise CorruptedObject(seal_kind, object_id, "content does not match its name")
+        cache = self.cache if kind in _CACHED else None
+        cached = await cache.load(kind, object_id) if cache is not None else None
+        if cached is not None:
+            stored = cached  # verified against its name by the cache
+        else:
+            try:
+                stored = await self.backend.load(backend_name(kind, object_id))
+            except NotFound:
+                raise ObjectNotFound(f"{kind}/{object_id}: not found") from None
+            if storage_id(stored) != object_id:
+                raise CorruptedObject(seal_kind, object_id, "content does not match its name")
+            if cache is not None:
+                await cache.save(kind, object_id, stored)
         if len(stored) <= _INLINE_DECODE:
             return unseal(self.crypto, seal_kind, stored, object_id)
         return await anyio.to_thread.run_sync(unseal, self.crypto, seal_kind, stored, object_id)
@@ -142,7 +158,10 @@ class Repository:
     async def list_ids(self, kind: str) -> list[str]:
         """Sorted IDs of every object of a kind (``snapshots``, ``index``, ``keys``...)."""
         ids = [name.rsplit("/", 1)[-1] async for name, _size in self.backend.list(f"{kind}/")]
-        return sorted(i for i in ids if is_hex_id(i))
+        out = sorted(i for i in ids if is_hex_id(i))
+        if self.cache is not None and kind in _CACHED:
+            self.cache.drop_stale(kind, out)  # gone from the backend: gone from the cache
+        return out
 
     async def find_id(self, kind: str, prefix: str) -> str:
         """The one ID of ``kind`` starting with ``prefix`` (restic-style short IDs)."""
@@ -241,6 +260,8 @@ class Repository:
             if index_id not in superseded:
                 index.add_file(files[index_id])
         self.index = index
+        if self.cache is not None:
+            self.cache.drop_stale("data", (p.hex() for p in index.packs()))
         return index
 
     async def save_index(
@@ -293,15 +314,47 @@ class Repository:
         if loc is None:
             raise ObjectNotFound(f"blob {blob_id.hex()} is not in the index")
         pack_id = loc.pack_id.hex()
-        try:
-            stored = await self.backend.load(backend_name("data", pack_id), loc.offset, loc.length)
-        except NotFound:
-            raise CorruptedObject("pack", pack_id, "listed in the index but missing") from None
-        except ObjectTruncated:
-            raise CorruptedObject("pack", pack_id, "shorter than the index says") from None
+        if loc.type == TREE and self.cache is not None:
+            pack = await self.load_tree_pack(pack_id)
+            stored = pack[loc.offset : loc.offset + loc.length]
+            if len(stored) != loc.length:
+                raise CorruptedObject("pack", pack_id, "shorter than the index says")
+        else:
+            try:
+                stored = await self.backend.load(
+                    backend_name("data", pack_id), loc.offset, loc.length
+                )
+            except NotFound:
+                raise CorruptedObject("pack", pack_id, "listed in the index but missing") from None
+            except ObjectTruncated:
+                raise CorruptedObject("pack", pack_id, "shorter than the index says") from None
         if loc.length <= _INLINE_DECODE:
             return decode_blob(self.crypto, loc.type, blob_id, stored)
         return await anyio.to_thread.run_sync(decode_blob, self.crypto, loc.type, blob_id, stored)
+
+    async def load_tree_pack(self, pack_id: str) -> bytes:
+        """A whole tree pack, from the cache when it holds it, else downloaded (once
+        per pack however many tasks ask), verified against its ID, and cached."""
+        if self.cache is None:
+            raise RuntimeError("load_tree_pack needs the metadata cache")
+        cached = await self.cache.load("data", pack_id)
+        if cached is not None:
+            return cached
+        lock = self._pack_locks.setdefault(pack_id, anyio.Lock())
+        async with lock:
+            cached = await self.cache.load("data", pack_id)
+            if cached is not None:
+                return cached
+            try:
+                data = await self.backend.load(backend_name("data", pack_id))
+            except NotFound:
+                raise CorruptedObject("pack", pack_id, "listed in the index but missing") from None
+            if await anyio.to_thread.run_sync(storage_id, data) != pack_id:
+                raise CorruptedObject("pack", pack_id, "content does not match its name")
+            await self.cache.save("data", pack_id, data)
+            self.cache.remember(pack_id, data)
+        self._pack_locks.pop(pack_id, None)
+        return data
 
     async def load_tree(self, blob_id: bytes) -> Tree:
         """Read and decode one tree blob."""

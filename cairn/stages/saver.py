@@ -58,7 +58,10 @@ class BlobSaver:
         self._dry_run = dry_run
         self._claimed: set[bytes] = set()
         self._writers = {DATA: PackWriter(DATA), TREE: PackWriter(TREE)}
-        self._tx, self._rx = anyio.create_memory_object_stream[PackWriter](connections)
+        # One full pack waits while ``connections`` are being finished and uploaded:
+        # each pack in flight is 16-32 MiB of memory, and a deeper queue only helps
+        # if uploads stall in bursts (they don't: the pipeline feeds them evenly).
+        self._tx, self._rx = anyio.create_memory_object_stream[PackWriter](1)
         self._unindexed: list[tuple[bytes, list[PackEntry]]] = []
         self._index_lock = anyio.Lock()
         self.stats = SaverStats()
@@ -108,6 +111,10 @@ class BlobSaver:
                 data, pack_id, entries = await anyio.to_thread.run_sync(writer.finish, self._crypto)
                 if not self._dry_run:
                     await self._backend.save(object_name("data", pack_id), data)
+                    cache = getattr(self._repo, "cache", None)
+                    if cache is not None and writer.blob_type == TREE:
+                        # The next backup's parent-tree load then needs no download.
+                        await cache.save("data", pack_id, data)
                 log.debug(
                     "pack.uploaded",
                     pack=pack_id,

@@ -3,7 +3,9 @@
 A backup with a parent snapshot and ``diff``/``ls`` walk thousands of trees that sit
 together in a few tree packs. Reading each tree with its own ranged request costs a
 request (and a thread hop) apiece; this cache fetches the span of a pack that holds
-its tree blobs once and decodes trees from memory.
+its tree blobs once and decodes trees from memory. With the local metadata cache
+(``cairn/repo/cache.py``) it reads whole tree packs through it instead, so a second
+backup loads its parent's trees without touching the backend.
 """
 
 from __future__ import annotations
@@ -69,6 +71,10 @@ class TreeCache:
         return decode_tree(plain, tree_id.hex())
 
     async def _fetch(self, pack_id: bytes) -> tuple[int, bytes]:
+        if getattr(self._repo, "cache", None) is not None:
+            # The whole pack, from the local metadata cache when it has it (and it
+            # keeps the verified bytes in memory itself).
+            return 0, await self._repo.load_tree_pack(pack_id.hex())
         start, end = self._tree_ranges()[pack_id]
         name = object_name("data", pack_id.hex())
         try:
