@@ -40,9 +40,11 @@ def _worker_main(
     initargs: tuple,
     log_level: int = worklog.DEFAULT_LEVEL,
 ) -> None:
-    # Ctrl-C reaches the whole foreground process group; the parent decides
-    # how to stop, so a worker must not die with its own KeyboardInterrupt.
+    # Ctrl-C reaches the whole foreground process group, and SIGTERM often does
+    # too (systemd, ``kill -- -PGID``); the parent decides how to stop, so a worker
+    # must not die of either: it exits when its socket closes, or is killed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Log events ride back to the parent with each reply (see worklog.py).
     worklog.capture(log_level)
     try:

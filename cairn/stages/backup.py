@@ -98,7 +98,7 @@ class BackupStats:
 class _Dir:
     """A directory whose tree blob is pending until all its entries are complete."""
 
-    __slots__ = ("node", "nodes", "old", "old_tree", "parent", "path", "pending", "walked")
+    __slots__ = ("dev", "node", "nodes", "old", "old_tree", "parent", "path", "pending", "walked")
 
     def __init__(
         self,
@@ -116,6 +116,7 @@ class _Dir:
         self.nodes: list[Node] = []
         self.pending = 0
         self.walked = False
+        self.dev: int | None = None  # --one-file-system: the device to stay on
 
 
 @dataclass
@@ -162,6 +163,7 @@ class Archiver:
         self._slots: SlotPool | None = None
         self._out_slots: SlotPool | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._devices: dict[bytes, int] | None = None
 
     # -- the run ---------------------------------------------------------------
 
@@ -175,8 +177,13 @@ class Archiver:
         try:
             async with anyio.create_task_group() as pool_tg:
                 self._pool_tg = pool_tg
-                await self._run_stages()
-                self._pool_done.set()
+                try:
+                    await self._run_stages()
+                finally:
+                    # Only now, with every stage task finished (also when cancelled),
+                    # may the pool close: an encode task still unwinding must not
+                    # find it closed (a RuntimeError instead of the interrupt).
+                    self._pool_done.set()
         finally:
             self._slots.close()
             self._out_slots.close()
@@ -219,7 +226,8 @@ class Archiver:
             ) as pool:
                 self._pool = pool
                 self._pool_ready.set()
-                await self._pool_done.wait()
+                with anyio.CancelScope(shield=True):
+                    await self._pool_done.wait()
         finally:
             self._pool_ready.set()
 
@@ -309,9 +317,8 @@ class Archiver:
 
     async def _walk_tree(self, top: _Dir, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> None:
         """Depth-first walk below one directory given on the command line."""
-        root_dev = None
         if self.opts.rules.one_file_system:
-            root_dev = top.node.device if top.node else os.lstat(top.path).st_dev
+            top.dev = top.node.device if top.node else os.lstat(top.path).st_dev
         # Directories are scanned by a few tasks at once: a scan is a thread hop of
         # mostly syscalls, so two or three overlap well. Order does not matter —
         # a directory's tree is stored when its last entry completes, whenever.
@@ -322,7 +329,7 @@ class Archiver:
         async def scanner() -> None:
             nonlocal outstanding
             async for d in queue_rx:
-                for sub in await self._scan_one(d, root_dev, file_tx):
+                for sub in await self._scan_one(d, file_tx):
                     outstanding += 1
                     queue_tx.send_nowait(sub)
                 outstanding -= 1
@@ -333,13 +340,11 @@ class Archiver:
             for _ in range(WALK_CONCURRENCY):
                 tg.start_soon(scanner)
 
-    async def _scan_one(
-        self, d: _Dir, root_dev: int | None, file_tx: anyio.abc.ObjectSendStream[_FileJob]
-    ) -> list[_Dir]:
+    async def _scan_one(self, d: _Dir, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> list[_Dir]:
         """Scan one directory, queue its changed files, return its subdirectories."""
         if d.old is None and d.old_tree is not None:
             d.old = await self._old_entries(d.old_tree)
-        scan = await anyio.to_thread.run_sync(scan_dir, d.path, self.opts.rules, root_dev)
+        scan = await anyio.to_thread.run_sync(scan_dir, d.path, self.opts.rules, d.dev)
         for wpath, problem in scan.warnings:
             self._warn(wpath, problem)
         subdirs: list[_Dir] = []
@@ -350,7 +355,18 @@ class Archiver:
             if child.type == "dir":
                 d.pending += 1
                 sub_old = cold.subtree if cold and cold.type == "dir" else None
-                subdirs.append(_Dir(cpath, child, d, None, sub_old))
+                sub = _Dir(cpath, child, d, None, sub_old)
+                sub.dev = d.dev
+                if child.name in scan.mountpoints:
+                    # --one-file-system, as restic: a path given on the command line
+                    # is walked on its own device; any other mount point is kept as
+                    # an empty directory.
+                    sub.dev = self._target_devices().get(cpath)
+                    if sub.dev is None:
+                        sub.walked = True
+                        await self._maybe_finish(sub)
+                        continue
+                subdirs.append(sub)
             elif child.type == "file":
                 self.stats.bytes_processed += child.size
                 self.stats.files_seen += 1
@@ -384,6 +400,17 @@ class Archiver:
         root.pending += 1
         root.walked = True
         await file_tx.send(_FileJob(root, node, b"/dev/stdin", None))
+
+    def _target_devices(self) -> dict[bytes, int]:
+        """The device of each path given on the command line (for -x)."""
+        if self._devices is None:
+            self._devices = {}
+            for path in self.opts.paths:
+                try:
+                    self._devices[os.path.abspath(path)] = os.lstat(path).st_dev
+                except OSError:
+                    pass  # warned about by the walk
+        return self._devices
 
     def _unchanged(self, node: Node, old: Node | None) -> bool:
         if self.opts.force or old is None or old.type != "file":

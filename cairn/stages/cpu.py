@@ -69,7 +69,7 @@ def decode_and_write(
         data = decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
         pieces = _nonzero_blocks(data) if sparse else [(0, len(data))]
         for path, file_offset in targets:
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 for start, end in pieces:
                     _pwrite_all(fd, memoryview(data)[start:end], file_offset + start)

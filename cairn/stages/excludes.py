@@ -1,35 +1,81 @@
 """Which paths a backup leaves out: restic's exclude options.
 
 Patterns follow restic: a pattern without a slash matches any path component
-(``*.tmp``, ``node_modules``); one with a slash is matched against the whole
-absolute path, and ``**`` matches any number of directories.
+(``*.tmp``, ``node_modules``); one with slashes matches consecutive components
+anywhere in the path, or from the root if it starts with ``/``; ``*``, ``?`` and
+``[...]`` stay within one component, and ``**`` matches any number of them. A
+matched directory is excluded with everything in it.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
 
 
-def _compile(pattern: str, ignore_case: bool) -> re.Pattern[bytes]:
+def _component(comp: str) -> str:
+    """One path component's glob as a regex: ``*``, ``?`` and ``[...]`` never match
+    ``/`` (Go's ``filepath.Match``, which restic uses); ``\\`` escapes."""
+    out: list[str] = []
+    i, n = 0, len(comp)
+    while i < n:
+        c = comp[i]
+        i += 1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "\\" and i < n:
+            out.append(re.escape(comp[i]))
+            i += 1
+        elif c == "[":
+            j = i + (1 if comp[i : i + 1] in ("!", "^") else 0)
+            j += 1 if comp[j : j + 1] == "]" else 0
+            j = comp.find("]", j)
+            if j < 0:
+                out.append(re.escape(c))
+                continue
+            body, i = comp[i:j], j + 1
+            negate = body[:1] in ("!", "^")
+            body = body[1:] if negate else body
+            body = body.replace("\\", "\\\\").replace("[", "\\[")
+            out.append(("[^/" if negate else "[") + body + "]")
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+def _compile_text(pattern: str) -> str | None:
+    """restic's matching as a regex over an absolute path with ``/`` appended: the
+    pattern's components match a run of consecutive path components (at the start
+    for a pattern starting with ``/``, anywhere otherwise), and ``**`` matches any
+    number of components. What follows the run is the matched entry's contents."""
     pat = pattern.rstrip("/")
-    anchored = "/" in pat
-    parts: list[str] = []
-    for comp in pat.strip("/").split("/"):
-        if comp == "**":
-            parts.append("(?:.*/)?")
-            continue
-        parts.append(fnmatch.translate(comp).removeprefix("(?s:").removesuffix(")\\Z") + "/")
-    body = "".join(parts).removesuffix("/")
-    body = body.replace("(?:.*/)?/", "(?:.*/)?")
-    if anchored:
-        regex = ("/" if pat.startswith("/") else "(?:^|.*/)") + body + "(?:/.*)?$"
-    else:
-        regex = "(?:^|.*/)" + body + "(?:/.*)?$"
-    flags = re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL
-    return re.compile(os.fsencode(regex.replace("^/", "^/")), flags)
+    if not pat:
+        return None
+    body = "".join(
+        "(?:[^/]*/)*" if comp == "**" else _component(comp) + "/"
+        for comp in pat.strip("/").split("/")
+    )
+    start = "/" if pat.startswith("/") else "/(?:[^/]*/)*"
+    return start + body + ".*"
+
+
+def _compile(pattern: str) -> re.Pattern[bytes] | None:
+    text = _compile_text(pattern)
+    if text is None:
+        return None
+    return re.compile(os.fsencode(text), re.DOTALL)
+
+
+def _compile_icase(pattern: str) -> re.Pattern[str] | None:
+    # Case folding on text (surrogate-escaped bytes stay as they are), so that
+    # non-ASCII letters fold too, as with restic's strings.ToLower.
+    text = _compile_text(pattern)
+    if text is None:
+        return None
+    return re.compile(text, re.DOTALL | re.IGNORECASE)
 
 
 @dataclass
@@ -42,11 +88,11 @@ class ExcludeRules:
     larger_than: int | None = None
     one_file_system: bool = False
     _compiled: list[re.Pattern[bytes]] = field(default_factory=list, init=False, repr=False)
+    _icompiled: list[re.Pattern[str]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._compiled = [_compile(p, False) for p in self.patterns if p] + [
-            _compile(p, True) for p in self.ipatterns if p
-        ]
+        self._compiled = [rx for p in self.patterns if (rx := _compile(p)) is not None]
+        self._icompiled = [ix for p in self.ipatterns if (ix := _compile_icase(p)) is not None]
 
     @classmethod
     def from_files(cls, files: list[str], **kwargs: object) -> ExcludeRules:
@@ -62,7 +108,12 @@ class ExcludeRules:
 
     def excluded_path(self, path: bytes) -> bool:
         """Whether an absolute path matches an exclude pattern."""
-        return any(rx.match(path) for rx in self._compiled)
+        if any(rx.match(path + b"/") for rx in self._compiled):
+            return True
+        if not self._icompiled:
+            return False
+        text = os.fsdecode(path) + "/"
+        return any(rx.match(text) for rx in self._icompiled)
 
     def excluded_dir_contents(self, path: bytes, names: set[bytes]) -> bool:
         """``--exclude-if-present``: the directory holds a marker file."""

@@ -24,10 +24,10 @@ import anyio
 import anyio.abc
 import structlog
 
-from cairn.backends.base import object_name
+from cairn.backends.base import NotFound, ObjectTruncated, object_name
 from cairn.pipeline.shm import SlotPool
 from cairn.pipeline.workers import WorkerPool
-from cairn.repo.errors import CorruptedObject, ObjectNotFound
+from cairn.repo.errors import CorruptedObject, ObjectNotFound, RepoError
 from cairn.repo.index import BlobLocation, Index
 from cairn.repo.tree import Node, Tree
 from cairn.stages import cpu
@@ -43,6 +43,10 @@ SLOT_SIZE = 8 * MiB + 64 * 1024
 # Gaps between needed blobs smaller than this are downloaded rather than split
 # into two requests (a request costs more than reading 1 MiB locally or remotely).
 MERGE_GAP = 1 * MiB
+
+
+class RestoreTargetError(RepoError):
+    """The target directory cannot be created or written to (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Restorer:
         self._others: list[_Entry] = []
         self._links: list[tuple[bytes, bytes]] = []  # (existing, new) hardlinks
         self._expected: set[bytes] = set()
+        self._failed: dict[bytes, str] = {}  # files whose data could not be restored
         inc = [p for p in options.includes if p]
         self._include = ExcludeRules(patterns=inc) if inc else None
         self._exclude = ExcludeRules(patterns=list(options.excludes))
@@ -154,11 +159,28 @@ class Restorer:
         return self.stats
 
     def _make_dirs(self) -> None:
-        os.makedirs(self.opts.target, exist_ok=True)
+        target = self.opts.target
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError as exc:
+            raise RestoreTargetError(
+                f"cannot create target directory {os.fsdecode(target)}: {exc.strerror or exc}"
+            ) from None
+        if not os.access(target, os.W_OK | os.X_OK):
+            why = (
+                "read-only file system"
+                if os.statvfs(target).f_flag & os.ST_RDONLY
+                else "permission denied"
+            )
+            raise RestoreTargetError(
+                f"cannot restore into {os.fsdecode(target)}: the directory is not writable ({why})"
+            )
+        # Parents come before children in self._dirs, so each component below the
+        # target is checked (never followed if it is a symlink) before anything is
+        # created inside it.
         for entry in self._dirs:
             try:
-                if os.path.lexists(entry.path) and not os.path.isdir(entry.path):
-                    os.unlink(entry.path)
+                _remove_non_dir(entry.path)
                 os.makedirs(entry.path, mode=0o700, exist_ok=True)
                 self.stats.dirs += 1
             except OSError as exc:
@@ -232,11 +254,18 @@ class Restorer:
 
     @staticmethod
     def _create_empty(path: bytes, size: int) -> None:
-        if os.path.lexists(path) and not os.path.isfile(path):
-            if os.path.isdir(path) and not os.path.islink(path):
+        # Whatever is in the way goes (never written through: it may be a symlink
+        # or a hardlink to a file outside the target); a directory is an error.
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(21, "a directory is in the way", path)
             os.unlink(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
         try:
             os.ftruncate(fd, size)  # holes until written: sparse for free
         finally:
@@ -270,6 +299,18 @@ class Restorer:
         return batches
 
     async def _write_blobs(self, writes: dict[bytes, list[tuple[bytes, int]]]) -> None:
+        try:
+            await self._write_batches(writes)
+        finally:
+            # A file some of whose data is lost is removed, not left zero-filled
+            # with the snapshot's size and times (it would pass for restored).
+            for path in self._failed:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    async def _write_batches(self, writes: dict[bytes, list[tuple[bytes, int]]]) -> None:
         batches = self._batches(writes)
         slots = SlotPool(SLOT_SIZE, 2 * self.opts.cpu_workers + self.opts.connections)
         tx, rx = anyio.create_memory_object_stream[tuple[bytes, list[Any]]](len(batches) or 1)
@@ -315,16 +356,41 @@ class Restorer:
                     written = await pool.run(
                         cpu.decode_and_write, slot.ref(end - start), spans, self.opts.sparse
                     )
-                except CorruptedObject as exc:
-                    raise exc.naming(exc.kind, f"{exc.name} (in pack {pack_id.hex()})") from None
+                except (NotFound, ObjectTruncated, ObjectNotFound, CorruptedObject) as exc:
+                    # This pack range is lost or damaged: fail the files that need it,
+                    # go on with the others.
+                    self._lost(pack_id, blobs, writes, exc)
+                    continue
                 finally:
                     slot.release()
                 self.stats.bytes_written += written
+
+    def _lost(
+        self,
+        pack_id: bytes,
+        blobs: list[tuple[BlobLocation, bytes]],
+        writes: dict[bytes, list[tuple[bytes, int]]],
+        exc: Exception,
+    ) -> None:
+        problem = " ".join(str(exc).split())
+        for _loc, blob_id in blobs:
+            for path, _offset in writes[blob_id]:
+                if path in self._failed:
+                    continue
+                self._failed[path] = (
+                    f"data blob {blob_id.hex()} in pack {pack_id.hex()} "
+                    f"could not be restored: {problem}"
+                )
+                self.stats.files -= 1
+                self._error(path, OSError(0, self._failed[path]))
 
     # -- metadata, delete, verify -----------------------------------------------
 
     def _finish_metadata(self) -> None:
         for existing, new in self._links:
+            if existing in self._failed:
+                self._error(new, OSError(0, self._failed[existing]))
+                continue
             try:
                 if os.path.lexists(new):
                     os.unlink(new)
@@ -388,6 +454,16 @@ class Restorer:
         problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         self.stats.errors.append((text, problem))
         log.warning("restore.file_error", path=text, error=problem)
+
+
+def _remove_non_dir(path: bytes) -> None:
+    """Unlink whatever non-directory (a symlink above all) is at ``path``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
 
 
 def _content_matches(

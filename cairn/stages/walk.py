@@ -16,6 +16,8 @@ class ScanResult:
     """One directory's entries, sorted by name, and what went wrong reading them."""
 
     nodes: list[Node] = field(default_factory=list)
+    # Names of subdirectories on another device than ``root_device`` (mount points).
+    mountpoints: set[bytes] = field(default_factory=set)
     warnings: list[tuple[bytes, str]] = field(default_factory=list)
     excluded: int = 0
 
@@ -45,8 +47,7 @@ def scan_dir(path: bytes, rules: ExcludeRules, root_device: int | None) -> ScanR
                 result.excluded += 1
                 continue
             if root_device is not None and stat.S_ISDIR(st.st_mode) and st.st_dev != root_device:
-                result.excluded += 1
-                continue
+                result.mountpoints.add(name)
             result.nodes.append(node_from_stat(name, full, st))
         except FileNotFoundError:
             result.warnings.append((full, "vanished before it could be read"))
