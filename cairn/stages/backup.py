@@ -35,7 +35,7 @@ from cairn.repo.index import Index
 from cairn.repo.pack import DATA, TREE
 from cairn.repo.tree import Node, Tree, encode_tree
 from cairn.stages import cpu
-from cairn.stages.chunker import ChunkerParams, make_chunker, open_for_backup
+from cairn.stages.chunker import ChunkerParams, fill_and_chunk, make_chunker, open_for_backup
 from cairn.stages.excludes import ExcludeRules
 from cairn.stages.saver import BlobSaver
 from cairn.stages.treecache import TreeCache
@@ -578,7 +578,7 @@ class Archiver:
             try:
                 slot.view[: len(carry)] = carry
                 filled, spans, eof = await anyio.to_thread.run_sync(
-                    _fill_and_chunk,
+                    fill_and_chunk,
                     fd,
                     slot.view,
                     len(carry),
@@ -668,30 +668,3 @@ def _read_small_files(
         out.append((pos, n, crypto.blob_id(view[pos : pos + n]), after))
         pos += n
     return out
-
-
-def _fill_and_chunk(
-    fd: int, view: memoryview, start: int, chunker: Any, crypto: Any, max_size: int
-) -> tuple[int, list[tuple[int, int, bytes]], bool]:
-    """Fill a slot after ``start`` carried bytes, cut it and hash the pieces.
-
-    Returns (bytes in slot, [(offset, length, blob id)], eof). When not at EOF the
-    last span is an unfinished chunk the caller carries into the next slot.
-    """
-    filled = start
-    eof = False
-    while filled < len(view):
-        n = os.readv(fd, [view[filled:]])
-        if n == 0:
-            eof = True
-            break
-        filled += n
-    if filled == 0:
-        return 0, [], True
-    spans = []
-    for piece in chunker.cut_buf(view[:filled]):
-        spans.append((piece.offset, piece.length, crypto.blob_id(piece.data)))
-    if not eof and spans and spans[-1][1] >= max_size:
-        # A chunk cut at the maximum size is complete: nothing to carry.
-        spans.append((filled, 0, b""))
-    return filled, spans, eof
