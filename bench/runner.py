@@ -198,6 +198,9 @@ class Runner:
             out = self.config.profile_dir.resolve() / f"{self.config.stamp}-{step}-r{rep}"
             out.parent.mkdir(parents=True, exist_ok=True)
             cmds = [profiled(c, self.config.profile, out) for c in cmds]
+        # Write back what earlier steps (or another tool) left dirty, and the deletion of
+        # the previous restore target, so no step pays for its predecessor's I/O.
+        os.sync()
         load = os.getloadavg()[0]
         m = run_all(
             cmds,

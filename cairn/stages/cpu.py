@@ -12,6 +12,8 @@ import os
 from cairn.repo.codec import decode_blob, encode_blob
 from cairn.repo.crypto import Crypto
 from cairn.repo.pack import DATA
+from cairn.repo.tree import Node
+from cairn.stages.fsmeta import apply_metadata
 
 _crypto: Crypto | None = None
 
@@ -54,29 +56,39 @@ def decode_spans(view: memoryview, spans: list[tuple[int, int, int, bytes]]) -> 
 
 def decode_and_write(
     view: memoryview,
-    spans: list[tuple[int, int, int, bytes, list[tuple[bytes, int]]]],
+    spans: list[tuple[int, int, int, bytes, list[tuple[bytes, int, Node | None]]]],
     sparse: bool,
-) -> int:
+) -> tuple[int, list[tuple[bytes, str]]]:
     """Decode blobs from a downloaded pack range and write each into every file
-    position that needs it; returns the bytes written.
+    position that needs it; returns the bytes written and metadata problems.
 
-    With ``sparse``, all-zero blobs are not written: the file was created at its
-    full size, so they stay holes.
+    A target carrying its node is a one-blob file this worker creates (never
+    through an existing path: O_EXCL, O_NOFOLLOW) and finishes, metadata included.
+    Other targets were created by the planner at their full size. With ``sparse``,
+    all-zero 64 KiB blocks are not written and stay holes.
     """
     crypto = _worker_crypto()
     written = 0
+    problems: list[tuple[bytes, str]] = []
     for offset, length, blob_type, blob_id, targets in spans:
         data = decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
         pieces = _nonzero_blocks(data) if sparse else [(0, len(data))]
-        for path, file_offset in targets:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        for path, file_offset, node in targets:
+            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            if node is not None:
+                flags |= os.O_CREAT | os.O_EXCL
+            fd = os.open(path, flags, 0o600)
             try:
                 for start, end in pieces:
                     _pwrite_all(fd, memoryview(data)[start:end], file_offset + start)
+                if node is not None and sparse:
+                    os.ftruncate(fd, len(data))
             finally:
                 os.close(fd)
             written += len(data)
-    return written
+            if node is not None:
+                problems.extend((path, p) for p in apply_metadata(path, node))
+    return written, problems
 
 
 # Holes are made in units of this many bytes (a multiple of every common fs block).

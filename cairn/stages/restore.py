@@ -95,6 +95,7 @@ class Restorer:
         self._links: list[tuple[bytes, bytes]] = []  # (existing, new) hardlinks
         self._expected: set[bytes] = set()
         self._failed: dict[bytes, str] = {}  # files whose data could not be restored
+        self._worker_done: set[bytes] = set()  # created and finished by a worker
         inc = [p for p in options.includes if p]
         self._include = ExcludeRules(patterns=inc) if inc else None
         self._exclude = ExcludeRules(patterns=list(options.excludes))
@@ -186,9 +187,9 @@ class Restorer:
             except OSError as exc:
                 self._error(entry.path, exc)
 
-    def _prepare_files(self) -> dict[bytes, list[tuple[bytes, int]]]:
+    def _prepare_files(self) -> dict[bytes, list[tuple[bytes, int, Node | None]]]:
         """Create files that must be written; return blob → [(path, offset)]."""
-        writes: dict[bytes, list[tuple[bytes, int]]] = defaultdict(list)
+        writes: dict[bytes, list[tuple[bytes, int, Node | None]]] = defaultdict(list)
         seen_inodes: dict[tuple[int, int], bytes] = {}
         for entry in self._files:
             node = entry.node
@@ -209,6 +210,13 @@ class Restorer:
             self.stats.files += 1
             if self.opts.dry_run:
                 continue
+            if len(node.content) == 1 and not os.path.lexists(entry.path):
+                # The common small file: the worker that writes its only blob creates
+                # it (O_EXCL) and sets its metadata, so 20,000 file creations run in
+                # the workers, in parallel, instead of one after another here.
+                writes[node.content[0]].append((entry.path, 0, node))
+                self._worker_done.add(entry.path)
+                continue
             try:
                 self._create_empty(entry.path, node.size)
             except OSError as exc:
@@ -216,7 +224,7 @@ class Restorer:
                 continue
             offset = 0
             for blob_id, loc in zip(node.content, locations, strict=True):
-                writes[blob_id].append((entry.path, offset))
+                writes[blob_id].append((entry.path, offset, None))
                 offset += loc.raw_length
         return writes
 
@@ -274,7 +282,7 @@ class Restorer:
     # -- downloading and writing ----------------------------------------------
 
     def _batches(
-        self, writes: dict[bytes, list[tuple[bytes, int]]]
+        self, writes: dict[bytes, list[tuple[bytes, int, Node | None]]]
     ) -> list[tuple[bytes, list[Any]]]:
         """Group needed blobs per pack into downloads of at most one slot each."""
         per_pack: dict[bytes, list[tuple[BlobLocation, bytes]]] = defaultdict(list)
@@ -298,7 +306,7 @@ class Restorer:
                 batches.append((pack_id, current))
         return batches
 
-    async def _write_blobs(self, writes: dict[bytes, list[tuple[bytes, int]]]) -> None:
+    async def _write_blobs(self, writes: dict[bytes, list[tuple[bytes, int, Node | None]]]) -> None:
         try:
             await self._write_batches(writes)
         finally:
@@ -310,7 +318,9 @@ class Restorer:
                 except OSError:
                     pass
 
-    async def _write_batches(self, writes: dict[bytes, list[tuple[bytes, int]]]) -> None:
+    async def _write_batches(
+        self, writes: dict[bytes, list[tuple[bytes, int, Node | None]]]
+    ) -> None:
         batches = self._batches(writes)
         slots = SlotPool(SLOT_SIZE, 2 * self.opts.cpu_workers + self.opts.connections)
         tx, rx = anyio.create_memory_object_stream[tuple[bytes, list[Any]]](len(batches) or 1)
@@ -337,7 +347,7 @@ class Restorer:
         rx: anyio.abc.ObjectReceiveStream[tuple[bytes, list[Any]]],
         slots: SlotPool,
         pool: WorkerPool,
-        writes: dict[bytes, list[tuple[bytes, int]]],
+        writes: dict[bytes, list[tuple[bytes, int, Node | None]]],
     ) -> None:
         async with rx:
             async for pack_id, blobs in rx:
@@ -353,9 +363,11 @@ class Restorer:
                         (loc.offset - start, loc.length, loc.type, blob_id, writes[blob_id])
                         for loc, blob_id in blobs
                     ]
-                    written = await pool.run(
+                    written, problems = await pool.run(
                         cpu.decode_and_write, slot.ref(end - start), spans, self.opts.sparse
                     )
+                    for path, problem in problems:
+                        self.stats.errors.append((os.fsdecode(path), problem))
                 except (NotFound, ObjectTruncated, ObjectNotFound, CorruptedObject) as exc:
                     # This pack range is lost or damaged: fail the files that need it,
                     # go on with the others.
@@ -369,12 +381,12 @@ class Restorer:
         self,
         pack_id: bytes,
         blobs: list[tuple[BlobLocation, bytes]],
-        writes: dict[bytes, list[tuple[bytes, int]]],
+        writes: dict[bytes, list[tuple[bytes, int, Node | None]]],
         exc: Exception,
     ) -> None:
         problem = " ".join(str(exc).split())
         for _loc, blob_id in blobs:
-            for path, _offset in writes[blob_id]:
+            for path, _offset, _node in writes[blob_id]:
                 if path in self._failed:
                     continue
                 self._failed[path] = (
@@ -410,7 +422,7 @@ class Restorer:
                 continue
             self._apply(entry)
         for entry in self._files:
-            if os.path.lexists(entry.path):
+            if entry.path not in self._worker_done and os.path.lexists(entry.path):
                 self._apply(entry)
         for entry in sorted(self._dirs, key=lambda e: e.path.count(b"/"), reverse=True):
             self._apply(entry)
