@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -12,7 +11,7 @@ import click
 import structlog
 
 from cairn import __version__
-from cairn.cli.common import hostname, open_repo, run_async, username
+from cairn.cli.common import SIZE, hostname, open_repo, report_item_errors, run_async, username
 from cairn.cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
 from cairn.cli.progress import backup_status, track
 from cairn.config.settings import Settings
@@ -51,7 +50,7 @@ def _human(n: float) -> str:
 @click.option("--iexclude", multiple=True, help="Like --exclude, ignoring case.")
 @click.option("--exclude-file", multiple=True, help="Read exclude patterns from a file.")
 @click.option("--exclude-if-present", multiple=True, help="Skip dirs holding this file name.")
-@click.option("--exclude-larger-than", help="Skip files larger than this (e.g. 1G).")
+@click.option("--exclude-larger-than", type=SIZE, help="Skip files larger than this (e.g. 1G).")
 @click.option("-x", "--one-file-system", is_flag=True, help="Don't cross filesystems.")
 @click.option("--files-from", multiple=True, help="Read paths from a file, one per line.")
 @click.option("--files-from-raw", multiple=True, help="Read NUL-separated paths from a file.")
@@ -67,7 +66,7 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
     """Back up PATHS into a new snapshot."""
     from cairn.repo.codec import compression_level
     from cairn.stages.backup import BackupOptions
-    from cairn.stages.excludes import ExcludeRules, parse_size
+    from cairn.stages.excludes import ExcludeRules
 
     targets = (
         []
@@ -81,9 +80,7 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         patterns=list(opts["exclude"]),
         ipatterns=list(opts["iexclude"]),
         if_present=list(opts["exclude_if_present"]),
-        larger_than=parse_size(opts["exclude_larger_than"])
-        if opts["exclude_larger_than"]
-        else None,
+        larger_than=opts["exclude_larger_than"],
         one_file_system=opts["one_file_system"],
     )
     cpu = settings.cpu_workers or len(os.sched_getaffinity(0))
@@ -101,8 +98,13 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         connections=settings.connections or 4,
         stdin_name=os.fsencode(opts["stdin_filename"]) if opts["use_stdin"] else None,
     )
-    log.info("backup.started", paths=[os.fsdecode(p) for p in targets], host=options.host,
-             tags=options.tags, dry_run=options.dry_run)
+    log.info(
+        "backup.started",
+        paths=[os.fsdecode(p) for p in targets],
+        host=options.host,
+        tags=options.tags,
+        dry_run=options.dry_run,
+    )
     result = run_async(lambda: _backup(settings, options, opts["parent"]))
     _log_finished(result)
     click.get_current_context().meta["cairn.backup.result"] = result  # for ``cairn run``
@@ -205,21 +207,7 @@ async def _backup(settings: Settings, options: Any, parent_ref: str | None) -> d
 
 def _report(settings: Settings, result: dict[str, Any]) -> None:
     s = result["summary"]
-    for path, problem in result["errors"]:
-        if settings.json:
-            print(
-                json.dumps(
-                    {
-                        "message_type": "error",
-                        "error": {"message": problem},
-                        "during": "archival",
-                        "item": path,
-                    }
-                ),
-                file=sys.stderr,
-            )
-        else:
-            print(f"warning: {path}: {problem}", file=sys.stderr)
+    report_item_errors(settings, result["errors"], "archival")
     if settings.json:
         click.echo(
             json.dumps(

@@ -10,8 +10,9 @@ from typing import Any, BinaryIO
 
 import click
 
-from cairn.cli.common import open_repo, run_async
+from cairn.cli.common import open_repo, run_async, snapshot_filter_options
 from cairn.config.settings import Settings
+from cairn.stages.snapshots import SnapshotFilter
 
 
 async def write_file(repo: Any, node: Any, out: BinaryIO) -> None:
@@ -66,28 +67,22 @@ async def write_tar(repo: Any, tree_id: bytes, base: bytes, out: BinaryIO) -> No
 @click.command("dump")
 @click.argument("snapshot")
 @click.argument("path")
-@click.option("--host", "hosts", multiple=True)
-@click.option("--path", "paths", multiple=True)
-@click.option("--tag", "tags", multiple=True)
+@snapshot_filter_options
 @click.pass_obj
 def command(
     settings: Settings,
     snapshot: str,
     path: str,
-    hosts: tuple[str, ...],
-    paths: tuple[str, ...],
-    tags: tuple[str, ...],
+    flt: SnapshotFilter,
 ) -> None:
     """Write a file from a snapshot to stdout; a directory becomes a tar stream."""
     from cairn.repo.errors import ObjectNotFound
     from cairn.stages.browse import find_node
-    from cairn.stages.snapshots import SnapshotFilter, find_snapshot
+    from cairn.stages.snapshots import find_snapshot
 
     async def main() -> None:
         async with open_repo(settings) as repo:
-            _sid, snap = await find_snapshot(
-                repo, snapshot, SnapshotFilter(list(hosts), list(paths), list(tags))
-            )
+            _sid, snap = await find_snapshot(repo, snapshot, flt)
             target = os.fsencode(path).rstrip(b"/")
             tree_id, node = await find_node(repo, snap.tree, target)
             out = sys.stdout.buffer

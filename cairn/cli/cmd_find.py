@@ -8,17 +8,16 @@ import os
 
 import click
 
-from cairn.cli.common import open_repo, run_async
+from cairn.cli.common import open_repo, run_async, snapshot_filter_options
 from cairn.config.settings import Settings
+from cairn.stages.snapshots import SnapshotFilter
 
 
 @click.command("find")
 @click.argument("patterns", nargs=-1, required=True)
 @click.option("-i", "--ignore-case", is_flag=True)
 @click.option("-s", "--snapshot", "snapshots", multiple=True, help="Only these snapshots.")
-@click.option("--host", "hosts", multiple=True)
-@click.option("--path", "paths", multiple=True)
-@click.option("--tag", "tags", multiple=True)
+@snapshot_filter_options
 @click.option("-l", "--long", "long_format", is_flag=True)
 @click.pass_obj
 def command(
@@ -26,20 +25,18 @@ def command(
     patterns: tuple[str, ...],
     ignore_case: bool,
     snapshots: tuple[str, ...],
-    hosts: tuple[str, ...],
-    paths: tuple[str, ...],
-    tags: tuple[str, ...],
+    flt: SnapshotFilter,
     long_format: bool,
 ) -> None:
     """Find files whose name (or path, if the pattern has a /) matches a glob."""
     from cairn.stages.browse import long_line, node_summary, walk
-    from cairn.stages.snapshots import SnapshotFilter, load_snapshots
+    from cairn.stages.snapshots import load_snapshots
 
     def norm(text: str) -> str:
         return text.lower() if ignore_case else text
 
     pats = [norm(p) for p in patterns]
-    flt = SnapshotFilter(list(hosts), list(paths), list(tags))
+    flt = flt
 
     async def main() -> None:
         async with open_repo(settings) as repo:

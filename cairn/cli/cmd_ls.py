@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
-from cairn.cli.common import open_repo, run_async
+from cairn.cli.common import open_repo, run_async, snapshot_filter_options
 from cairn.config.settings import Settings
+from cairn.stages.snapshots import SnapshotFilter
 
 
 @click.command("ls")
@@ -17,9 +18,7 @@ from cairn.config.settings import Settings
 @click.argument("path", required=False, default="/")
 @click.option("-l", "--long", "long_format", is_flag=True, help="Mode, owner, size, time.")
 @click.option("--recursive/--no-recursive", default=True, show_default=True)
-@click.option("--host", "hosts", multiple=True)
-@click.option("--path", "paths", multiple=True)
-@click.option("--tag", "tags", multiple=True)
+@snapshot_filter_options
 @click.pass_obj
 def command(
     settings: Settings,
@@ -27,20 +26,16 @@ def command(
     path: str,
     long_format: bool,
     recursive: bool,
-    hosts: tuple[str, ...],
-    paths: tuple[str, ...],
-    tags: tuple[str, ...],
+    flt: SnapshotFilter,
 ) -> None:
     """List the files and directories of a snapshot (below PATH)."""
     from cairn.repo.errors import ObjectNotFound
     from cairn.stages.browse import find_node, long_line, node_summary, walk
-    from cairn.stages.snapshots import SnapshotFilter, find_snapshot
+    from cairn.stages.snapshots import find_snapshot
 
     async def main() -> None:
         async with open_repo(settings) as repo:
-            sid, snap = await find_snapshot(
-                repo, snapshot, SnapshotFilter(list(hosts), list(paths), list(tags))
-            )
+            sid, snap = await find_snapshot(repo, snapshot, flt)
             if settings.json:
                 from cairn.cli.cmd_snapshots import snapshot_json
 

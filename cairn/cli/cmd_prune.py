@@ -7,20 +7,9 @@ from typing import Any
 
 import click
 
-from cairn.cli.common import open_repo, run_async
+from cairn.cli.common import SIZE, open_repo, run_async
 from cairn.cli.errors import EXIT_OK
 from cairn.config.settings import Settings
-
-
-def _max_repack(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    from cairn.stages.prune import parse_size
-
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def _max_unused(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -41,9 +30,7 @@ prune_options = [
         callback=_max_unused,
         help="Tolerated unused space: x%, a size, or 'unlimited'.",
     ),
-    click.option(
-        "--max-repack-size", callback=_max_repack, help="Repack at most this much (e.g. 1G)."
-    ),
+    click.option("--max-repack-size", type=SIZE, help="Repack at most this much (e.g. 1G)."),
 ]
 
 

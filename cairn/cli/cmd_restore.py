@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
 import click
 import structlog
 
-from cairn.cli.common import open_repo, run_async
+from cairn.cli.common import open_repo, report_item_errors, run_async, snapshot_filter_options
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK
 from cairn.cli.progress import restore_status, track
 from cairn.config.settings import Settings
@@ -24,9 +23,7 @@ log = structlog.get_logger("cairn.restore")
 @click.option("-t", "--target", required=True, help="Directory to restore into.")
 @click.option("-i", "--include", "includes", multiple=True, help="Only restore matching paths.")
 @click.option("-e", "--exclude", "excludes", multiple=True, help="Skip matching paths.")
-@click.option("--host", "hosts", multiple=True, help="For latest: only this host.")
-@click.option("--path", "paths", multiple=True, help="For latest: only these paths.")
-@click.option("--tag", "tags", multiple=True, help="For latest: only these tags.")
+@snapshot_filter_options
 @click.option(
     "--overwrite",
     type=click.Choice(["always", "if-changed", "if-newer", "never"]),
@@ -68,21 +65,7 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
         errors=len(stats.errors),
         duration=round(duration, 3),
     )
-    for path, problem in stats.errors:
-        if settings.json:
-            print(
-                json.dumps(
-                    {
-                        "message_type": "error",
-                        "error": {"message": problem},
-                        "during": "restore",
-                        "item": path,
-                    }
-                ),
-                file=sys.stderr,
-            )
-        else:
-            print(f"warning: {path}: {problem}", file=sys.stderr)
+    report_item_errors(settings, stats.errors, "restore")
     summary = {
         "message_type": "summary",
         "snapshot_id": sid,
@@ -113,39 +96,25 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
 
 
 async def _restore(settings: Settings, ref: str, options: Any, opts: dict[str, Any]) -> Any:
+    from cairn.repo.errors import ObjectNotFound
+    from cairn.stages.browse import find_node
     from cairn.stages.locking import repository_lock
     from cairn.stages.restore import Restorer
-    from cairn.stages.snapshots import SnapshotFilter, find_snapshot, split_snapshot_ref
+    from cairn.stages.snapshots import find_snapshot, split_snapshot_ref
 
     snap_ref, subpath = split_snapshot_ref(ref)
-    flt = SnapshotFilter(list(opts["hosts"]), list(opts["paths"]), list(opts["tags"]))
+    flt = opts["flt"]
     async with (
         open_repo(settings) as repo,
         repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock),
     ):
         sid, snap = await find_snapshot(repo, snap_ref, flt)
         index = await repo.load_index()
-        tree_id, node = await resolve_subpath(repo, snap.tree, subpath)
+        tree_id, node = await find_node(repo, snap.tree, os.fsencode(subpath))
+        if tree_id is None and node is None:
+            raise ObjectNotFound(f"path {subpath!r} not found in the snapshot")
         restorer = Restorer(repo, index, options)
         await restorer.plan(tree_id, node)
         async with track(settings, "restore", lambda: restore_status(restorer)):
             stats = await restorer.run()
     return sid, stats
-
-
-async def resolve_subpath(repo: Any, tree_id: bytes, subpath: str) -> tuple[bytes, Any]:
-    """The tree (or file node) at ``subpath`` inside a snapshot."""
-    from cairn.repo.errors import ObjectNotFound
-
-    node = None
-    for part in [p for p in os.fsencode(subpath).split(b"/") if p]:
-        tree = await repo.load_tree(tree_id)
-        match = next((n for n in tree.nodes if n.name == part), None)
-        if match is None:
-            raise ObjectNotFound(f"path {subpath!r} not found in the snapshot")
-        node = match
-        if match.type == "dir":
-            tree_id = match.subtree
-        else:
-            break
-    return tree_id, node

@@ -9,8 +9,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from cairn.cli.common import open_repo, run_async
+from cairn.cli.common import open_repo, run_async, snapshot_filter_options
 from cairn.config.settings import Settings
+from cairn.stages.snapshots import SnapshotFilter
 
 
 def snapshot_json(snapshot_id: str, snap: Any) -> dict[str, Any]:
@@ -50,25 +51,21 @@ def _group_key(snap: Any, group_by: str) -> tuple[Any, ...]:
 
 @click.command("snapshots")
 @click.argument("ids", nargs=-1)
-@click.option("--host", "hosts", multiple=True, help="Only snapshots of this host.")
-@click.option("--path", "paths", multiple=True, help="Only snapshots of exactly these paths.")
-@click.option("--tag", "tags", multiple=True, help="Only snapshots with these tags (a,b).")
+@snapshot_filter_options
 @click.option("--latest", type=int, default=0, help="Only the last N snapshots per group.")
 @click.option("-g", "--group-by", default="", help="Group by host,paths,tags.")
 @click.pass_obj
 def command(
     settings: Settings,
     ids: tuple[str, ...],
-    hosts: tuple[str, ...],
-    paths: tuple[str, ...],
-    tags: tuple[str, ...],
+    flt: SnapshotFilter,
     latest: int,
     group_by: str,
 ) -> None:
     """List the snapshots in the repository."""
-    from cairn.stages.snapshots import SnapshotFilter, load_snapshots
+    from cairn.stages.snapshots import load_snapshots
 
-    flt = SnapshotFilter(list(hosts), list(paths), list(tags))
+    flt = flt
 
     async def main() -> list[tuple[str, Any]]:
         async with open_repo(settings) as repo:

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from cairn.cli.common import echo_json, open_repo, run_async
+from cairn.cli.common import echo_json, open_repo, run_async, snapshot_filter_options
 from cairn.cli.errors import EXIT_OK
 from cairn.config.settings import Settings
 from cairn.stages.stats import MODES
@@ -15,9 +15,7 @@ from cairn.stages.stats import MODES
 @click.command("stats")
 @click.argument("ids", nargs=-1)
 @click.option("--mode", type=click.Choice(MODES), default="restore-size", show_default=True)
-@click.option("--host", "hosts", multiple=True, help="Only snapshots of this host.")
-@click.option("--tag", "tags", multiple=True, help="Only snapshots with these tags.")
-@click.option("--path", "paths", multiple=True, help="Only snapshots of these paths.")
+@snapshot_filter_options
 @click.pass_obj
 def command(settings: Settings, ids: tuple[str, ...], mode: str, **opts: Any) -> int:
     """Show the size of the selected snapshots (all by default; 'latest' works)."""
@@ -34,10 +32,10 @@ def command(settings: Settings, ids: tuple[str, ...], mode: str, **opts: Any) ->
 
 async def _stats(settings: Settings, ids: tuple[str, ...], mode: str, opts: dict[str, Any]) -> Any:
     from cairn.stages.locking import repository_lock
-    from cairn.stages.snapshots import SnapshotFilter, find_snapshot, load_snapshots
+    from cairn.stages.snapshots import find_snapshot, load_snapshots
     from cairn.stages.stats import compute_stats
 
-    flt = SnapshotFilter(list(opts["hosts"]), list(opts["paths"]), list(opts["tags"]))
+    flt = opts["flt"]
     async with (
         open_repo(settings) as repo,
         repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock),

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from cairn.cli.common import echo_json, open_repo, run_async
+from cairn.cli.common import echo_json, open_repo, run_async, snapshot_filter_options
 from cairn.cli.errors import EXIT_OK, UsageError
 from cairn.config.settings import Settings
 
@@ -37,9 +37,7 @@ def new_tags(
 @click.option("--add", multiple=True, help="Tags to add (a,b).")
 @click.option("--remove", multiple=True, help="Tags to remove (a,b).")
 @click.option("--set", "set_", multiple=True, help="Replace all tags with these (a,b).")
-@click.option("--host", "hosts", multiple=True, help="Only snapshots of this host.")
-@click.option("--tag", "tags", multiple=True, help="Only snapshots with these tags.")
-@click.option("--path", "paths", multiple=True, help="Only snapshots of these paths.")
+@snapshot_filter_options
 @click.pass_obj
 def command(settings: Settings, ids: tuple[str, ...], **opts: Any) -> int:
     """Change the tags of the selected snapshots (all, if no IDs or filters)."""
@@ -60,9 +58,9 @@ def command(settings: Settings, ids: tuple[str, ...], **opts: Any) -> int:
 async def _tag(settings: Settings, ids: tuple[str, ...], opts: dict[str, Any]) -> list[list[str]]:
     from cairn.backends.base import object_name
     from cairn.stages.locking import repository_lock
-    from cairn.stages.snapshots import SnapshotFilter, find_snapshot, load_snapshots
+    from cairn.stages.snapshots import find_snapshot, load_snapshots
 
-    flt = SnapshotFilter(list(opts["hosts"]), list(opts["paths"]), list(opts["tags"]))
+    flt = opts["flt"]
     add, remove = _split(opts["add"]), _split(opts["remove"])
     set_ = _split(opts["set_"]) if opts["set_"] else None
     changed = []

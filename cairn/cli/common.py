@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import socket
@@ -177,6 +178,65 @@ def backend_counters(backend: Any) -> Any:
             return counters
         backend = getattr(backend, "inner", None)
     return None
+
+
+class SizeType(click.ParamType):
+    """A size option: ``500M``, ``2G``, ``1024`` → bytes; bad input is a usage error."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        from cairn.stages.units import parse_size
+
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
+
+
+_FILTER_OPTIONS = (
+    click.option("--host", "hosts", multiple=True, help="Only snapshots of this host."),
+    click.option("--path", "paths", multiple=True, help="Only snapshots of exactly these paths."),
+    click.option("--tag", "tags", multiple=True, help="Only snapshots with these tags (a,b)."),
+)
+
+
+def snapshot_filter_options(func: Callable[..., T]) -> Callable[..., T]:
+    """restic's ``--host/--path/--tag``, handed to the command as one ``flt``
+    (a ``SnapshotFilter``). Put it below ``@click.command``, above ``pass_obj``."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        from cairn.stages.snapshots import SnapshotFilter
+
+        kwargs["flt"] = SnapshotFilter(
+            list(kwargs.pop("hosts")), list(kwargs.pop("paths")), list(kwargs.pop("tags"))
+        )
+        return func(*args, **kwargs)
+
+    for option in reversed(_FILTER_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def report_item_errors(settings: Settings, errors: list[tuple[str, str]], during: str) -> None:
+    """Per-file problems on stderr: restic's ``error`` JSON lines, or warnings."""
+    for path, problem in errors:
+        if settings.json:
+            line = {
+                "message_type": "error",
+                "error": {"message": problem},
+                "during": during,
+                "item": path,
+            }
+            print(json.dumps(line), file=sys.stderr)
+        else:
+            print(f"warning: {path}: {problem}", file=sys.stderr)
 
 
 def echo_json(value: Any) -> None:

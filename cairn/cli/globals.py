@@ -9,6 +9,21 @@ import click
 
 from cairn.config.settings import Settings
 
+
+def _check_compression(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> str | None:
+    """Reject an unknown level at parse time, for every command alike."""
+    if value is not None:
+        from cairn.repo.codec import compression_level
+
+        try:
+            compression_level(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 GLOBAL_OPTIONS: list[click.Option] = [
     click.Option(["-r", "--repo"], help="Repository location (env CAIRN_REPOSITORY)."),
     click.Option(["--password-file"], help="Read the password from a file."),
@@ -41,7 +56,11 @@ GLOBAL_OPTIONS: list[click.Option] = [
     click.Option(["--limit-upload"], type=click.IntRange(1), help="Upload limit in KiB/s."),
     click.Option(["--limit-download"], type=click.IntRange(1), help="Download limit in KiB/s."),
     click.Option(["--pack-size"], type=click.IntRange(4, 128), help="Pack size in MiB."),
-    click.Option(["--compression"], help="off, fastest, auto, max, or a zstd level 1-22."),
+    click.Option(
+        ["--compression"],
+        callback=_check_compression,
+        help="off, fastest, auto, max, or a zstd level 1-22.",
+    ),
     click.Option(["--cache-dir"], help="Directory of the local metadata cache."),
     click.Option(["--no-cache"], is_flag=True, default=None, help="Do not use a local cache."),
     click.Option(["--no-lock"], is_flag=True, default=None, help="Do not lock the repository."),

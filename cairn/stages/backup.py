@@ -35,7 +35,14 @@ from cairn.repo.index import Index
 from cairn.repo.pack import DATA, TREE
 from cairn.repo.tree import Node, Tree, encode_tree
 from cairn.stages import cpu
-from cairn.stages.chunker import ChunkerParams, fill_and_chunk, make_chunker, open_for_backup
+from cairn.stages.chunker import (
+    ChunkerParams,
+    fill_and_chunk,
+    make_chunker,
+    open_for_backup,
+    read_problem,
+    read_small_files,
+)
 from cairn.stages.excludes import ExcludeRules
 from cairn.stages.saver import BlobSaver
 from cairn.stages.treecache import TreeCache
@@ -301,8 +308,8 @@ class Archiver:
         if node.type == "dir":
             d.pending += 1
             old_tree = old.subtree if old and old.type == "dir" else None
-            child = _Dir(path, node, d, await self._old_entries(old_tree), old_tree)
-            await self._walk_tree(child, file_tx)
+            # Its parent-snapshot entries are loaded by the scan (_scan_one).
+            await self._walk_tree(_Dir(path, node, d, None, old_tree), file_tx)
         elif node.type == "file":
             self.stats.bytes_processed += node.size
             self.stats.files_seen += 1
@@ -500,7 +507,7 @@ class Archiver:
         slot = await self._slots.acquire()
         try:
             results = await anyio.to_thread.run_sync(
-                _read_small_files,
+                read_small_files,
                 [j.path for j in batch],
                 slot.view,
                 self.crypto,
@@ -514,7 +521,7 @@ class Archiver:
             if result is None:  # grew past the small-file size since the walk
                 await self._job_done(j, await self._read_file(j))
             elif isinstance(result, OSError):
-                self._warn(j.path, _problem(result))
+                self._warn(j.path, read_problem(result))
                 await self._job_done(j, False)
             else:
                 offset, length, blob_id, after = result
@@ -548,13 +555,13 @@ class Archiver:
         try:
             fd = 0 if stdin else await anyio.to_thread.run_sync(open_for_backup, job.path)
         except OSError as exc:
-            self._warn(job.path, _problem(exc))
+            self._warn(job.path, read_problem(exc))
             return False
         try:
             content, size = await self._read_large(fd)
             after = None if stdin else await anyio.to_thread.run_sync(os.fstat, fd)
         except OSError as exc:
-            self._warn(job.path, _problem(exc))
+            self._warn(job.path, read_problem(exc))
             return False
         finally:
             if not stdin:
@@ -629,42 +636,3 @@ class Archiver:
         text = os.fsdecode(path)
         self.stats.errors.append((text, problem))
         log.warning("backup.file_error", path=text, error=problem)
-
-
-def _problem(exc: OSError) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "vanished before it could be read"
-    return exc.strerror or str(exc)
-
-
-def _read_small_files(
-    paths: list[bytes], view: memoryview, crypto: Any, limit: int
-) -> list[tuple[int, int, bytes, os.stat_result] | OSError | None]:
-    """Read whole small files one after another into a slot and hash them (thread
-    side). Per file: ``(offset, length, blob id, fstat after)``, the error, or None
-    for a file that has grown to ``limit`` or more. Stops early when the slot is
-    full; the caller passes the remaining paths again."""
-    out: list[tuple[int, int, bytes, os.stat_result] | OSError | None] = []
-    pos = 0
-    for path in paths:
-        if pos + limit > len(view):
-            break
-        try:
-            fd = open_for_backup(path)
-        except OSError as exc:
-            out.append(exc)
-            continue
-        try:
-            n = os.readv(fd, [view[pos : pos + limit]])
-            after = os.fstat(fd)
-        except OSError as exc:
-            out.append(exc)
-            continue
-        finally:
-            os.close(fd)
-        if n >= limit:
-            out.append(None)
-            continue
-        out.append((pos, n, crypto.blob_id(view[pos : pos + n]), after))
-        pos += n
-    return out

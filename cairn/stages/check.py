@@ -45,6 +45,7 @@ from cairn.repo.pack import (
     required_tail_length,
 )
 from cairn.stages import cpu
+from cairn.stages.units import parse_size
 
 log = structlog.get_logger("cairn.check")
 
@@ -95,9 +96,6 @@ class Subset(NamedTuple):
     value: float = 0.0
 
 
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def parse_subset(text: str) -> Subset:
     """Parse ``n/t``, ``x%`` or a size such as ``500M``; ``ValueError`` otherwise."""
     text = text.strip()
@@ -111,8 +109,11 @@ def parse_subset(text: str) -> Subset:
         if not 0 < pct <= 100:
             raise ValueError(f"subset {text!r}: percentage must be in (0, 100]")
         return Subset("percent", value=pct)
-    if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", text, re.IGNORECASE):
-        size = float(m[1]) * _SIZE_UNITS[m[2].lower()]
+    try:
+        size = parse_size(text)
+    except ValueError:
+        pass
+    else:
         if size <= 0:
             raise ValueError(f"subset {text!r}: size must be positive")
         return Subset("size", value=size)

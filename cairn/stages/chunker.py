@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from pyfastcdc import FastCDC
 
@@ -81,3 +82,43 @@ def fill_and_chunk(
         # A chunk cut at the maximum size is complete: nothing to carry.
         spans.append((filled, 0, b""))
     return filled, spans, eof
+
+
+def read_problem(exc: OSError) -> str:
+    """The one-line reason a file could not be read."""
+    if isinstance(exc, FileNotFoundError):
+        return "vanished before it could be read"
+    return exc.strerror or str(exc)
+
+
+def read_small_files(
+    paths: list[bytes], view: memoryview, crypto: Any, limit: int
+) -> list[tuple[int, int, bytes, os.stat_result] | OSError | None]:
+    """Read whole small files one after another into a slot and hash them (thread
+    side). Per file: ``(offset, length, blob id, fstat after)``, the error, or None
+    for a file that has grown to ``limit`` or more. Stops early when the slot is
+    full; the caller passes the remaining paths again."""
+    out: list[tuple[int, int, bytes, os.stat_result] | OSError | None] = []
+    pos = 0
+    for path in paths:
+        if pos + limit > len(view):
+            break
+        try:
+            fd = open_for_backup(path)
+        except OSError as exc:
+            out.append(exc)
+            continue
+        try:
+            n = os.readv(fd, [view[pos : pos + limit]])
+            after = os.fstat(fd)
+        except OSError as exc:
+            out.append(exc)
+            continue
+        finally:
+            os.close(fd)
+        if n >= limit:
+            out.append(None)
+            continue
+        out.append((pos, n, crypto.blob_id(view[pos : pos + n]), after))
+        pos += n
+    return out

@@ -124,12 +124,3 @@ class ExcludeRules:
 
     def as_list(self) -> list[str]:
         return [*self.patterns, *(f"i:{p}" for p in self.ipatterns)]
-
-
-def parse_size(text: str) -> int:
-    """``1024``, ``10K``, ``5M``, ``2G``, ``1T`` (binary multiples, as restic)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
-    if not match:
-        raise ValueError(f"invalid size {text!r}")
-    factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[match[2].lower()]
-    return int(match[1]) * factor

@@ -17,7 +17,6 @@ Execute, in an order that keeps the repository consistent if interrupted anywher
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,27 +32,18 @@ from cairn.repo.index import Index, IndexFile, decode_index, encode_index
 from cairn.repo.pack import DATA, TREE, PackEntry, PackWriter
 from cairn.repo.tree import Tree
 from cairn.stages.snapshots import load_snapshots
+from cairn.stages.units import parse_size
 
 log = structlog.get_logger("cairn.prune")
 
 # Packs per written index file, as the backup saver does.
 PACKS_PER_INDEX = 64
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 class PruneRefused(RepoError):
     """Prune found damage it must not build on; nothing was changed."""
 
     exit_code = 1
-
-
-def parse_size(text: str) -> int:
-    """``500M``, ``2G``, ``1024`` → bytes; ``ValueError`` otherwise."""
-    m = _SIZE.match(text.strip())
-    if m is None:
-        raise ValueError(f"invalid size {text!r}: use e.g. 500M or 2G")
-    return int(float(m[1]) * _UNITS[m[2].lower()])
 
 
 def max_unused_limit(text: str) -> Callable[[int], float]:

@@ -112,12 +112,13 @@ class Restorer:
         # A directory above an included path must be walked (and created).
         return is_dir
 
-    async def plan(self, tree_id: bytes, node: Node | None) -> None:
+    async def plan(self, tree_id: bytes | None, node: Node | None) -> None:
         """Walk the snapshot below ``tree_id`` into directories, files and others."""
         target = self.opts.target
         if node is not None and node.type != "dir":
             self._add_leaf(target.rstrip(b"/") + b"/" + node.name, b"/" + node.name, node)
             return
+        assert tree_id is not None  # a directory always has a subtree
         stack: list[tuple[bytes, bytes, bytes]] = [(target, b"", tree_id)]
         while stack:
             path, rel, tid = stack.pop()

@@ -16,7 +16,6 @@ import anyio.abc
 import structlog
 
 from cairn.backends.base import object_name
-from cairn.repo.codec import seal
 from cairn.repo.index import Index, IndexFile, encode_index
 from cairn.repo.pack import DATA, TREE, PackEntry, PackWriter
 
@@ -145,8 +144,3 @@ class BlobSaver:
                 self.index.add_pack(pack_id, entries)
             self.stats.index_files.append(index_id)
             log.debug("index.saved", index=index_id, packs=len(packs))
-
-
-def seal_index(crypto: object, packs: list[tuple[bytes, list[PackEntry]]]) -> bytes:
-    """The stored bytes of an index file for ``packs`` (used by repair and prune)."""
-    return seal(crypto, "index", encode_index(IndexFile(packs=packs)))  # type: ignore[arg-type]
