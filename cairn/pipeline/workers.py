@@ -59,7 +59,11 @@ def _worker_main(
             message = conn.recv_bytes()
         except (EOFError, OSError):
             return  # parent closed our socket (normal stop) or died
-        conn.send_bytes(_run_job(message))
+        reply = _run_job(message)
+        try:
+            conn.send_bytes(reply)
+        except OSError:
+            return  # the parent stopped waiting (cancelled run): nobody to tell
 
 
 def _run_job(message: bytes) -> bytes:
