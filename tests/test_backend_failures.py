@@ -19,67 +19,133 @@ from cairn.backends.base import (  # noqa: E402
     BackendError,
     PermissionDenied,
     TransientError,
+    Unreachable,
     object_name,
 )
 from cairn.backends.location import parse_location  # noqa: E402
 from cairn.backends.retry import RetryBackend, RetryPolicy  # noqa: E402
 from cairn.backends.wrap import wrap_backend  # noqa: E402
 from tests import servers  # noqa: E402
+from tests.cli_helpers import Cairn  # noqa: E402
 
 pytest_plugins = ["tests.servers"]
 NAME = object_name("data", "ab" * 32)
-
-
-class NoSleep:
-    """Records backoff waits instead of sleeping (no real time in tests)."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        await anyio.lowlevel.checkpoint()
 
 
 def retries_in(events: list[MutableMapping[str, Any]]) -> int:
     return sum(1 for e in events if e["event"] == "backend.retry")
 
 
-# --- a server that is down ----------------------------------------------------------
+# --- a server that never answered fails fast ------------------------------------------
+
+
+def attempts_in(events: list[MutableMapping[str, Any]], op: str) -> int:
+    """Calls that reached the backend: the logging wrapper logs each one."""
+    return sum(1 for e in events if e["event"] in (f"backend.{op}", f"backend.{op}.failed"))
+
+
+async def _fails_fast(url: str, options: dict[str, str] | None = None) -> Unreachable:
+    """Open ``url`` through the standard wrapper stack; its first call must fail at
+    once with one line naming the location and the cause."""
+    backend = wrap_backend(parse_location(url, options))
+    try:
+        with (
+            anyio.fail_after(30),  # a hang guard only, far above the 10 s promise
+            structlog.testing.capture_logs() as events,
+            pytest.raises(Unreachable) as info,
+        ):
+            await backend.load("config")
+    finally:
+        await backend.aclose()
+    assert attempts_in(events, "load") == 1
+    assert retries_in(events) == 0
+    message = str(info.value)
+    assert "\n" not in message and "cannot connect" in message
+    assert message.startswith(backend.location)
+    return info.value
 
 
 @pytest.mark.anyio
-async def test_rest_server_down_fails_after_bounded_retries() -> None:
-    port = servers.free_port()  # nothing listens there
-    sleep = NoSleep()
-    backend = RetryBackend(
-        parse_location(f"rest:http://127.0.0.1:{port}/repo"), RetryPolicy(attempts=4), sleep=sleep
-    )
-    with pytest.raises(TransientError, match=r"after 4 attempts.*cannot connect") as info:
-        await backend.load("config")
-    assert "\n" not in str(info.value)
-    assert len(sleep.waits) == 3
-    await backend.aclose()
+async def test_rest_closed_port_fails_fast() -> None:
+    await _fails_fast(f"rest:http://127.0.0.1:{servers.free_port()}/repo")
+
+
+@pytest.mark.anyio
+async def test_rest_unknown_host_fails_fast() -> None:
+    error = await _fails_fast("rest:http://cairn-test.invalid/repo")  # .invalid never resolves
+    assert "cairn-test.invalid" in str(error)
+
+
+@pytest.mark.anyio
+async def test_rest_tls_failure_fails_fast(rest_server: servers.RestServer) -> None:
+    # TLS spoken to a plain-HTTP server: the handshake fails.
+    await _fails_fast(f"rest:https://127.0.0.1:{rest_server.port}/repo")
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_sftp_server_down_fails_after_bounded_retries(
-    sshd_server: servers.SshServer, anyio_backend: str
+async def test_s3_closed_port_fails_fast(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, anyio_backend: str
 ) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", servers.S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", servers.S3_SECRET)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     port = servers.free_port()
-    sleep = NoSleep()
-    inner = parse_location(
-        f"sftp://root@127.0.0.1:{port}/repo",
+    await _fails_fast(f"s3:http://127.0.0.1:{port}/bucket/x", {"s3.region": "us-east-1"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sftp_closed_port_fails_fast(
+    sshd_server: servers.SshServer, tmp_path: Path, anyio_backend: str
+) -> None:
+    (tmp_path / "ssh_config").touch()
+    await _fails_fast(
+        f"sftp://root@127.0.0.1:{servers.free_port()}/repo",
         {
             "sftp.identity": str(sshd_server.identity),
             "sftp.known-hosts": str(sshd_server.known_hosts),
+            "sftp.config": str(tmp_path / "ssh_config"),
         },
     )
-    backend = RetryBackend(inner, RetryPolicy(attempts=3), sleep=sleep)
-    with pytest.raises(TransientError, match="after 3 attempts"):
-        await backend.stat("config")
-    assert len(sleep.waits) == 2
+
+
+class FakeClock:
+    """Time that passes only in the recorded backoff waits (no real time in tests)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.anyio
+async def test_retry_max_time_waits_for_a_server_that_is_down() -> None:
+    """--retry-max-time asks to wait for the server: even the first contact is
+    retried, for that long and no longer."""
+    clock = FakeClock()
+    backend = RetryBackend(
+        parse_location(f"rest:http://127.0.0.1:{servers.free_port()}/repo"),
+        RetryPolicy(max_time=10, jitter=0),
+        sleep=clock.sleep,
+        clock=clock,
+    )
+    with (
+        structlog.testing.capture_logs() as events,
+        pytest.raises(Unreachable, match=r"cannot connect.*gave up after 5 attempts"),
+    ):
+        await backend.load("config")
+    assert clock.waits == [0.5, 1, 2, 4]  # + 8 would end past 10 s
+    retries = [e for e in events if e["event"] == "backend.retry"]
+    assert [(e["attempt"], e["of"]) for e in retries] == [(1, 5), (2, 5), (3, 5), (4, 5)]
     await backend.aclose()
 
 
@@ -260,3 +326,88 @@ async def test_sftp_connection_killed_mid_upload_is_retried(
     assert await backend.load(NAME) == data
     assert list((repo / "data" / "ab").glob(".tmp-*")) == []
     await backend.aclose()
+
+
+# --- the same through the command line: one line, an exit code --------------------------
+
+
+def _cli(repo: str, tmp_path: Path, env: dict[str, str] | None = None) -> Cairn:
+    password = tmp_path / "password"
+    password.write_text("pw\n")
+    return Cairn(repo, password, extra_env=env)
+
+
+def _s3_env(tmp_path: Path, secret: str = servers.S3_SECRET) -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": servers.S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+    }
+
+
+def test_cli_server_down_fails_fast_in_one_line(tmp_path: Path) -> None:
+    port = servers.free_port()
+    result = _cli(f"rest:http://cairn:secret@127.0.0.1:{port}/repo", tmp_path).run(
+        "snapshots", timeout=30
+    )
+    assert result.code == 1
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith(f"cairn: rest:http://cairn@127.0.0.1:{port}/repo/: ")
+    assert "cannot connect" in lines[0] and "secret" not in lines[0]
+
+
+def test_cli_retry_max_time_logs_attempts(tmp_path: Path) -> None:
+    port = servers.free_port()
+    result = _cli(f"rest:http://127.0.0.1:{port}/repo", tmp_path).run(
+        "--retry-max-time", "1s", "snapshots", timeout=30
+    )
+    assert result.code == 1
+    *retries, last = result.err.splitlines()
+    # Waits of 0.5 s (cut by jitter) fit in 1 s; then 1 s more would not.
+    assert len(retries) == 1 and "backend.retry" in retries[0], result.err
+    assert "attempt=1" in retries[0] and "of=2" in retries[0] and "delay=" in retries[0]
+    assert last.startswith("cairn: ") and "gave up after 2 attempts" in last
+
+
+def test_cli_bad_retry_max_time_is_a_usage_error(tmp_path: Path) -> None:
+    result = _cli("rest:http://127.0.0.1:9/repo", tmp_path).run(
+        "--retry-max-time", "soon", "snapshots", timeout=30
+    )
+    assert result.code == 1
+    assert "invalid duration 'soon'" in result.err
+
+
+@pytest.mark.parametrize("kind", ["s3"])
+def test_cli_s3_no_such_bucket(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url, options = servers.location_for(kind, request, tmp_path)
+    endpoint = url.removeprefix("s3:").split("/", 3)[:3]
+    repo = "s3:" + "/".join(endpoint) + "/no-such-bucket/repo"
+    cli = Cairn(
+        repo,
+        _cli(repo, tmp_path).password_file,
+        extra_env=_s3_env(tmp_path),
+        global_args=tuple(f"-o{k}={v}" for k, v in options.items()),
+    )
+    result = cli.run("snapshots", timeout=30)
+    assert result.code == 10
+    assert len(result.err.splitlines()) == 1, result.err
+    assert "no-such-bucket" in result.err
+
+
+def test_cli_s3_wrong_credentials(s3_server: servers.S3Server, tmp_path: Path) -> None:
+    repo = f"s3:{s3_server.endpoint}/{servers.S3_BUCKET}/creds"
+    cli = _cli(repo, tmp_path, _s3_env(tmp_path, secret="wrong"))
+    result = cli.run("-o", "s3.region=us-east-1", "snapshots", timeout=30)
+    assert result.code == 1
+    assert len(result.err.splitlines()) == 1, result.err
+    assert "access denied" in result.err and servers.S3_BUCKET in result.err
+
+
+def test_cli_rclone_bad_remote(rclone_remote: servers.RcloneRemote, tmp_path: Path) -> None:
+    cli = _cli("rclone:no-such-remote:repo", tmp_path)
+    result = cli.run("-o", f"rclone.config={rclone_remote.config}", "snapshots", timeout=30)
+    assert result.code == 1
+    assert len(result.err.splitlines()) == 1, result.err
+    assert "rclone exited" in result.err and "no-such-remote" in result.err

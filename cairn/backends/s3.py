@@ -34,6 +34,7 @@ from cairn.backends.base import (
     PermissionDenied,
     QuotaExceeded,
     TransientError,
+    Unreachable,
     validate_name,
     validate_prefix,
 )
@@ -104,7 +105,9 @@ def _translate(exc: Exception, what: str) -> BackendError:
             f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials)"
         )
-    if isinstance(exc, BotoConnectionError | HTTPClientError | ReadTimeoutError | OSError):
+    if isinstance(exc, BotoConnectionError):  # refused, DNS, TLS, connect timeout
+        return Unreachable(f"{what}: cannot connect: {exc}")
+    if isinstance(exc, HTTPClientError | ReadTimeoutError | OSError):
         return TransientError(f"{what}: {exc}")
     return BackendError(f"{what}: {exc}")
 
@@ -145,7 +148,7 @@ class S3Backend:
                     s3=s3conf,
                     retries={"total_max_attempts": 1, "mode": "standard"},
                     max_pool_connections=max(o.connections, 1) * 2,
-                    connect_timeout=15,
+                    connect_timeout=10,  # see rest.TIMEOUT
                     read_timeout=300,
                 )
                 session = get_session()
