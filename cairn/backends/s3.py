@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,8 @@ class S3Backend:
         self._stack = contextlib.AsyncExitStack()
         self._lock = anyio.Lock()
         where = f"{self._opts.endpoint.rstrip('/')}/" if self._opts.endpoint else ""
+        # Never show a key someone put in the endpoint URL.
+        where = re.sub(r"//[^/@]*@", "//***@", where)
         self._location = f"s3:{where}{bucket}/{self._prefix}".rstrip("/")
 
     @property
