@@ -91,12 +91,26 @@ async def test_rest_tls_failure_fails_fast(rest_server: servers.RestServer) -> N
 async def test_s3_closed_port_fails_fast(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, anyio_backend: str
 ) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", servers.S3_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", servers.S3_SECRET)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    for key, value in _s3_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
     port = servers.free_port()
     await _fails_fast(f"s3:http://127.0.0.1:{port}/bucket/x", {"s3.region": "us-east-1"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_s3_tls_failure_fails_fast(
+    moto_server: servers.S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    anyio_backend: str,
+) -> None:
+    for key, value in _s3_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    # TLS spoken to a plain-HTTP S3 server: the handshake fails.
+    await _fails_fast(
+        f"s3:https://127.0.0.1:{moto_server.port}/bucket/x", {"s3.region": "us-east-1"}
+    )
 
 
 @pytest.mark.anyio
