@@ -19,7 +19,9 @@ Contract (checked for every backend by ``tests/test_backend_conformance.py``):
 * ``remove(name)`` raises ``NotFound`` when there is nothing to remove.
 * ``aclose()`` releases connections and processes, and completes even on failure.
 * Errors are the subclasses of ``BackendError`` below; anything a retry may cure is a
-  ``TransientError``, everything else is permanent.
+  ``TransientError``, everything else is permanent. A failure to connect at all is
+  ``Unreachable`` (a ``TransientError``), so that the retry wrapper can tell a server
+  that never answered from one that stopped answering.
 """
 
 from __future__ import annotations
@@ -64,6 +66,15 @@ class QuotaExceeded(BackendError):
 
 class TransientError(BackendError):
     """A failure a retry may cure: connection reset, timeout, 5xx, throttling."""
+
+
+class Unreachable(TransientError):
+    """No connection could be made: refused, DNS failure, TLS failure, connect timeout.
+
+    Transient once the backend has answered (a server restarting mid-backup), but a
+    backend that never answered is most likely down or misconfigured: the retry
+    wrapper then fails at once instead of backing off for minutes.
+    """
 
 
 class ObjectTruncated(BackendError):

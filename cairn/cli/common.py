@@ -62,14 +62,16 @@ def username() -> str:
 def open_backend(settings: Settings) -> Any:
     """The storage backend for ``settings.repo``, wrapped as the settings ask.
 
-    The wrapper stack (retry, ``--connections``, ``--limit-upload``/``--limit-download``
-    token buckets, logging) comes from :func:`cairn.backends.wrap.wrap_backend`. The
-    throttles are kept on the returned backend as ``cairn_throttles`` so that
-    :func:`open_repo` can drive them from a bandwidth schedule.
+    The wrapper stack (retry with ``--retry-max-time``, ``--connections``,
+    ``--limit-upload``/``--limit-download`` token buckets, logging) comes from
+    :func:`cairn.backends.wrap.wrap_backend`. The throttles are kept on the returned
+    backend as ``cairn_throttles`` so that :func:`open_repo` can drive them from a
+    bandwidth schedule.
     """
     if not settings.repo:
         raise NoRepositoryGiven()
     from cairn.backends.location import parse_location
+    from cairn.backends.retry import RetryPolicy
     from cairn.backends.wrap import wrap_backend
     from cairn.pipeline.throttle import Throttle
 
@@ -78,6 +80,7 @@ def open_backend(settings: Settings) -> Any:
     download = _throttle(Throttle, settings.limit_download, settings.limit_download_schedule)
     wrapped = wrap_backend(
         backend,
+        retries=RetryPolicy(max_time=settings.retry_max_time),
         connections=settings.connections,
         upload_limiter=upload,
         download_limiter=download,

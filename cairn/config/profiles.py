@@ -46,6 +46,48 @@ def _str_map(v: Any) -> bool:
     return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds in a duration such as ``30s``, ``5m``, ``1h30m``, ``500ms`` or ``90``.
+
+    A bare number is seconds. Raises ``ValueError`` with a one-line message.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"invalid duration {value!r}: must not be negative")
+        return float(value)
+    text = str(value).strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m[1]) * _UNIT_SECONDS[m[2]]
+            pos = m.end()
+        if not text or pos != len(text):
+            raise ValueError(
+                f"invalid duration {value!r}: use e.g. 30s, 5m, 1h30m (units ms, s, m, h)"
+            ) from None
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"invalid duration {value!r}: must be a finite positive time")
+    return seconds
+
+
+def _duration(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        return False
+    try:
+        parse_duration(v)
+    except ValueError:
+        return False
+    return True
+
+
 _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str": (_str, "a string"),
     "int": (_int, "an integer"),
@@ -53,6 +95,7 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bool": (_bool, "true or false"),
     "strs": (_strs, "a list of strings"),
     "map": (_str_map, "a table of strings"),
+    "duration": (_duration, 'a duration such as "30s" or "5m" (or seconds)'),
 }
 
 #: Profile keys that become :class:`~cairn.config.settings.Settings` fields
@@ -77,6 +120,7 @@ SETTINGS_KEYS: dict[str, tuple[str, str]] = {
     "cache_dir": ("str", "cache_dir"),
     "no_cache": ("bool", "no_cache"),
     "retry_lock": ("num", "retry_lock"),
+    "retry_max_time": ("duration", "retry_max_time"),
 }
 
 #: Profile keys that only ``cairn run`` reads (the job: what, how long to keep, checks).
