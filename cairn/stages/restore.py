@@ -72,6 +72,7 @@ class RestoreStats:
     bytes_written: int = 0
     bytes_total: int = 0
     deleted: int = 0
+    deleted_paths: list[str] = field(default_factory=list)  # for -v and --dry-run
     verified: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
 
@@ -93,7 +94,9 @@ class Restorer:
         self._files: list[_Entry] = []
         self._others: list[_Entry] = []
         self._links: list[tuple[bytes, bytes]] = []  # (existing, new) hardlinks
-        self._expected: set[bytes] = set()
+        # Directories the plan walked, with every name their tree holds (filtered or
+        # not): ``--delete`` looks only inside these, at names the tree lacks.
+        self._visited: list[tuple[bytes, bytes, frozenset[bytes]]] = []
         self._failed: dict[bytes, str] = {}  # files whose data could not be restored
         self._worker_done: set[bytes] = set()  # created and finished by a worker
         inc = [p for p in options.includes if p]
@@ -101,6 +104,12 @@ class Restorer:
         self._exclude = ExcludeRules(patterns=list(options.excludes))
 
     # -- planning -------------------------------------------------------------
+
+    def _selected(self, rel: bytes) -> bool:
+        """Whether the filters select ``rel`` itself (an entry to restore or delete)."""
+        if self._exclude.excluded_path(rel):
+            return False
+        return self._include is None or self._include.excluded_path(rel)
 
     def _wanted(self, rel: bytes, is_dir: bool) -> bool:
         if self._exclude.excluded_path(rel):
@@ -123,6 +132,7 @@ class Restorer:
         while stack:
             path, rel, tid = stack.pop()
             tree: Tree = await self.repo.load_tree(tid)
+            self._visited.append((path, rel, frozenset(n.name for n in tree.nodes)))
             for child in tree.nodes:
                 cpath = path.rstrip(b"/") + b"/" + child.name
                 crel = rel + b"/" + child.name
@@ -131,13 +141,11 @@ class Restorer:
                 if child.type == "dir":
                     assert child.subtree is not None
                     self._dirs.append(_Entry(cpath, crel, child))
-                    self._expected.add(cpath)
                     stack.append((cpath, crel, child.subtree))
                 else:
                     self._add_leaf(cpath, crel, child)
 
     def _add_leaf(self, path: bytes, rel: bytes, node: Node) -> None:
-        self._expected.add(path)
         if node.type == "file":
             self._files.append(_Entry(path, rel, node))
         else:
@@ -148,14 +156,15 @@ class Restorer:
     async def run(self) -> RestoreStats:
         if not self.opts.dry_run:
             await anyio.to_thread.run_sync(self._make_dirs)
+        if self.opts.delete:
+            # Before anything is written (space) and before directory times are set.
+            await anyio.to_thread.run_sync(self._delete_extra)
         writes = await anyio.to_thread.run_sync(self._prepare_files)
         if self.opts.dry_run:
             return self.stats
         if writes:
             await self._write_blobs(writes)
         await anyio.to_thread.run_sync(self._finish_metadata)
-        if self.opts.delete:
-            await anyio.to_thread.run_sync(self._delete_extra)
         if self.opts.verify:
             await anyio.to_thread.run_sync(self._verify)
         return self.stats
@@ -435,20 +444,45 @@ class Restorer:
             self.stats.errors.append((os.fsdecode(entry.path), problem))
 
     def _delete_extra(self) -> None:
-        """``--delete``: remove what is in the target but not in the snapshot."""
-        for dirpath, dirnames, filenames in os.walk(self.opts.target, topdown=False):
-            for name in filenames + dirnames:
-                path = os.path.join(dirpath, name)
-                if path in self._expected:
-                    continue
-                try:
-                    if os.path.isdir(path) and not os.path.islink(path):
-                        os.rmdir(path)
-                    else:
-                        os.unlink(path)
-                    self.stats.deleted += 1
-                except OSError as exc:
-                    self._error(path, exc)
+        """``--delete``: remove what the filters select in the target but the snapshot
+        lacks, as restic does — only inside directories the plan walked (below the
+        target root that the snapshot or ``SNAPSHOT:PATH`` maps to), only names their
+        tree does not hold, and only paths the filters select. ``--dry-run`` counts."""
+        for path, rel, names in self._visited:
+            # The target itself may be reached through a symlink the user gave.
+            flags = _DIR_FLAGS if rel else _DIR_FLAGS & ~os.O_NOFOLLOW
+            try:
+                dir_fd = os.open(path, flags)
+            except OSError:
+                continue  # not there (dry run) or not a directory: nothing to delete
+            try:
+                for name in sorted(map(os.fsencode, os.listdir(dir_fd))):
+                    if name in names or not self._selected(rel + b"/" + name):
+                        continue
+                    child = path.rstrip(b"/") + b"/" + name
+                    try:
+                        self._remove_all(dir_fd, name, child)
+                    except OSError as exc:
+                        self._error(child, exc)
+            finally:
+                os.close(dir_fd)
+
+    def _remove_all(self, dir_fd: int, name: bytes, path: bytes) -> None:
+        """Remove ``name`` (a whole directory tree, never following a symlink)."""
+        st = os.lstat(name, dir_fd=dir_fd)
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                for child in sorted(map(os.fsencode, os.listdir(fd))):
+                    self._remove_all(fd, child, path + b"/" + child)
+            finally:
+                os.close(fd)
+            if not self.opts.dry_run:
+                os.rmdir(name, dir_fd=dir_fd)
+        elif not self.opts.dry_run:
+            os.unlink(name, dir_fd=dir_fd)
+        self.stats.deleted += 1
+        self.stats.deleted_paths.append(os.fsdecode(path))
 
     def _verify(self) -> None:
         for entry in self._files:
@@ -467,6 +501,9 @@ class Restorer:
         problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         self.stats.errors.append((text, problem))
         log.warning("restore.file_error", path=text, error=problem)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _remove_non_dir(path: bytes) -> None:
