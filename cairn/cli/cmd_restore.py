@@ -100,6 +100,8 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
             )
         if options.verify:
             click.echo(f"verified {stats.verified} files")
+        if stats.errors:
+            click.echo(f"{len(stats.errors)} entries could not be restored (see the warnings)")
     return EXIT_FATAL if stats.errors else EXIT_OK
 
 
