@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.cli_helpers import Cairn, Result
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
@@ -363,3 +366,38 @@ def test_a_damaged_tree_fails_only_its_subtree(
     for d in ("a", "c"):
         assert (base / d / "deeper" / "g").read_text() == f"{d} deeper"
         assert len(list((base / d).iterdir())) == 11
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a tmpfs (CI runs as root)")
+def test_a_full_target_disk_names_the_paths_and_leaves_nothing_half_restored(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    data = {f"d/f{i:02d}": os.urandom(50 * 1024 + i) for i in range(30)}
+    data["large"] = os.urandom(3 * MiB)
+    for name, content in data.items():
+        (src / name).write_bytes(content)
+    _backup(cairn, str(src))
+    target = tmp_path / "small"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(target)], check=True)
+    try:
+        result = cairn.run("restore", "latest", "--target", str(target), "--json")
+        got = _files(_under(target, src))
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert result.code == 1, result.err
+    assert "internal error" not in result.err
+    errors = _errors(result)
+    assert errors, result.err
+    assert all(m == "No space left on device" for m in errors.values()), errors
+    base = _under(target, src)
+    # Whatever is there is complete; whatever is missing has its line.
+    for name, content in got.items():
+        assert content == data[name], f"{name} is there but not restored"
+    missing = set(data) - set(got)
+    assert missing
+    assert {str(base / name) for name in missing} <= set(errors)
+    assert _summary(result)["errors"] == len(errors)
