@@ -401,3 +401,27 @@ def test_a_full_target_disk_names_the_paths_and_leaves_nothing_half_restored(
     assert missing
     assert {str(base / name) for name in missing} <= set(errors)
     assert _summary(result)["errors"] == len(errors)
+
+
+def test_directory_descriptors_stay_right_when_the_cache_evicts(tmp_path: Path) -> None:
+    from cairn.stages.dirfds import DirFds, open_dir_path
+
+    rels = []
+    for a in range(3):
+        for b in range(3):
+            (tmp_path / f"a{a}" / f"b{b}" / "c").mkdir(parents=True)
+            rels += [f"/a{a}", f"/a{a}/b{b}", f"/a{a}/b{b}/c"]
+    (tmp_path / "link").symlink_to(tmp_path / "a0")
+    open_before = len(os.listdir("/proc/self/fd"))
+    dirs = DirFds(open_dir_path(os.fsencode(tmp_path)), size=2)
+    try:
+        for rel in rels + rels[::-1] + rels[::3]:
+            fd = dirs.get(rel.encode())
+            assert os.fstat(fd).st_ino == (tmp_path / rel.lstrip("/")).stat().st_ino, rel
+        with pytest.raises(OSError):  # a symlink below the root is never followed
+            dirs.get(b"/link/b0")
+        dirs.forget(b"/a1")
+        assert os.fstat(dirs.get(b"/a1/b2")).st_ino == (tmp_path / "a1" / "b2").stat().st_ino
+    finally:
+        dirs.close()
+    assert len(os.listdir("/proc/self/fd")) == open_before

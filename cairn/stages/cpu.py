@@ -81,7 +81,6 @@ def decode_and_write(
     ``sparse``, all-zero 64 KiB blocks are not written and stay holes.
     """
     crypto = _worker_crypto()
-    dirs = _target_dirs(root)
     written = 0
     problems: list[Problem] = []
     bad_blobs: list[tuple[bytes, str]] = []
@@ -94,6 +93,7 @@ def decode_and_write(
         pieces = _nonzero_blocks(data) if sparse else [(0, len(data))]
         for dir_rel, name, file_offset, node in targets:
             try:
+                dirs = _target_dirs(root)
                 warnings = _write_one(dirs, dir_rel, name, data, pieces, file_offset, node, sparse)
             except OSError as exc:
                 problems.append((dir_rel, name, exc.strerror or str(exc), True))

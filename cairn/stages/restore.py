@@ -160,7 +160,8 @@ class Restorer:
                 self._bad_dirs.add(rel)
                 self._error(rel, f"directory not restored, its tree is unreadable: {exc}")
                 continue
-            self._visited.append((rel, frozenset(n.name for n in tree.nodes)))
+            if self.opts.delete:
+                self._visited.append((rel, frozenset(n.name for n in tree.nodes)))
             for child in tree.nodes:
                 crel = rel + b"/" + child.name
                 if not self._wanted(crel, child.type == "dir"):
