@@ -425,3 +425,34 @@ def test_directory_descriptors_stay_right_when_the_cache_evicts(tmp_path: Path) 
     finally:
         dirs.close()
     assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for chattr +i (CI runs as root)")
+def test_metadata_that_cannot_be_set_is_one_line_per_entry(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        (src / name).write_text(name)
+        os.chmod(src / name, 0o640)
+    _backup(cairn, str(src))
+    target = tmp_path / "t"
+    cairn.run("restore", "latest", "--target", str(target), check=True)
+    base = _under(target, src)
+    os.chmod(base / "b", 0o600)
+    subprocess.run(["chattr", "+i", str(base / "b")], check=True)
+    try:
+        result = cairn.run(
+            "restore", "latest", "--target", str(target), "--overwrite", "never", "--json"
+        )
+    finally:
+        subprocess.run(["chattr", "-i", str(base / "b")], check=True)
+    assert result.code == 1, result.err
+    errors = _errors(result)
+    assert list(errors) == [str(base / "b")]
+    assert "chmod: Operation not permitted" in errors[str(base / "b")]
+    assert "utime: Operation not permitted" in errors[str(base / "b")]
+    assert _summary(result)["errors"] == 1
+    assert [(base / n).stat().st_mode & 0o777 for n in "ac"] == [0o640, 0o640]
