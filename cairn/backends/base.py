@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # Object kinds and the directory each lives in.
 KINDS = ("keys", "snapshots", "index", "data", "locks")
@@ -42,10 +42,26 @@ _NAME = re.compile(
 )
 
 
+def rebuild_error(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    """Unpickle an exception without calling its ``__init__`` (whose signature need not
+    match ``args``): class, ``args`` (the message) and attributes come back as they were."""
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class BackendError(Exception):
-    """A storage operation failed; the message is written for the user."""
+    """A storage operation failed; the message is written for the user.
+
+    Errors cross process boundaries (a worker's job fails): every subclass pickles
+    with its class, message and attributes, whatever its ``__init__`` takes.
+    """
 
     exit_code = 1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (rebuild_error, (type(self), self.args, self.__dict__))
 
 
 class NotFound(BackendError):

@@ -31,6 +31,11 @@ class NoRepositoryGiven(Exception):
     def __init__(self) -> None:
         super().__init__("no repository given: use -r/--repo or set CAIRN_REPOSITORY")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        from cairn.backends.base import rebuild_error
+
+        return (rebuild_error, (type(self), self.args, self.__dict__))
+
 
 def run_async(func: Callable[[], Awaitable[T]]) -> T:
     """Run a command's coroutine on asyncio (aiobotocore and asyncssh need it).

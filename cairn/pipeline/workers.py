@@ -94,10 +94,21 @@ def _dump_result(ok: bool, value: Any) -> bytes:
         value.add_note("in worker:\n" + "".join(traceback.format_exception(value)))
     records = worklog.drain()
     try:
-        return pickle.dumps((ok, value, records), pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps((ok, value, records), pickle.HIGHEST_PROTOCOL)
+        if not ok:
+            # An exception can pickle and still fail to rebuild (an ``__init__`` that
+            # wants other arguments than ``args``); errors are rare, so check here,
+            # where the text is still at hand.
+            pickle.loads(data)
+        return data
     except Exception as exc:
-        error = RemoteError(f"unpicklable {'result' if ok else 'error'}: {value!r} ({exc})")
-        return pickle.dumps((False, error, []), pickle.HIGHEST_PROTOCOL)
+        if ok:
+            error = RemoteError(f"unpicklable result: {value!r} ({exc})")
+        else:
+            error = RemoteError(
+                f"{type(value).__name__}: {value} (could not be sent back from the worker: {exc})"
+            )
+        return pickle.dumps((False, error, records), pickle.HIGHEST_PROTOCOL)
 
 
 class _Worker:
@@ -120,7 +131,14 @@ class _Worker:
             raise WorkerCrashed(
                 f"worker process {self.process.pid} died (exit code {self._exitcode()})"
             ) from None
-        ok, value, records = pickle.loads(data)
+        try:
+            ok, value, records = pickle.loads(data)
+        except Exception as exc:
+            # The worker checks its errors before sending; this is the last resort.
+            raise RemoteError(
+                f"the reply of worker process {self.process.pid} could not be read: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         if records:
             worklog.replay(records, self.process.pid)
         return ok, value
