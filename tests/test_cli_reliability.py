@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tests.cli_helpers import Cairn
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
-from tests.maintenance_helpers import flip_byte, make_history, objects
+from tests.maintenance_helpers import describe, flip_byte, make_history, objects, pack_files
 
 
 def test_one_damaged_snapshot_file_does_not_block_the_others(
@@ -46,3 +46,24 @@ def test_one_damaged_snapshot_file_does_not_block_the_others(
     assert len(cairn.run(*nc, "snapshots", "--json", check=True).json()) == 3
     assert cairn.run(*nc, "prune").code == 0
     assert cairn.run(*nc, "check").code == 0
+
+
+def test_the_cache_does_not_hide_a_damaged_tree_from_repair(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ids = make_history(cairn, tmp_path / "src")
+    for sid in ids:  # every tree pack is now in the local cache, verified
+        cairn.run("ls", sid, check=True)
+    info = describe(cairn.repo)
+    tree_packs = sorted(p for p, t in info["pack_type"].items() if t == 1)
+    damaged_pack = tree_packs[0]
+    offset, length = info["blobs"][damaged_pack][0]
+    flip_byte(pack_files(cairn.repo)[damaged_pack], offset + length // 2)
+
+    assert cairn.run("check").code == 1
+    repaired = cairn.run("repair", "snapshots", "--json")
+    assert repaired.code == 0, repaired.err
+    lines = repaired.json_lines()
+    assert lines[-1]["message_type"] == "summary" and lines[-1]["repaired"] >= 1, lines
+    assert any("directory contents lost" in item for r in lines[:-1] for item in r["lost"])

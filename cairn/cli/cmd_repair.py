@@ -29,6 +29,7 @@ def index(settings: Settings) -> int:
             open_repo(settings) as repo,
             repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
         ):
+            repo.cache = None  # rebuild from what the backend holds
             return await repair_index(repo, settings.connections or 4)
 
     result = run_async(main)
@@ -60,6 +61,9 @@ def snapshots(settings: Settings, forget: bool, dry_run: bool) -> int:
             open_repo(settings) as repo,
             repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
         ):
+            # Repair what the backend holds: a cached copy of a tree pack that is
+            # damaged on the backend would hide the damage ("repaired 0").
+            repo.cache = None
             return await repair_snapshots(
                 repo, forget=forget, dry_run=dry_run, level=compression_level(settings.compression)
             )
