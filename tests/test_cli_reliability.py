@@ -67,3 +67,31 @@ def test_the_cache_does_not_hide_a_damaged_tree_from_repair(
     lines = repaired.json_lines()
     assert lines[-1]["message_type"] == "summary" and lines[-1]["repaired"] >= 1, lines
     assert any("directory contents lost" in item for r in lines[:-1] for item in r["lost"])
+
+
+def test_backup_of_missing_paths_follows_restic(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
+    gone = tmp_path / "does-not-exist"
+    alone = cairn.run("backup", str(gone))
+    assert alone.code == 1, alone.err
+    assert alone.err.count("\n") == 1 and str(gone) in alone.err, alone.err
+    assert not objects(cairn.repo, "snapshots")  # no (empty) snapshot
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    some = cairn.run("backup", str(src), str(gone), "--json")
+    assert some.code == 3, some.err
+    assert f"{gone}" in some.err
+    summary = some.json_lines()[-1]
+    assert summary["errors"] == 1
+    saved = cairn.run("snapshots", "--json", check=True).json()
+    assert [s["paths"] for s in saved] == [[str(src)]]
+
+
+def test_backup_stdin_with_paths_is_refused(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
+    r = cairn.run("backup", "--stdin", str(tmp_path), input=b"data")
+    assert r.code == 1 and "--stdin" in r.err and r.err.count("\n") == 1, r.err
+    assert not objects(cairn.repo, "snapshots")
+    ok = cairn.run("backup", "--stdin", "--stdin-filename", "db.sql", input=b"data")
+    assert ok.code == 0, ok.err
+    assert cairn.run("snapshots", "--json", check=True).json()[0]["paths"] == ["/db.sql"]
