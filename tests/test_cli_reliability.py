@@ -4,11 +4,13 @@ and small CLI defects (issue 20)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tests.cli_helpers import Cairn
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
 from tests.maintenance_helpers import describe, flip_byte, make_history, objects, pack_files
+from tests.test_maintenance_cli import _popen, _wait_for_lock
 
 
 def test_one_damaged_snapshot_file_does_not_block_the_others(
@@ -95,3 +97,30 @@ def test_backup_stdin_with_paths_is_refused(cairn: Cairn, tmp_path: Path) -> Non
     ok = cairn.run("backup", "--stdin", "--stdin-filename", "db.sql", input=b"data")
     assert ok.code == 0, ok.err
     assert cairn.run("snapshots", "--json", check=True).json()[0]["paths"] == ["/db.sql"]
+
+
+def test_a_backup_whose_lock_was_removed_saves_no_snapshot(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(6 * 1024 * 1024))
+    # A throttled upload keeps the backup running for about 12 s.
+    backup = _popen(cairn, "backup", str(src), "--limit-upload", "512")
+    try:
+        _wait_for_lock(cairn, backup)
+        removed = cairn.run("unlock", "--remove-all")
+        assert removed.code == 0, removed.err
+        pruned = cairn.run("prune")
+        assert pruned.code == 0, pruned.err
+        assert backup.poll() is None  # the removal happened while the backup ran
+    finally:
+        _out, err = backup.communicate(timeout=120)
+    message = err.decode()
+    assert backup.returncode == 11, message
+    assert "lock lost" in message and "Traceback" not in message, message
+    assert not objects(cairn.repo, "snapshots")
+    assert not objects(cairn.repo, "locks")
+    checked = cairn.run("check")
+    assert checked.code == 0, checked.out

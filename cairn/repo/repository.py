@@ -7,7 +7,7 @@ this class serves the CLI and the restore side with whole-object reads and write
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -39,6 +39,8 @@ from cairn.repo.tree import Tree, decode_tree
 _SEAL_KIND = {"snapshots": "snapshot", "index": "index", "locks": "lock"}
 # Sealed kinds the metadata cache keeps.
 _CACHED = ("snapshots", "index")
+# Sealed kinds written only while this process's lock is verified to be held.
+_LOCK_CHECKED = ("snapshots", "index")
 
 # Decoding below this size is cheaper inline than a hop to a worker thread (~50 µs).
 _INLINE_DECODE = 64 * 1024
@@ -123,11 +125,18 @@ class Repository:
         # CLI unless --no-cache. None: every read goes to the backend.
         self.cache: MetadataCache | None = None
         self._pack_locks: dict[str, anyio.Lock] = {}
+        # Set while a repository lock is held (cairn.stages.locking): raises if the
+        # lock was lost. Index files and snapshots are written only after it passes,
+        # so a process whose lock was removed (and whose packs a prune may have
+        # deleted) never publishes references to them.
+        self.lock_check: Callable[[], Awaitable[None]] | None = None
 
     # --- sealed whole-file objects -------------------------------------------------
 
     async def save_sealed(self, kind: str, payload: bytes) -> str:
         """Seal ``payload`` and store it under ``<kind>/<storage id>``; return the ID."""
+        if kind in _LOCK_CHECKED and self.lock_check is not None:
+            await self.lock_check()
         stored = seal(self.crypto, _SEAL_KIND[kind], payload)
         object_id = storage_id(stored)
         await self.backend.save(backend_name(kind, object_id), stored)
