@@ -124,3 +124,19 @@ def test_a_backup_whose_lock_was_removed_saves_no_snapshot(
     assert not objects(cairn.repo, "locks")
     checked = cairn.run("check")
     assert checked.code == 0, checked.out
+
+
+def test_init_refuses_a_non_empty_directory_that_is_no_repository(tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("pw\n")
+    target = tmp_path / "photos"
+    target.mkdir()
+    (target / "holiday.jpg").write_bytes(b"jpeg")
+    refused = Cairn(target, password).run("init")
+    assert refused.code == 1, refused.err
+    assert refused.err.count("\n") == 1 and "not empty" in refused.err, refused.err
+    assert sorted(os.listdir(target)) == ["holiday.jpg"]  # nothing written into it
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert Cairn(empty, password).run("init").code == 0
