@@ -5,6 +5,7 @@ and small CLI defects (issue 20)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from tests.cli_helpers import Cairn
@@ -140,3 +141,27 @@ def test_init_refuses_a_non_empty_directory_that_is_no_repository(tmp_path: Path
     empty = tmp_path / "empty"
     empty.mkdir()
     assert Cairn(empty, password).run("init").code == 0
+
+
+def test_prune_removes_temporaries_left_by_a_killed_process(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(os.urandom(100_000))
+    cairn.run("backup", str(src), check=True)
+    pack = next(iter(pack_files(cairn.repo).values()))
+    # What a prune or backup killed between write and rename leaves behind.
+    stale = pack.parent / f".tmp-{pack.name}-0123456789ab"
+    stale.write_bytes(pack.read_bytes())
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    fresh = pack.parent / f".tmp-{pack.name}-ba9876543210"  # maybe still being written
+    fresh.write_bytes(b"partial")
+
+    pruned = cairn.run("prune", "--json")
+    assert pruned.code == 0, pruned.err
+    assert pruned.json_lines()[-1]["stale_temporaries_removed"] == 1
+    assert not stale.exists() and fresh.exists()
+    assert cairn.run("check").code == 0
