@@ -165,3 +165,12 @@ def test_prune_removes_temporaries_left_by_a_killed_process(
     assert pruned.json_lines()[-1]["stale_temporaries_removed"] == 1
     assert not stale.exists() and fresh.exists()
     assert cairn.run("check").code == 0
+
+
+def test_snapshots_latest(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
+    ids = make_history(cairn, tmp_path / "src")
+    r = cairn.run("snapshots", "latest", "--json")
+    assert r.code == 0, r.err
+    assert [s["id"] for s in r.json()] == [ids[-1]]
+    both = cairn.run("snapshots", "latest", ids[0][:8], "--json", check=True)
+    assert sorted(s["id"] for s in both.json()) == sorted([ids[0], ids[-1]])
