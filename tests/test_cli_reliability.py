@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.cli_helpers import Cairn
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
 from tests.maintenance_helpers import describe, flip_byte, make_history, objects, pack_files
@@ -174,3 +176,42 @@ def test_snapshots_latest(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
     assert [s["id"] for s in r.json()] == [ids[-1]]
     both = cairn.run("snapshots", "latest", ids[0][:8], "--json", check=True)
     assert sorted(s["id"] for s in both.json()) == sorted([ids[0], ids[-1]])
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("connections = 0", "connections"),
+        ("cpu_workers = 1000", "cpu_workers"),
+        ('ping_url_failure = "hc-ping.com/abc"', "ping_url_failure"),
+        ('ping_url_success = "http://host:port/x"', "ping_url_success"),
+        ('keep_within = "fortnight"', "keep_within"),
+        ('check_subset = "12/5"', "check_subset"),
+        ('compression = "tiny"', "compression"),
+        ('metrics_file = "/nonexistent-dir/cairn.prom"', "metrics"),
+    ],
+)
+def test_bad_profile_values_fail_before_anything_runs(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+    line: str,
+    key: str,
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "[profiles.nightly]\n"
+        f'repository = "{cairn.repo}"\n'
+        f'password_file = "{cairn.password_file}"\n'
+        f'paths = ["{src}"]\n'
+        "keep_last = 3\n"
+        f"{line}\n"
+    )
+    r = cairn.run("--config", str(config), "run", "nightly", base=False)
+    assert r.code == 1, r.err
+    errors = [x for x in r.err.splitlines() if x.startswith("cairn:")]
+    assert len(errors) == 1 and key in errors[0], r.err
+    assert "internal error" not in r.err and "Traceback" not in r.err
+    assert not objects(cairn.repo, "snapshots")  # failed before the backup

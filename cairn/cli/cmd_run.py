@@ -214,6 +214,10 @@ def command(settings: Settings, profile: str, metrics_file: str | None) -> int:
     job = settings.job
     run_id = logsetup.RUN_CONTEXT.get("run_id")
     logsetup.configure_logging(settings, "run", run_id=run_id)  # the profile may name a log file
+    path = metrics_file or job.get("metrics_file")
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        # Found now, not after the backup ran.
+        raise ConfigError(f"metrics file {path}: its directory does not exist")
     started_wall = time.time()
     started = time.monotonic()
     steps = plan(job)
@@ -239,7 +243,6 @@ def command(settings: Settings, profile: str, metrics_file: str | None) -> int:
         bytes_added=summary["bytes_added"],
         files=summary["files"],
     )
-    path = metrics_file or job.get("metrics_file")
     if path:
         try:
             finished = started_wall + summary["duration_seconds"]
