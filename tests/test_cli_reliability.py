@@ -5,12 +5,14 @@ and small CLI defects (issue 20)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import Cairn
+from tests.cli_helpers import CAIRN, Cairn
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
 from tests.maintenance_helpers import describe, flip_byte, make_history, objects, pack_files
 from tests.test_maintenance_cli import _popen, _wait_for_lock
@@ -215,3 +217,41 @@ def test_bad_profile_values_fail_before_anything_runs(
     assert len(errors) == 1 and key in errors[0], r.err
     assert "internal error" not in r.err and "Traceback" not in r.err
     assert not objects(cairn.repo, "snapshots")  # failed before the backup
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def test_sigterm_before_the_command_starts_exits_130(tmp_path: Path) -> None:
+    # init asks its --password-command before any async work: the process is then
+    # past its imports but before the engine's own signal handling.
+    proc = subprocess.Popen(
+        [*CAIRN, "-r", str(tmp_path / "repo"), "--password-command", "sleep 60", "init"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _children(proc.pid):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        caught = int(next(x for x in status.splitlines() if x.startswith("SigCgt:")).split()[1], 16)
+        assert caught & (1 << (signal.SIGTERM - 1)), "SIGTERM is not handled yet"
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.decode().strip() == "cairn: interrupted"
+    assert not (tmp_path / "repo").exists()
