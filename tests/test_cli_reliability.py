@@ -4,6 +4,7 @@ and small CLI defects (issue 20)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import CAIRN, Cairn
+from tests.cli_helpers import CAIRN, Cairn, Result
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
 from tests.maintenance_helpers import describe, flip_byte, make_history, objects, pack_files
 from tests.test_maintenance_cli import _popen, _wait_for_lock
@@ -255,3 +256,76 @@ def test_sigterm_before_the_command_starts_exits_130(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert err.decode().strip() == "cairn: interrupted"
     assert not (tmp_path / "repo").exists()
+
+
+def _assert_json_lines(r: Result, what: str) -> None:
+    for stream, text in (("stdout", r.out), ("stderr", r.err)):
+        for line in text.splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                raise AssertionError(f"{what}: {stream} line is not JSON: {line!r}") from None
+
+
+def test_json_output_is_json_lines_on_stdout_and_stderr(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ids = make_history(cairn, tmp_path / "src")
+    src = str(tmp_path / "src")
+    keyfile = tmp_path / "pw2"
+    keyfile.write_text("another password\n")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[profiles.job]\nrepository = "{cairn.repo}"\npassword_file = "{cairn.password_file}"\n'
+        f'paths = ["{src}"]\nkeep_last = 5\n'
+    )
+    commands: list[tuple[str, ...]] = [
+        ("backup", src, "-v"),
+        ("backup", src, str(tmp_path / "missing")),  # exit 3, an error line on stderr
+        ("snapshots",),
+        ("snapshots", "--group-by", "host"),
+        ("ls", "latest"),
+        ("find", "small.txt"),
+        ("diff", ids[0], ids[1]),
+        ("restore", "latest", "--target", str(tmp_path / "restored")),
+        ("check", "--read-data"),
+        ("stats",),
+        ("stats", "--mode", "raw-data"),
+        ("tag", "--add", "t", "latest"),
+        ("key", "list"),
+        ("key", "add", "--new-password-file", str(keyfile)),
+        ("forget", "--keep-last", "3", "-v"),
+        ("prune",),
+        ("unlock",),
+        ("repair", "index"),
+        ("repair", "snapshots"),
+        ("cat", "config"),
+        ("cat", "snapshot", "latest"),
+        ("version",),
+        ("config", "show"),
+        ("--config", str(config), "run", "job"),
+        ("init",),  # fails: the repository exists
+        ("snapshots", "--no-such-flag"),
+        ("no-such-command",),
+        ("backup", str(tmp_path / "missing")),
+    ]
+    for args in commands:
+        r = cairn.run(*args, "--json")
+        assert r.code in (0, 1, 3), (args, r.err)
+        assert r.out.strip() or r.err.strip(), args
+        _assert_json_lines(r, " ".join(args))
+    env = {"CAIRN_PASSWORD": "wrong", "CAIRN_REPOSITORY": str(cairn.repo)}
+    wrong = cairn.run("snapshots", "--json", env=env, base=False)
+    assert wrong.code == 12
+    _assert_json_lines(wrong, "wrong password")
+    lines = [json.loads(x) for x in wrong.err.splitlines()]
+    exit_error = [x for x in lines if x.get("message_type") == "exit_error"]
+    assert len(exit_error) == 1 and exit_error[0]["code"] == 12, lines
+    assert "wrong password" in exit_error[0]["message"]
+
+    # A damaged snapshot file: the warning on stderr is JSON too.
+    flip_byte(next(iter(objects(cairn.repo, "snapshots").values())), 40)
+    r = cairn.run("--no-cache", "snapshots", "--json")
+    _assert_json_lines(r, "damaged snapshot")
+    assert any(json.loads(x)["event"] == "snapshot.damaged" for x in r.err.splitlines())

@@ -90,8 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         early.interrupt_on_signals()
     except KeyboardInterrupt:
-        print("cairn: interrupted", file=sys.stderr)
-        sys.exit(cli_errors.EXIT_INTERRUPTED)
+        code = cli_errors.EXIT_INTERRUPTED
+        cli_errors.print_error("interrupted", as_json="--json" in args, code=code)
+        sys.exit(code)
     tune_malloc()
     sys.exit(cli_errors.run_cli(cli, args, on_exit=log_exit))
 
