@@ -46,8 +46,8 @@ class LockLost(RepoError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(
-            f"repository lock lost: {detail}; stopped without writing a snapshot "
-            "(data already uploaded is removed by the next prune)"
+            f"repository lock lost: {detail}; stopped before writing an index or "
+            "snapshot (data already uploaded is removed by the next prune)"
         )
         self.detail = detail
 
