@@ -63,7 +63,7 @@ def show(settings: Settings) -> int:
             },
             "job": {k: {"value": v, "source": s} for k, (v, s) in job_keys.items()},
         }
-        click.echo(json.dumps(out, indent=2))
+        click.echo(json.dumps(out))
         return 0
     click.echo(f"config file: {settings.config or '(none)'}")
     click.echo(f"profile:     {settings.profile or '(none)'}")

@@ -248,8 +248,8 @@ def report_item_errors(settings: Settings, errors: list[tuple[str, str]], during
 
 
 def echo_json(value: Any) -> None:
-    """One JSON document on stdout."""
-    click.echo(json.dumps(value, indent=2, sort_keys=False, default=_json_default))
+    """One JSON document on stdout, on one line (``--json`` output is JSON Lines)."""
+    click.echo(json.dumps(value, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

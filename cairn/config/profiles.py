@@ -162,6 +162,49 @@ _CHOICES = {
 }
 _TOP_LEVEL = {"default_profile", "profiles"}
 
+#: Inclusive bounds of numeric keys (the same as the flags'; None: unbounded).
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "cpu_workers": (1, 256),
+    "read_concurrency": (1, 256),
+    "connections": (1, 256),
+    "limit_upload": (0, None),  # 0: unlimited
+    "limit_download": (0, None),
+    "pack_size": (4, 128),
+    "retry_lock": (0, None),
+    "ping_timeout": (0.001, None),
+    **{f"keep_{u}": (-1, None) for u in ("last", "hourly", "daily", "weekly", "monthly", "yearly")},
+}
+
+
+def _check_url(text: str) -> None:
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host name")
+    url.port  # noqa: B018 - raises ValueError on a port that is not a number
+
+
+def _value_checks() -> dict[str, Callable[[Any], object]]:
+    """Parsers of string values, the ones the commands use (imported on demand): each
+    raises ``ValueError`` with a message for the user."""
+    from cairn.repo.codec import compression_level
+    from cairn.stages.check import parse_subset
+    from cairn.stages.forget import Duration, parse_group_by
+    from cairn.stages.prune import max_unused_limit
+    from cairn.stages.units import parse_size
+
+    return {
+        "compression": compression_level,
+        "exclude_larger_than": parse_size,
+        "keep_within": Duration.parse,
+        "group_by": parse_group_by,
+        "max_unused": max_unused_limit,
+        "check_subset": parse_subset,
+        "ping_url_success": _check_url,
+        "ping_url_failure": _check_url,
+    }
+
 
 def profile_keys() -> dict[str, str]:
     """Every profile key and its kind (``str``, ``int``, ``strs`` …), ``inherit`` included."""
@@ -283,6 +326,29 @@ class ConfigFile:
             for key in ("limit_upload_schedule", "limit_download_schedule"):
                 if key in body:
                     self._check_schedule(name, key, body[key])
+            self._check_values(name, body)
+
+    def _check_values(self, name: str, body: dict[str, Any]) -> None:
+        """Ranges and formats, so that a bad value fails before anything runs (not as
+        an internal error, nor after the backup of a ``cairn run``)."""
+        table = f"profiles.{name}"
+        for key, (low, high) in _RANGES.items():
+            value = body.get(key)
+            if value is None:
+                continue
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise self.error(
+                    f"profile {name!r}: key {key!r} must be {bounds}, got {value!r}", key, table
+                )
+        checks = _value_checks()
+        for key, check in checks.items():
+            if key not in body:
+                continue
+            try:
+                check(body[key])
+            except ValueError as exc:
+                raise self.error(f"profile {name!r}: key {key!r}: {exc}", key, table) from None
 
     def _check_schedule(self, name: str, key: str, entries: list[str]) -> None:
         from cairn.config.schedule import parse_schedule
