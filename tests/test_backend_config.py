@@ -10,7 +10,10 @@ import pytest
 from cairn.backends.location import parse_location, redact_location
 from cairn.config.profiles import ConfigError, parse_duration
 from cairn.config.settings import Settings
+from tests import servers
 from tests.cli_helpers import Cairn
+
+pytest_plugins = ["tests.servers"]
 
 
 @pytest.mark.parametrize(
@@ -80,3 +83,19 @@ def test_config_show_redacts_the_location_password(tmp_path: Path) -> None:
     shown = cli.run(*args, "--json", base=False, check=True)
     assert "hunter2" not in shown.out
     assert shown.json()["settings"]["repo"]["value"] == "rest:http://cairn:***@127.0.0.1:8000/repo"
+
+
+def test_init_does_not_print_the_location_password(
+    tmp_path: Path, rest_server: servers.RestServer
+) -> None:
+    password = tmp_path / "pw"
+    password.write_text("pw\n")
+    repo = f"rest:{rest_server.url}init-redacted"
+    secret = rest_server.url.split(":")[2].split("@")[0]
+    cli = Cairn(repo, password)
+    for extra in ((), ("--json",)):
+        out = cli.run(*extra, "init", check=True).out
+        assert "created" in out or "initialized" in out
+        assert secret not in out and ":***@" in out
+        repo = f"{repo}-json"
+        cli = Cairn(repo, password)
