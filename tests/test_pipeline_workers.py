@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
@@ -21,6 +22,7 @@ from cairn.pipeline import (
     WorkerCrashed,
     WorkerPool,
     open_engine,
+    shm,
 )
 
 pytestmark = pytest.mark.anyio
@@ -86,10 +88,20 @@ def recall() -> str:
 # --- helpers ---
 
 
-def shm_segments() -> set[str]:
-    # Only this process's segments: other test runs may share the machine.
-    prefix = f"cairn_{os.getpid()}_"
-    return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
+def shm_segments(pid: int | None = None) -> set[str]:
+    """The slot memory a process holds open (memfds named cairn_*)."""
+    # A mapping keeps its own descriptor until its last view is collected.
+    gc.collect()
+    fds = f"/proc/{pid or os.getpid()}/fd"
+    found = set()
+    for fd in os.listdir(fds):
+        try:
+            target = os.readlink(f"{fds}/{fd}")
+        except OSError:
+            continue  # closed meanwhile (listdir's own fd)
+        if target.startswith("/memfd:cairn_"):
+            found.add(target)
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -251,3 +263,33 @@ async def test_cpu_stage_ordered_results_through_shared_memory(no_leaks: None) -
         pipe = engine.pipeline("t").source("read", pieces())
         await pipe.map("hash", digest, concurrency=4, ordered=True).sink("out", sink).run()
         assert seen == [hashlib.sha256(f"piece {n}".encode()).hexdigest() for n in range(40)]
+
+
+def test_slot_memory_has_no_name_and_old_segments_of_dead_runs_go() -> None:
+    # A named segment survives a SIGKILLed run until reboot; slot memory has
+    # no name, so the kernel frees it with its last holder.
+    ctx = multiprocessing.get_context("fork")
+    gone = ctx.Process(target=os.getpid)
+    gone.start()
+    gone.join()
+    stale = f"/dev/shm/cairn_{gone.pid}_deadbeef"  # what older versions leaked
+    live = f"/dev/shm/cairn_{os.getpid()}_cafef00d"
+    for path in (stale, live):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    try:
+        removed = shm.sweep_stale_segments()
+        assert os.path.basename(stale) in removed
+        assert not os.path.exists(stale)
+        assert os.path.exists(live)  # its process is still running
+        named = set(os.listdir("/dev/shm"))
+        slots = SlotPool(4096, 2)
+        try:
+            assert set(os.listdir("/dev/shm")) - named == set()
+            assert shm_segments(), "the pool's memory is not a memfd"
+        finally:
+            slots.close()
+    finally:
+        for path in (stale, live):
+            if os.path.exists(path):
+                os.unlink(path)
