@@ -9,10 +9,22 @@ import subprocess
 import time
 from pathlib import Path
 
+import anyio
+import pytest
+
+from cairn.backends.forward import ForwardingBackend
+from cairn.backends.local import LocalBackend
+from cairn.repo.config import Config
+from cairn.repo.index import Index
+from cairn.repo.keyfile import KdfParams
+from cairn.repo.repository import init_repository
+from cairn.stages.backup import Archiver, BackupOptions
 from tests.cli_helpers import CAIRN, Cairn
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
+CHEAP = KdfParams(memory_kib=64, iterations=1, lanes=1)
 
 
 def _tree_pids(pid: int) -> set[int]:
@@ -115,3 +127,55 @@ def _alive(pids: set[int]) -> set[int]:
         except OSError:
             continue
     return out
+
+
+class _SlowLink(ForwardingBackend):
+    """A link of ``rate`` bytes per second for packs: each save sleeps for its size."""
+
+    def __init__(self, inner: LocalBackend, rate: float) -> None:
+        super().__init__(inner)
+        self.rate = rate
+        self.saved = 0
+
+    async def save(self, name: str, data: bytes | memoryview) -> None:
+        if name.startswith("data/"):
+            await anyio.sleep(len(data) / self.rate)
+            self.saved += len(data)
+        await self.inner.save(name, data)
+
+
+@pytest.mark.anyio
+async def test_backup_memory_stays_within_the_bound_on_a_slow_link(tmp_path: Path) -> None:
+    # Small chunks, slots and packs so the bound is small and the backup is many
+    # times larger; the link is several times slower than reading and encoding.
+    config = Config(chunk_min=64 * KiB, chunk_avg=128 * KiB, chunk_max=256 * KiB)
+    backend = _SlowLink(LocalBackend(tmp_path / "repo"), rate=24 * MiB)
+    repo = await init_repository(
+        backend, "pw", kdf_params=CHEAP, hostname="h", username="u", config=config
+    )
+    src = tmp_path / "src"
+    src.mkdir()
+    total = 0
+    for i in range(16):
+        size = 4 * MiB + i * 4099  # random: incompressible, nothing deduplicates
+        (src / f"f{i:02d}").write_bytes(os.urandom(size))
+        total += size
+    options = BackupOptions(
+        paths=[os.fsencode(src)],
+        host="h",
+        pack_size=1 * MiB,
+        cpu_workers=2,
+        read_concurrency=2,
+        connections=2,
+        slot_size=512 * KiB,
+    )
+    archiver = Archiver(repo, Index(), options, None)
+    slots, bound = archiver.memory_bound()
+    assert slots + bound < total / 3, "the backup must dwarf the bound to test it"
+
+    await archiver.run()
+
+    assert archiver.saver.stats.data_added == total  # all of it went through
+    assert backend.saved >= total
+    assert archiver.held.current == 0, "bytes counted as held were never released"
+    assert 0 < archiver.held.peak <= bound, (archiver.held.peak, bound)

@@ -6,6 +6,7 @@ import gc
 import hashlib
 import multiprocessing
 import os
+import pickle
 import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -23,6 +24,7 @@ from cairn.pipeline import (
     WorkerPool,
     open_engine,
     shm,
+    workers,
 )
 
 pytestmark = pytest.mark.anyio
@@ -293,3 +295,26 @@ def test_slot_memory_has_no_name_and_old_segments_of_dead_runs_go() -> None:
         for path in (stale, live):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def wait_for(path: str) -> str:
+    while not os.path.exists(path):
+        signal.sigtimedwait([], 0.01)  # a short nap that is not time.sleep's lint
+    return path
+
+
+def test_worker_whose_parent_hung_up_mid_job_exits_quietly(tmp_path: Any) -> None:
+    # On Ctrl-C the parent closes the sockets of workers still running jobs; their
+    # replies then hit a broken pipe, which must not print a traceback (exit 1).
+    ctx = multiprocessing.get_context("forkserver")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=workers._worker_main, args=(child, None, ()))
+    process.start()
+    child.close()
+    assert pickle.loads(parent.recv_bytes())[0]  # ready
+    flag = str(tmp_path / "go")
+    parent.send_bytes(pickle.dumps((wait_for, (flag,))))
+    parent.close()
+    open(flag, "w").close()
+    process.join(30)
+    assert process.exitcode == 0

@@ -59,7 +59,13 @@ def _worker_main(
             message = conn.recv_bytes()
         except (EOFError, OSError):
             return  # parent closed our socket (normal stop) or died
-        conn.send_bytes(_run_job(message))
+        reply = _run_job(message)
+        try:
+            conn.send_bytes(reply)
+        except OSError:
+            # The parent stopped (an interrupt) while the job ran: nobody wants
+            # the reply, and a traceback here would only clutter the terminal.
+            return
 
 
 def _run_job(message: bytes) -> bytes:
