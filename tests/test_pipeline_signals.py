@@ -108,13 +108,18 @@ def start(tmp_path: Path, backend: str) -> tuple[subprocess.Popen[str], str, set
         cwd=Path(__file__).parent.parent,
         start_new_session=True,  # its own process group, to kill as a whole
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line, proc.stderr.read() if proc.stderr else ""
-    segment = json.loads(line)["segment"]
-    children = descendants(proc.pid)
-    assert len(children) >= 3  # forkserver + 2 workers
-    assert holders(segment, {proc.pid} | children), "the slot memory is not where we look"
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        segment = json.loads(line)["segment"]
+        children = descendants(proc.pid)
+        assert len(children) >= 3  # forkserver + 2 workers
+        assert holders(segment, {proc.pid} | children), "the slot memory is not where we look"
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)  # a script that runs forever: never leave it
+        proc.communicate()
+        raise
     return proc, segment, children
 
 

@@ -215,6 +215,15 @@ class WorkerPool:
         return started
 
     def _start_processes(self, count: int) -> list[_Worker]:
+        if self._ctx.get_start_method() == "forkserver":
+            # Import the job code once in the fork server, before it starts (later
+            # calls change nothing): workers forked from it share those pages instead
+            # of importing their own copy. Measured in a backup: workers 38-40 ->
+            # 31-33 MiB private each, the server 5 -> 17 MiB PSS; more with more workers.
+            preload = [__name__]
+            if self._initializer is not None:
+                preload.append(self._initializer.__module__)
+            self._ctx.set_forkserver_preload(preload)
         started = []
         for _ in range(count):
             parent_conn, child_conn = self._ctx.Pipe()
