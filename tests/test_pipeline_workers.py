@@ -318,3 +318,27 @@ def test_worker_whose_parent_hung_up_mid_job_exits_quietly(tmp_path: Any) -> Non
     open(flag, "w").close()
     process.join(30)
     assert process.exitcode == 0
+
+
+async def test_slot_memory_is_handed_to_workers_and_a_reused_descriptor_is_not_confused(
+    no_leaks: None,
+) -> None:
+    names: list[str] = []
+    async with WorkerPool(1) as pool:
+        for data in (b"first pool", b"second pool"):
+            # The second pool's memfd usually gets the first one's descriptor number.
+            slots = SlotPool(1024, 1)
+            try:
+                slot = await slots.acquire()
+                slot.view[: len(data)] = data
+                digest = await pool.run(sha256_of, slot.ref(len(data)))
+                assert digest == hashlib.sha256(data).hexdigest()
+                # Handed over the worker's socket, not looked up in /proc.
+                assert slots.name in pool._all[0].attached
+                names.append(slots.name)
+                slot.release()
+            finally:
+                slots.close()
+    # Same descriptor number, different memory: the key's token tells them apart.
+    assert names[0].split(":")[:2] == names[1].split(":")[:2]
+    assert names[0] != names[1]

@@ -8,9 +8,10 @@ worker by a small picklable :class:`SlotRef`, and released for reuse.
 The memory has no name: the kernel frees it when the last process holding it
 (the parent's descriptor, a worker's mapping) is gone — also when the whole
 process group is SIGKILLed, which left named ``/dev/shm`` segments behind
-until reboot. A worker maps a pool's memory once, on first use, by opening
-``/proc/<parent pid>/fd/<n>`` (the kernel's handle on the parent's open file,
-which needs no file name), and keeps it mapped for the rest of the run.
+until reboot. A worker maps a pool's memory once and keeps it for the run: the
+pool hands the worker its descriptor over the worker's socket (SCM_RIGHTS,
+:mod:`cairn.pipeline.workers`) with the first job that refers to it; a reference
+that arrives any other way is mapped by opening ``/proc/<owner pid>/fd/<n>``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import anyio
 SEGMENT_PREFIX = "cairn_"
 
 # Pools' memory mapped in this process, by segment key: the pool's own in the
-# parent, lazily attached ones in workers.
+# parent, attached ones in workers.
 _mapped: dict[str, memoryview] = {}
+# The memory files of this process's own pools, by segment key.
+_owned: dict[str, int] = {}
 _swept = False
 
 
@@ -48,8 +51,23 @@ class SlotRef(NamedTuple):
         return buf[self.offset : self.offset + self.length]
 
 
+def owned_fd(segment: str) -> int | None:
+    """The descriptor of ``segment`` if this process's pool owns it, else None."""
+    return _owned.get(segment)
+
+
+def adopt(segment: str, fd: int) -> None:
+    """Map ``segment`` from a descriptor received from its owner; closes ``fd``."""
+    try:
+        if segment not in _mapped:
+            _mapped[segment] = memoryview(mmap.mmap(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
 def _attach(segment: str) -> memoryview:
-    """Map another process's pool memory through its ``/proc`` fd entry."""
+    """Map another process's pool memory through its ``/proc`` fd entry (for a
+    reference whose memory was not handed over with the job, e.g. a nested one)."""
     pid, fd, token = segment.split(":")
     handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
     try:
@@ -149,6 +167,7 @@ class SlotPool:
         self._buf = memoryview(self._mmap)
         self.name = f"{os.getpid()}:{self._fd}:{token}"
         _mapped[self.name] = self._buf
+        _owned[self.name] = self._fd
         # Free slot numbers travel through a memory stream: acquire() waits
         # on an empty stream exactly like a stage waits on a full channel.
         self._free_tx, self._free_rx = anyio.create_memory_object_stream[int](slot_count)
@@ -176,6 +195,7 @@ class SlotPool:
         """Unmap the memory and close its descriptor. Idempotent; safe in ``finally``."""
         if _mapped.pop(self.name, None) is None:
             return
+        _owned.pop(self.name, None)
         self._free_tx.close()
         self._free_rx.close()
         os.close(self._fd)  # first: workers can no longer attach
