@@ -225,6 +225,8 @@ class Archiver:
         finally:
             self._slots.close()
             self._out_slots.close()
+        slots, bound = self.memory_bound()
+        log.debug("backup.memory", held_peak=self.held.peak, held_bound=bound, slots=slots)
         assert self.root_tree is not None
         return self.root_tree
 
