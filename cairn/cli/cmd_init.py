@@ -33,7 +33,7 @@ def command(settings: Settings) -> None:
             await backend.aclose()
 
     repo_id = run_async(main)
-    location = redact_location(settings.repo)  # a URL's password stays off the screen
+    location = redact_location(settings.repo or "")  # a URL's password stays off the screen
     if settings.json:
         echo_json({"message_type": "initialized", "id": repo_id, "repository": location})
     elif not settings.quiet:
