@@ -44,6 +44,10 @@ class NoSourceData(Exception):
     def __init__(self, missing: list[tuple[str, str]]) -> None:
         names = ", ".join(path for path, _problem in missing)
         super().__init__(f"no snapshot saved: none of the paths to back up exists ({names})")
+        self.missing = missing
+
+    def __reduce__(self) -> tuple[type[NoSourceData], tuple[list[tuple[str, str]]]]:
+        return type(self), (self.missing,)
 
 
 def _existing(targets: list[bytes]) -> tuple[list[bytes], list[tuple[str, str]]]:
