@@ -69,6 +69,7 @@ def open_backend(settings: Settings) -> Any:
     """
     if not settings.repo:
         raise NoRepositoryGiven()
+    from cairn.backends.faulty import ENV_VAR as FAULTS_ENV_VAR
     from cairn.backends.location import parse_location
     from cairn.backends.wrap import wrap_backend
     from cairn.pipeline.throttle import Throttle
@@ -81,6 +82,8 @@ def open_backend(settings: Settings) -> Any:
         connections=settings.connections,
         upload_limiter=upload,
         download_limiter=download,
+        # Tests only: a fault spec that crashes or fails this run deterministically.
+        faults=settings.env.get(FAULTS_ENV_VAR) or None,
     )
     wrapped.cairn_throttles = {"upload": upload, "download": download}  # type: ignore[attr-defined]
     return wrapped

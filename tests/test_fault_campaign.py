@@ -1,0 +1,181 @@
+"""The standing fault campaign, part 1: commands killed by SIGKILL at many points.
+
+Each real ``cairn`` command runs with ``CAIRN_TEST_FAULTS=write#N=kill``: the process
+kills itself just before its Nth save or remove, so after exactly N-1 completed writes.
+After every crash: ``check`` is clean (its only allowed warnings are packs no index
+lists, which the next ``prune`` deletes; a stale lock of the dead process is ignored by
+``check`` and removed by ``unlock``), every snapshot completed before restores byte for
+byte, and a rerun of the killed command succeeds.
+
+By default a sample of N runs (CI stays fast); ``CAIRN_FULL_SWEEP=1`` crashes each
+command at every write, N = 1, 2, … until a run completes (see docs/maintenance.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cairn.backends.base import BackendError, TransientError
+from cairn.backends.faulty import Fault, parse_faults
+from tests.cli_helpers import Cairn
+from tests.fault_helpers import (
+    FULL_SWEEP,
+    assert_check_clean,
+    assert_restores,
+    fresh_copy,
+    killed,
+    run_with_faults,
+    snapshot_ids,
+    sweep_points,
+)
+from tests.maintenance_helpers import new_cairn
+from tests.treeutil import snapshot_of
+
+NEW_PASSWORD = "a new password for the sweep"
+
+
+class History:
+    """A template repository with two snapshots of a changing tree, and a second key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.src = root / "src"
+        self.cairn = new_cairn(root)
+        self.expected: dict[str, dict[bytes, tuple]] = {}
+        (self.src / "dir").mkdir(parents=True)
+        (self.src / "keep.bin").write_bytes(os.urandom(300_000))
+        for i in range(2):
+            self.change(i)
+            self.backup(self.cairn)
+        new_pw = root / "other-password"
+        new_pw.write_text("the second key\n")
+        out = self.cairn.run("key", "add", "--new-password-file", str(new_pw), check=True).out
+        self.other_key = out.split()[-1]  # "saved new key as ID"
+
+    def change(self, i: int) -> None:
+        (self.src / f"gen{i}.bin").write_bytes(os.urandom(200_000 + i))
+        if (self.src / f"gen{i - 1}.bin").exists():
+            (self.src / f"gen{i - 1}.bin").unlink()
+        (self.src / "dir" / "count.txt").write_text(str(i))
+
+    def backup(self, c: Cairn) -> str:
+        r = c.run("backup", "--no-cache", str(self.src), "--json", check=True)
+        snap: str = r.json_lines()[-1]["snapshot_id"]
+        self.expected[snap] = snapshot_of(self.src)
+        return snap
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> History:
+    return History(tmp_path_factory.mktemp("history"))
+
+
+def _sweep(sample: tuple[int, ...], crash_one: object) -> list[int]:
+    """Run ``crash_one(n)`` for each N; it returns False once a run completed."""
+    crashed = []
+    for n in sweep_points(sample):
+        if not crash_one(n):  # type: ignore[operator]
+            assert FULL_SWEEP or n == sample[-1], f"run completed before write {n}"
+            break
+        crashed.append(n)
+    assert crashed, "no crash happened"
+    return crashed
+
+
+def test_fault_spec_counts_writes_and_open_ranges() -> None:
+    assert parse_faults("write#3=kill, save#2-=error, remove#1=exit") == [
+        Fault("write", "kill", TransientError, 0, "", 3, 3),
+        Fault("save", "fail", BackendError, 0, "", 2, None),
+        Fault("remove", "exit", TransientError, 0, "", 1, 1),
+    ]
+
+
+def test_backup_killed_at_each_write(history: History, tmp_path: Path) -> None:
+    src = history.src
+    (src / "new-in-killed-run.bin").write_bytes(os.urandom(150_000))
+    before = dict(history.expected)
+
+    def crash_one(n: int) -> bool:
+        c = fresh_copy(history.cairn, tmp_path / "repo-copy")
+        r = run_with_faults(c, f"write#{n}=kill", "backup", "--no-cache", str(src))
+        if not killed(r):
+            assert r.code == 0, r.err
+            return False
+        assert_check_clean(c)
+        assert_restores(c, before, src, tmp_path)
+        rerun = c.run("backup", "--no-cache", str(src), "--json")
+        assert rerun.code == 0, rerun.err
+        new = rerun.json_lines()[-1]["snapshot_id"]
+        assert_restores(c, {new: snapshot_of(src)}, src, tmp_path)
+        return True
+
+    try:
+        _sweep((2, 3, 5), crash_one)
+    finally:
+        (src / "new-in-killed-run.bin").unlink()
+
+
+def test_prune_killed_at_each_write(history: History, tmp_path: Path) -> None:
+    template = fresh_copy(history.cairn, tmp_path / "template")
+    oldest = snapshot_ids(template)[0]
+    template.run("forget", "--no-cache", oldest, check=True)
+    kept = {k: v for k, v in history.expected.items() if k != oldest}
+
+    def crash_one(n: int) -> bool:
+        c = fresh_copy(template, tmp_path / "repo-copy")
+        r = run_with_faults(c, f"write#{n}=kill", "prune", "--no-cache")
+        if not killed(r):
+            assert r.code == 0, r.err
+            return False
+        assert_check_clean(c)
+        assert_restores(c, kept, history.src, tmp_path)
+        rerun = c.run("prune", "--no-cache")
+        assert rerun.code == 0, rerun.err
+        check = assert_check_clean(c)
+        assert "warning" not in check.out, "prune left what it should have removed"
+        return True
+
+    _sweep((2, 4, 6), crash_one)
+
+
+def _opens(c: Cairn, password_file: Path) -> bool:
+    probe = Cairn(c.repo, password_file)
+    return probe.run("snapshots", "--no-cache").code == 0
+
+
+@pytest.mark.parametrize("op", ["add", "remove", "passwd"])
+def test_key_command_killed_at_each_write(history: History, tmp_path: Path, op: str) -> None:
+    """At every crash point some password still opens the repository, the data is all
+    there, and the command can be run again (with a password that works)."""
+    new_pw = tmp_path / "new-password"
+    new_pw.write_text(NEW_PASSWORD + "\n")
+    args = {
+        "add": ("key", "add", "--new-password-file", str(new_pw)),
+        "remove": ("key", "remove", history.other_key),
+        "passwd": ("key", "passwd", "--new-password-file", str(new_pw)),
+    }[op]
+
+    def crash_one(n: int) -> bool:
+        c = fresh_copy(history.cairn, tmp_path / "repo-copy")
+        r = run_with_faults(c, f"write#{n}=kill", *args)
+        if not killed(r):
+            assert r.code == 0, r.err
+            return False
+        old_works, new_works = _opens(c, c.password_file), _opens(c, new_pw)
+        assert old_works or new_works, f"{op} killed at write {n}: no password opens it"
+        if not old_works:
+            shutil.copy(new_pw, c.password_file)
+        assert_check_clean(c)
+        assert_restores(c, history.expected, history.src, tmp_path)
+        rerun = c.run(*args)
+        assert rerun.code == 0, rerun.err
+        if op != "remove":
+            assert _opens(c, new_pw)
+        return True
+
+    # add and remove write once, passwd twice (the new key, then the old one's removal).
+    _sweep((1,) if op != "passwd" else (1, 2), crash_one)
