@@ -86,7 +86,9 @@ def assert_check_clean(c: Cairn) -> Result:
     return r
 
 
-def assert_restores(c: Cairn, expected: dict[str, dict[bytes, tuple]], src: Path, tmp: Path) -> None:
+def assert_restores(
+    c: Cairn, expected: dict[str, dict[bytes, tuple]], src: Path, tmp: Path
+) -> None:
     """Every snapshot in ``expected`` (ID → ``snapshot_of`` the source then) restores
     byte for byte, metadata included."""
     for i, (snap, want) in enumerate(expected.items()):
