@@ -33,10 +33,8 @@ def trees(draw: st.DrawFn, depth: int = 0) -> dict[bytes, object]:
         if kind == "file":
             out[name] = ("file", draw(contents), draw(modes), draw(mtimes))
         elif kind == "link":
-            out[name] = (
-                "link",
-                draw(st.binary(min_size=1, max_size=60).filter(lambda b: b"\0" not in b)),
-            )
+            out[name] = ("link", draw(st.binary(min_size=1, max_size=60).filter(
+                lambda b: b"\0" not in b)))
         else:
             out[name] = ("dir", draw(trees(depth + 1)), draw(st.sampled_from([0o755, 0o700])))
     return out
