@@ -80,12 +80,19 @@ async def init_repository(
     return Repository(backend, master, config, key_id)
 
 
-async def _try_key(backend: Backend, key_id: str, password: str | bytes) -> MasterKey | None:
+async def _try_key(
+    backend: Backend, key_id: str, password: str | bytes, damaged: list[str]
+) -> MasterKey | None:
+    """The master key if ``password`` opens this key file; a damaged one goes to
+    ``damaged`` (a key whose authenticated part was altered reads as a wrong password)."""
     try:
         data = await backend.load(backend_name("keys", key_id))
         return await anyio.to_thread.run_sync(unwrap_keyfile, data, password, key_id)
-    except (WrongPassword, CorruptedObject, NotFound):
-        # A corrupt or vanished key must not lock the user out if another one opens.
+    except CorruptedObject as exc:
+        # A corrupt key must not lock the user out if another one opens.
+        damaged.append(f"keys/{key_id} ({exc.problem})")
+        return None
+    except (WrongPassword, NotFound):  # not ours, or removed while we listed
         return None
 
 
@@ -98,14 +105,21 @@ async def open_repository(backend: Backend, password: str | bytes) -> Repository
     key_ids = sorted([n.rsplit("/", 1)[-1] async for n, _size in backend.list("keys/")])
     if not key_ids:
         raise RepoError(f"{backend.location}: the repository has no key files")
+    damaged: list[str] = []
     for key_id in key_ids:
-        master = await _try_key(backend, key_id, password)
+        master = await _try_key(backend, key_id, password, damaged)
         if master is not None:
             break
     else:
+        if damaged:  # the password may well be right: say which key files are broken
+            raise WrongPassword(
+                "no key of the repository opens with this password; damaged key files: "
+                + ", ".join(damaged)
+            )
         raise WrongPassword()
     crypto = master.crypto()
-    config = decode_config(unseal(crypto, "config", config_bytes, name="config"))
+    # Unnamed: the kind alone reads "config is corrupted: …".
+    config = decode_config(unseal(crypto, "config", config_bytes))
     return Repository(backend, master, config, key_id)
 
 
