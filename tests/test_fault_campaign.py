@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from cairn.backends.base import BackendError, TransientError
-from cairn.backends.faulty import Fault, parse_faults
+from cairn.backends.base import BackendError, PermissionDenied, TransientError
+from cairn.backends.faulty import Fault, FaultyBackend, parse_faults
+from cairn.backends.local import LocalBackend
 from tests.cli_helpers import Cairn
 from tests.fault_helpers import (
     FULL_SWEEP,
@@ -74,14 +76,16 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> History:
     return History(tmp_path_factory.mktemp("history"))
 
 
-def _sweep(sample: tuple[int, ...], crash_one: object) -> list[int]:
+def _sweep(sample: tuple[int, ...], crash_one: Callable[[int], bool]) -> list[int]:
     """Run ``crash_one(n)`` for each N; it returns False once a run completed."""
     crashed = []
     for n in sweep_points(sample):
-        if not crash_one(n):  # type: ignore[operator]
+        if not crash_one(n):
             assert FULL_SWEEP or n == sample[-1], f"run completed before write {n}"
             break
         crashed.append(n)
+    else:
+        assert not FULL_SWEEP, "the full sweep never reached a completed run"
     assert crashed, "no crash happened"
     return crashed
 
@@ -92,6 +96,18 @@ def test_fault_spec_counts_writes_and_open_ranges() -> None:
         Fault("save", "fail", BackendError, 0, "", 2, None),
         Fault("remove", "exit", TransientError, 0, "", 1, 1),
     ]
+
+
+@pytest.mark.anyio
+async def test_write_rules_count_saves_and_removes_together(tmp_path: Path) -> None:
+    backend = FaultyBackend(LocalBackend(tmp_path), "write#3-=denied")
+    await backend.save("keys/a", b"1")  # write 1
+    await backend.remove("keys/a")  # write 2
+    with pytest.raises(PermissionDenied):
+        await backend.save("keys/b", b"2")  # write 3
+    with pytest.raises(PermissionDenied):
+        await backend.remove("keys/b")  # write 4: the range is open
+    assert backend.calls == {"save": 2, "remove": 2, "write": 4}
 
 
 def test_backup_killed_at_each_write(history: History, tmp_path: Path) -> None:
