@@ -195,3 +195,51 @@ def test_key_command_killed_at_each_write(history: History, tmp_path: Path, op: 
 
     # add and remove write once, passwd twice (the new key, then the old one's removal).
     _sweep((1,) if op != "passwd" else (1, 2), crash_one)
+
+
+def test_backup_when_the_backend_fails_from_write_n_on(history: History, tmp_path: Path) -> None:
+    """The storage goes away for good mid-run (``write#N-=error``): one error line,
+    exit 1 (or 0 when only the final lock removal failed), nothing lost."""
+    src = history.src
+    (src / "new-in-failed-run.bin").write_bytes(os.urandom(150_000))
+
+    def fail_from(n: int) -> bool:
+        c = fresh_copy(history.cairn, tmp_path / "repo-copy")
+        r = run_with_faults(c, f"write#{n}-=error", "backup", "--no-cache", str(src))
+        assert "Traceback" not in r.err and "internal error" not in r.err, r.err
+        if r.code == 0:  # every write but the lock's removal succeeded
+            assert "lock.remove_failed" in r.err, r.err
+            return False
+        assert r.code == 1, r.err
+        errors = [line for line in r.err.splitlines() if line.startswith("cairn:")]
+        assert len(errors) == 1 and "injected" in errors[0], r.err
+        assert_check_clean(c)
+        assert_restores(c, history.expected, src, tmp_path)
+        assert c.run("backup", "--no-cache", str(src)).code == 0
+        return True
+
+    try:
+        _sweep((1, 3), fail_from)
+    finally:
+        (src / "new-in-failed-run.bin").unlink()
+
+
+def test_forget_killed_at_each_write(history: History, tmp_path: Path) -> None:
+    oldest, newest = snapshot_ids(history.cairn)
+
+    def crash_one(n: int) -> bool:
+        c = fresh_copy(history.cairn, tmp_path / "repo-copy")
+        r = run_with_faults(c, f"write#{n}=kill", "forget", "--no-cache", oldest)
+        if not killed(r):
+            assert r.code == 0, r.err
+            return False
+        assert_check_clean(c)
+        left = snapshot_ids(c)
+        assert newest in left and set(left) <= {oldest, newest}
+        assert_restores(c, {s: history.expected[s] for s in left}, history.src, tmp_path)
+        rerun = c.run("forget", "--no-cache", oldest)
+        assert rerun.code == 0 or oldest not in left, rerun.err
+        assert snapshot_ids(c) == [newest]
+        return True
+
+    _sweep((2,), crash_one)
