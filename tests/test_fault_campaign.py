@@ -243,3 +243,20 @@ def test_forget_killed_at_each_write(history: History, tmp_path: Path) -> None:
         return True
 
     _sweep((2,), crash_one)
+
+
+def test_repair_index_killed_at_each_write(history: History, tmp_path: Path) -> None:
+    """repair index writes the new index before deleting the old files it supersedes."""
+
+    def crash_one(n: int) -> bool:
+        c = fresh_copy(history.cairn, tmp_path / "repo-copy")
+        r = run_with_faults(c, f"write#{n}=kill", "repair", "index", "--no-cache")
+        if not killed(r):
+            assert r.code == 0, r.err
+            return False
+        assert_check_clean(c)
+        assert_restores(c, history.expected, history.src, tmp_path)
+        assert c.run("repair", "index", "--no-cache").code == 0
+        return True
+
+    _sweep((3,), crash_one)
