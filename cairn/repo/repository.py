@@ -80,19 +80,12 @@ async def init_repository(
     return Repository(backend, master, config, key_id)
 
 
-async def _try_key(
-    backend: Backend, key_id: str, password: str | bytes, damaged: list[str]
-) -> MasterKey | None:
-    """The master key if ``password`` opens this key file; a damaged one goes to
-    ``damaged`` (a key whose authenticated part was altered reads as a wrong password)."""
+async def _try_key(backend: Backend, key_id: str, password: str | bytes) -> MasterKey | None:
     try:
         data = await backend.load(backend_name("keys", key_id))
         return await anyio.to_thread.run_sync(unwrap_keyfile, data, password, key_id)
-    except CorruptedObject as exc:
-        # A corrupt key must not lock the user out if another one opens.
-        damaged.append(f"keys/{key_id} ({exc.problem})")
-        return None
-    except (WrongPassword, NotFound):  # not ours, or removed while we listed
+    except (WrongPassword, NotFound):
+        # Not this key, or removed while we listed; a damaged one raises CorruptedObject.
         return None
 
 
@@ -107,7 +100,12 @@ async def open_repository(backend: Backend, password: str | bytes) -> Repository
         raise RepoError(f"{backend.location}: the repository has no key files")
     damaged: list[str] = []
     for key_id in key_ids:
-        master = await _try_key(backend, key_id, password, damaged)
+        try:
+            master = await _try_key(backend, key_id, password)
+        except CorruptedObject as exc:
+            # A corrupt key must not lock the user out if another one opens.
+            damaged.append(f"keys/{key_id} ({exc.problem})")
+            continue
         if master is not None:
             break
     else:
