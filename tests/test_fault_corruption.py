@@ -208,3 +208,17 @@ def test_damaged_file(template: Template, cell: Cell) -> None:
     name = template.targets[cell.kind].name
     shown = output.replace(name, name[:8]) if len(name) > 8 else output
     assert _phrase(template, cell).lower() in shown.lower(), output
+
+
+def test_check_sends_packs_of_a_damaged_index_to_repair_index(template: Template) -> None:
+    """With an index file damaged, its packs look unreferenced; `prune` is the wrong
+    advice for them (it would refuse: the snapshots need their blobs)."""
+    for damage in ("bit flip", "deletion"):
+        r = template.damaged_copy("index", damage, fresh=False).run("--no-cache", "check")
+        warnings = [line for line in r.out.splitlines() if line.startswith("warning: pack")]
+        assert warnings, r.out
+        if damage == "bit flip":  # check sees the damaged file
+            assert all("`cairn repair index`" in w for w in warnings), r.out
+            assert not any("prune" in w for w in warnings), r.out
+        else:  # a deleted index file leaves no trace: the usual advice stands
+            assert all("`cairn prune` removes it" in w for w in warnings), r.out
