@@ -99,6 +99,7 @@ async def open_repository(backend: Backend, password: str | bytes) -> Repository
     if not key_ids:
         raise RepoError(f"{backend.location}: the repository has no key files")
     damaged: list[str] = []
+    config_error: CorruptedObject | None = None
     for key_id in key_ids:
         try:
             master = await _try_key(backend, key_id, password)
@@ -106,19 +107,26 @@ async def open_repository(backend: Backend, password: str | bytes) -> Repository
             # A corrupt key must not lock the user out if another one opens.
             damaged.append(f"keys/{key_id} ({exc.problem})")
             continue
-        if master is not None:
-            break
-    else:
-        if damaged:  # the password may well be right: say which key files are broken
-            raise WrongPassword(
-                "no key of the repository opens with this password; damaged key files: "
-                + ", ".join(damaged)
-            )
-        raise WrongPassword()
-    crypto = master.crypto()
-    # Unnamed: the kind alone reads "config is corrupted: …".
-    config = decode_config(unseal(crypto, "config", config_bytes))
-    return Repository(backend, master, config, key_id)
+        if master is None:
+            continue
+        try:
+            # Unnamed: the kind alone reads "config is corrupted: …".
+            config = decode_config(unseal(master.crypto(), "config", config_bytes))
+        except CorruptedObject as exc:
+            # This key may hold another master key: an init killed between its key
+            # and its config leaves such an orphan, and a second init adds the real
+            # one beside it. Try the other keys before calling the config damaged.
+            config_error = exc
+            continue
+        return Repository(backend, master, config, key_id)
+    if config_error is not None:
+        raise config_error
+    if damaged:  # the password may well be right: say which key files are broken
+        raise WrongPassword(
+            "no key of the repository opens with this password; damaged key files: "
+            + ", ".join(damaged)
+        )
+    raise WrongPassword()
 
 
 class Repository:
