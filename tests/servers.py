@@ -1,9 +1,10 @@
 """Session-scoped test servers for the backend tests, all on 127.0.0.1, random ports.
 
-OpenSSH ``sshd``, SeaweedFS ``weed mini`` (S3) and ``rclone serve restic`` (REST)
-start once per test session in a temporary directory and stop at its end. A missing
-binary FAILS the test with the install step to run: a skipped backend must never
-look like a passing one in CI. Load as a plugin: ``pytest_plugins = ["tests.servers"]``.
+OpenSSH ``sshd``, SeaweedFS ``weed mini`` (S3), moto's ``moto_server`` (a second S3
+implementation) and ``rclone serve restic`` (REST) start once per test session in a
+temporary directory and stop at its end. A missing binary FAILS the test with the
+install step to run: a skipped backend must never look like a passing one in CI.
+Load as a plugin: ``pytest_plugins = ["tests.servers"]``.
 """
 
 from __future__ import annotations
@@ -208,6 +209,25 @@ def _wait_for_s3(endpoint: str, process: subprocess.Popen[bytes], log: Path) -> 
     pytest.fail(f"SeaweedFS S3 did not answer in time: {log.read_text()[-2000:]}")
 
 
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 in server mode: a second S3 implementation, unlike SeaweedFS in the
+    details (checksums, ranged GETs, error codes). It accepts any credentials."""
+    moto = find_binary("moto_server", "pip install 'moto[server]'; " + INSTALL)
+    base = tmp_path_factory.mktemp("moto")
+    port = free_port()
+    log = base / "moto.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out, cwd=base
+        )
+    try:
+        wait_for_port(port, process, log, timeout=60)
+        yield S3Server(f"http://127.0.0.1:{port}", port)
+    finally:
+        stop(process)
+
+
 @dataclass(frozen=True)
 class RestServer:
     url: str  # with credentials: http://user:pass@127.0.0.1:port/
@@ -269,8 +289,8 @@ def rclone_remote(tmp_path_factory: pytest.TempPathFactory, rclone_bin: str) -> 
 # --- opening a fresh backend of each kind ------------------------------------------
 
 # Backends whose client libraries need an asyncio loop (asyncssh, aiobotocore).
-ASYNCIO_ONLY = {"sftp", "s3"}
-KINDS = ("local", "faulty", "rest", "rclone", "sftp", "s3")
+ASYNCIO_ONLY = {"sftp", "s3", "s3-moto"}
+KINDS = ("local", "faulty", "rest", "rclone", "sftp", "s3", "s3-moto")
 S3_BUCKET = "cairn-test"
 
 
@@ -294,8 +314,9 @@ def location_for(
             # Never read the real ~/.ssh/config of whoever runs the tests.
             "sftp.config": str(tmp_path / "empty-ssh-config"),
         }
-    if kind == "s3":
-        s3: S3Server = request.getfixturevalue("s3_server")
+    if kind in ("s3", "s3-moto"):
+        fixture = "s3_server" if kind == "s3" else "moto_server"
+        s3: S3Server = request.getfixturevalue(fixture)
         mp: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
         mp.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
         mp.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)

@@ -1,6 +1,6 @@
 """Every command end to end through the real ``cairn`` CLI, on every backend.
 
-For local, sftp (OpenSSH), s3 (SeaweedFS), rest (``rclone serve restic``) and rclone
+For local, sftp (OpenSSH), s3 (SeaweedFS and moto), rest (``rclone serve restic``) and rclone
 (``--stdio``): init, backup, snapshots, restore (bytes compared), browsing, check
 --read-data, a second backup, forget --keep-last 1 --prune, restore again. Backend
 options travel as ``-o key=value`` flags and S3 credentials as AWS environment
@@ -22,14 +22,14 @@ from tests.treeutil import snapshot_of  # noqa: E402
 
 pytest_plugins = ["tests.servers"]
 
-E2E_KINDS = ("local", "sftp", "s3", "rest", "rclone")
+E2E_KINDS = ("local", "sftp", "s3", "s3-moto", "rest", "rclone")
 
 
 def _cli_for(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Cairn:
     """A CLI runner for a fresh repository of ``kind``, with its ``-o`` flags and env."""
     url, options = location_for(kind, request, tmp_path)
     env = {"XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
-    if kind == "s3":
+    if kind.startswith("s3"):
         env |= {
             "AWS_ACCESS_KEY_ID": S3_KEY,
             "AWS_SECRET_ACCESS_KEY": S3_SECRET,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import signal
 import subprocess
@@ -16,70 +18,152 @@ import structlog
 pytest.register_assert_rewrite("tests.servers")
 
 from cairn.backends.base import (  # noqa: E402
+    Backend,
     BackendError,
+    NotFound,
     PermissionDenied,
     TransientError,
+    Unreachable,
     object_name,
 )
 from cairn.backends.location import parse_location  # noqa: E402
 from cairn.backends.retry import RetryBackend, RetryPolicy  # noqa: E402
 from cairn.backends.wrap import wrap_backend  # noqa: E402
 from tests import servers  # noqa: E402
+from tests.cli_helpers import Cairn  # noqa: E402
 
 pytest_plugins = ["tests.servers"]
 NAME = object_name("data", "ab" * 32)
-
-
-class NoSleep:
-    """Records backoff waits instead of sleeping (no real time in tests)."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        await anyio.lowlevel.checkpoint()
 
 
 def retries_in(events: list[MutableMapping[str, Any]]) -> int:
     return sum(1 for e in events if e["event"] == "backend.retry")
 
 
-# --- a server that is down ----------------------------------------------------------
+# --- a server that never answered fails fast ------------------------------------------
+
+
+def attempts_in(events: list[MutableMapping[str, Any]], op: str) -> int:
+    """Calls that reached the backend: the logging wrapper logs each one."""
+    return sum(1 for e in events if e["event"] in (f"backend.{op}", f"backend.{op}.failed"))
+
+
+async def _fails_fast(url: str, options: dict[str, str] | None = None) -> Unreachable:
+    """Open ``url`` through the standard wrapper stack; its first call must fail at
+    once with one line naming the location and the cause."""
+    backend = wrap_backend(parse_location(url, options))
+    try:
+        with (
+            anyio.fail_after(30),  # a hang guard only, far above the 10 s promise
+            structlog.testing.capture_logs() as events,
+            pytest.raises(Unreachable) as info,
+        ):
+            await backend.load("config")
+    finally:
+        await backend.aclose()
+    assert attempts_in(events, "load") == 1
+    assert retries_in(events) == 0
+    message = str(info.value)
+    assert "\n" not in message and "cannot connect" in message
+    assert message.startswith(backend.location)
+    return info.value
 
 
 @pytest.mark.anyio
-async def test_rest_server_down_fails_after_bounded_retries() -> None:
-    port = servers.free_port()  # nothing listens there
-    sleep = NoSleep()
-    backend = RetryBackend(
-        parse_location(f"rest:http://127.0.0.1:{port}/repo"), RetryPolicy(attempts=4), sleep=sleep
-    )
-    with pytest.raises(TransientError, match=r"after 4 attempts.*cannot connect") as info:
-        await backend.load("config")
-    assert "\n" not in str(info.value)
-    assert len(sleep.waits) == 3
-    await backend.aclose()
+async def test_rest_closed_port_fails_fast() -> None:
+    await _fails_fast(f"rest:http://127.0.0.1:{servers.free_port()}/repo")
+
+
+@pytest.mark.anyio
+async def test_rest_unknown_host_fails_fast() -> None:
+    error = await _fails_fast("rest:http://cairn-test.invalid/repo")  # .invalid never resolves
+    assert "cairn-test.invalid" in str(error)
+
+
+@pytest.mark.anyio
+async def test_rest_tls_failure_fails_fast(rest_server: servers.RestServer) -> None:
+    # TLS spoken to a plain-HTTP server: the handshake fails.
+    await _fails_fast(f"rest:https://127.0.0.1:{rest_server.port}/repo")
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_sftp_server_down_fails_after_bounded_retries(
-    sshd_server: servers.SshServer, anyio_backend: str
+async def test_s3_closed_port_fails_fast(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, anyio_backend: str
 ) -> None:
+    for key, value in _s3_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
     port = servers.free_port()
-    sleep = NoSleep()
-    inner = parse_location(
-        f"sftp://root@127.0.0.1:{port}/repo",
+    await _fails_fast(f"s3:http://127.0.0.1:{port}/bucket/x", {"s3.region": "us-east-1"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_s3_tls_failure_fails_fast(
+    moto_server: servers.S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    anyio_backend: str,
+) -> None:
+    for key, value in _s3_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    # TLS spoken to a plain-HTTP S3 server: the handshake fails.
+    await _fails_fast(
+        f"s3:https://127.0.0.1:{moto_server.port}/bucket/x", {"s3.region": "us-east-1"}
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_sftp_closed_port_fails_fast(
+    sshd_server: servers.SshServer, tmp_path: Path, anyio_backend: str
+) -> None:
+    (tmp_path / "ssh_config").touch()
+    await _fails_fast(
+        f"sftp://root@127.0.0.1:{servers.free_port()}/repo",
         {
             "sftp.identity": str(sshd_server.identity),
             "sftp.known-hosts": str(sshd_server.known_hosts),
+            "sftp.config": str(tmp_path / "ssh_config"),
         },
     )
-    backend = RetryBackend(inner, RetryPolicy(attempts=3), sleep=sleep)
-    with pytest.raises(TransientError, match="after 3 attempts"):
-        await backend.stat("config")
-    assert len(sleep.waits) == 2
+
+
+class FakeClock:
+    """Time that passes only in the recorded backoff waits (no real time in tests)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.anyio
+async def test_retry_max_time_waits_for_a_server_that_is_down() -> None:
+    """--retry-max-time asks to wait for the server: even the first contact is
+    retried, for that long and no longer."""
+    clock = FakeClock()
+    backend = RetryBackend(
+        parse_location(f"rest:http://127.0.0.1:{servers.free_port()}/repo"),
+        RetryPolicy(max_time=10, jitter=0),
+        sleep=clock.sleep,
+        clock=clock,
+    )
+    with (
+        structlog.testing.capture_logs() as events,
+        pytest.raises(Unreachable, match=r"cannot connect.*gave up after 5 attempts"),
+    ):
+        await backend.load("config")
+    assert clock.waits == [0.5, 1, 2, 4]  # + 8 would end past 10 s
+    retries = [e for e in events if e["event"] == "backend.retry"]
+    assert [(e["attempt"], e["of"]) for e in retries] == [(1, 5), (2, 5), (3, 5), (4, 5)]
     await backend.aclose()
 
 
@@ -157,6 +241,81 @@ async def test_s3_multipart_upload(
     await backend.save(NAME, data)
     assert await backend.stat(NAME) == len(data)
     assert await backend.load(NAME, 5 * 1024 * 1024 - 10, 20) == data[5 * 1024 * 1024 - 10 :][:20]
+    assert await backend.load(NAME) == data
+    await backend.aclose()
+
+
+# --- S3: checksums every S3 implementation accepts ------------------------------------
+
+
+async def _s3_recording(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> tuple[Backend, list[Any]]:
+    """A fresh S3 backend whose client reports every request it sends (the real
+    requests, observed through botocore's event hooks, not replaced)."""
+    url, options = servers.location_for(kind, request, tmp_path)
+    backend = parse_location(url, options)
+    await backend.create_layout()
+    client = await backend._s3()  # type: ignore[attr-defined]
+    sent: list[Any] = []
+    client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request))
+    return backend, sent
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("kind", ["s3", "s3-moto"])
+async def test_s3_checksums_only_where_required(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
+) -> None:
+    """No CRC trailers on uploads and no checksum mode on (ranged) downloads, which
+    S3-compatible servers get wrong; uploads carry Content-MD5 instead."""
+    backend, sent = await _s3_recording(kind, request, tmp_path)
+    data = os.urandom(100_000)
+    await backend.save(NAME, data)
+    assert await backend.load(NAME, 10, 50) == data[10:60]
+    assert await backend.load(NAME) == data
+    put, ranged, whole = sent
+    md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    assert put.method == "PUT" and put.headers["Content-MD5"] == md5.encode()
+    for req in (put, ranged, whole):
+        names = {k.lower() for k in req.headers}
+        assert not any(n.startswith("x-amz-checksum") for n in names), req.headers
+        assert "x-amz-sdk-checksum-algorithm" not in names
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_s3_body_damaged_in_transit_is_refused_and_resent(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
+) -> None:
+    """A body altered after it was hashed (as a bad proxy or NIC would) is refused
+    for its Content-MD5, and the retry wrapper sends it again. SeaweedFS only: moto
+    does not check Content-MD5 (AWS, MinIO, Ceph and SeaweedFS do)."""
+    backend, _sent = await _s3_recording("s3", request, tmp_path)
+    client = await backend._s3()  # type: ignore[attr-defined]
+    damaged: list[bytes] = []
+
+    def damage(request: Any, **_: Any) -> None:
+        if request.method == "PUT" and not damaged:
+            body = request.body  # a BytesIO, rewound before each send
+            body.seek(1000)
+            flipped = bytes([body.read(1)[0] ^ 0xFF])
+            body.seek(1000)
+            body.write(flipped)
+            body.seek(0)
+            damaged.append(flipped)
+
+    client.meta.events.register("before-send.s3", damage)
+    data = os.urandom(100_000)
+    with pytest.raises(TransientError, match="BadDigest"):
+        await backend.save(NAME, data)
+    with pytest.raises(NotFound):
+        await backend.stat(NAME)  # nothing damaged was stored
+    damaged.clear()
+    retrying = RetryBackend(backend, RetryPolicy(base_delay=0.01))
+    await retrying.save(NAME, data)
     assert await backend.load(NAME) == data
     await backend.aclose()
 
@@ -260,3 +419,89 @@ async def test_sftp_connection_killed_mid_upload_is_retried(
     assert await backend.load(NAME) == data
     assert list((repo / "data" / "ab").glob(".tmp-*")) == []
     await backend.aclose()
+
+
+# --- the same through the command line: one line, an exit code --------------------------
+
+
+def _cli(repo: str, tmp_path: Path, env: dict[str, str] | None = None) -> Cairn:
+    password = tmp_path / "password"
+    password.write_text("pw\n")
+    return Cairn(repo, password, extra_env=env)
+
+
+def _s3_env(tmp_path: Path, secret: str = servers.S3_SECRET) -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": servers.S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+    }
+
+
+def test_cli_server_down_fails_fast_in_one_line(tmp_path: Path) -> None:
+    port = servers.free_port()
+    result = _cli(f"rest:http://cairn:secret@127.0.0.1:{port}/repo", tmp_path).run(
+        "snapshots", timeout=30
+    )
+    assert result.code == 1
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith(f"cairn: rest:http://cairn@127.0.0.1:{port}/repo/: ")
+    assert "cannot connect" in lines[0] and "secret" not in lines[0]
+
+
+def test_cli_retry_max_time_logs_attempts(tmp_path: Path) -> None:
+    port = servers.free_port()
+    result = _cli(f"rest:http://127.0.0.1:{port}/repo", tmp_path).run(
+        "--retry-max-time", "3s", "snapshots", timeout=30
+    )
+    assert result.code == 1
+    *retries, last = result.err.splitlines()
+    # Waits of 0.5 s and 1 s (at most: jitter cuts them) fit in 3 s; 2 s more would not.
+    assert len(retries) == 2 and all("backend.retry" in r for r in retries), result.err
+    for n, line in enumerate(retries, start=1):
+        assert f"attempt={n}" in line and "of=3" in line and "delay=" in line
+    assert last.startswith("cairn: ") and "gave up after 3 attempts" in last
+
+
+def test_cli_bad_retry_max_time_is_a_usage_error(tmp_path: Path) -> None:
+    result = _cli("rest:http://127.0.0.1:9/repo", tmp_path).run(
+        "--retry-max-time", "soon", "snapshots", timeout=30
+    )
+    assert result.code == 1
+    assert "invalid duration 'soon'" in result.err
+
+
+@pytest.mark.parametrize("kind", ["s3", "s3-moto"])
+def test_cli_s3_no_such_bucket(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url, options = servers.location_for(kind, request, tmp_path)
+    endpoint = url.removeprefix("s3:").split("/", 3)[:3]
+    repo = "s3:" + "/".join(endpoint) + "/no-such-bucket/repo"
+    cli = Cairn(
+        repo,
+        _cli(repo, tmp_path).password_file,
+        extra_env=_s3_env(tmp_path),
+        global_args=tuple(f"-o{k}={v}" for k, v in options.items()),
+    )
+    result = cli.run("snapshots", timeout=30)
+    assert result.code == 10
+    assert len(result.err.splitlines()) == 1, result.err
+    assert "no-such-bucket" in result.err
+
+
+def test_cli_s3_wrong_credentials(s3_server: servers.S3Server, tmp_path: Path) -> None:
+    repo = f"s3:{s3_server.endpoint}/{servers.S3_BUCKET}/creds"
+    cli = _cli(repo, tmp_path, _s3_env(tmp_path, secret="wrong"))
+    result = cli.run("-o", "s3.region=us-east-1", "snapshots", timeout=30)
+    assert result.code == 1
+    assert len(result.err.splitlines()) == 1, result.err
+    assert "access denied" in result.err and servers.S3_BUCKET in result.err
+
+
+def test_cli_rclone_bad_remote(rclone_remote: servers.RcloneRemote, tmp_path: Path) -> None:
+    cli = _cli("rclone:no-such-remote:repo", tmp_path)
+    result = cli.run("-o", f"rclone.config={rclone_remote.config}", "snapshots", timeout=30)
+    assert result.code == 1
+    assert len(result.err.splitlines()) == 1, result.err
+    assert "rclone exited" in result.err and "no-such-remote" in result.err

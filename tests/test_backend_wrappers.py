@@ -20,6 +20,7 @@ from cairn.backends.base import (
     ObjectTruncated,
     PermissionDenied,
     TransientError,
+    Unreachable,
     object_name,
 )
 from cairn.backends.faulty import Fault, FaultyBackend, parse_faults
@@ -183,10 +184,10 @@ def test_connection_limit_defaults_to_the_backend(local: LocalBackend) -> None:
 
 
 @pytest.mark.trio
-async def test_lock_files_bypass_the_limit(
-    local: LocalBackend, autojump_clock: trio.testing.MockClock
-) -> None:
-    backend = LimitedBackend(FaultyBackend(local, "save:data/=delay:100"), connections=1)
+async def test_lock_files_bypass_the_limit(local: LocalBackend) -> None:
+    # Real time, not autojump: autojump also jumps while a thread does file I/O, so
+    # on a loaded machine the delayed save could "finish" before the lock's.
+    backend = LimitedBackend(FaultyBackend(local, "save:data/=delay:3600"), connections=1)
     lock = object_name("locks", "cd" * 32)
     done: list[str] = []
 
@@ -194,12 +195,13 @@ async def test_lock_files_bypass_the_limit(
         await backend.save(name, data)
         done.append(name)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(save, NAME, DATA)  # holds the only slot for 100 s
-        await trio.sleep(1)
-        await save(lock, b"lock")  # a lock refresh must not wait behind it
-    # (Not measured in virtual time: autojump also jumps while a thread does file I/O.)
-    assert done == [lock, NAME]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(save, NAME, DATA)  # holds the only slot for an hour
+            await trio.sleep(0.1)
+            await save(lock, b"lock")  # a lock refresh must not wait behind it
+            nursery.cancel_scope.cancel()
+    assert done == [lock]
     assert await local.load(lock) == b"lock"
 
 
@@ -312,3 +314,92 @@ async def test_wrap_backend_without_retries(local: LocalBackend) -> None:
         await backend.stat(NAME)
     with anyio.fail_after(5):
         await backend.aclose()
+
+
+# --- fail fast, --retry-max-time ------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_never_reached_backend_fails_at_once(
+    local: LocalBackend, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A backend that has not answered once is not retried when it cannot be reached."""
+    faulty = FaultyBackend(local, "stat=unreachable")
+    backend = RetryBackend(faulty)
+    start = trio.current_time()
+    with structlog.testing.capture_logs() as events, pytest.raises(Unreachable):
+        await backend.stat("config")
+    assert faulty.calls["stat"] == 1
+    assert [e for e in events if e["event"] == "backend.retry"] == []
+    assert trio.current_time() == start
+
+
+@pytest.mark.trio
+async def test_unreachable_after_contact_is_retried(
+    local: LocalBackend, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Once the backend has answered, losing it is transient: back off and retry."""
+    await local.save("config", b"c")
+    faulty = FaultyBackend(local, "load#2-3=unreachable")
+    backend = RetryBackend(faulty, RetryPolicy(base_delay=1, jitter=0))
+    assert await backend.load("config") == b"c"  # the first contact
+    start = trio.current_time()
+    with structlog.testing.capture_logs() as events:
+        assert await backend.load("config") == b"c"
+    assert faulty.calls["load"] == 4
+    assert trio.current_time() - start == pytest.approx(1 + 2)
+    retries = [e for e in events if e["event"] == "backend.retry"]
+    assert [(e["attempt"], e["of"], e["delay"]) for e in retries] == [(1, 10, 1.0), (2, 10, 2.0)]
+    assert all(e["log_level"] == "warning" and e["op"] == "load" for e in retries)
+
+
+@pytest.mark.trio
+async def test_permanent_answer_counts_as_contact(
+    local: LocalBackend, autojump_clock: trio.testing.MockClock
+) -> None:
+    faulty = FaultyBackend(local, "stat#2=unreachable")
+    backend = RetryBackend(faulty, RetryPolicy(base_delay=1, jitter=0))
+    with pytest.raises(NotFound):
+        await backend.stat("config")  # "not found" is an answer
+    with pytest.raises(NotFound):
+        await backend.stat("config")  # so the unreachable 2nd call was retried
+    assert faulty.calls["stat"] == 3
+
+
+@pytest.mark.trio
+async def test_retry_max_time_bounds_retries_and_waits_for_first_contact(
+    local: LocalBackend, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With a time budget even the first contact is retried, for that long and no
+    longer; the attempt count in the log follows from the budget."""
+    faulty = FaultyBackend(local, "stat=unreachable")
+    policy = RetryPolicy(base_delay=1, jitter=0, max_time=20)
+    assert policy.max_attempts == 5  # waits 1 + 2 + 4 + 8 = 15 fit in 20, + 16 does not
+    backend = RetryBackend(faulty, policy)
+    start = trio.current_time()
+    with (
+        structlog.testing.capture_logs() as events,
+        pytest.raises(Unreachable, match=r"gave up after 5 attempts in 15 s"),
+    ):
+        await backend.stat("config")
+    assert faulty.calls["stat"] == 5
+    assert trio.current_time() - start == pytest.approx(15)
+    retries = [e for e in events if e["event"] == "backend.retry"]
+    assert [(e["attempt"], e["of"]) for e in retries] == [(1, 5), (2, 5), (3, 5), (4, 5)]
+
+
+@pytest.mark.trio
+async def test_retry_max_time_counts_slow_attempts(
+    local: LocalBackend, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The budget is wall time: attempts that hang until a timeout use it up too."""
+    await local.save("config", b"c")
+    faulty = FaultyBackend(local, "load=delay:7,load#2-99=transient")
+    backend = RetryBackend(faulty, RetryPolicy(base_delay=1, jitter=0, max_time=30))
+    assert await backend.load("config") == b"c"
+    start = trio.current_time()
+    with pytest.raises(TransientError, match="gave up after 4 attempts"):
+        await backend.load("config")
+    # Failures at 7, 15, 24 and 35 s; waiting 8 s more would overrun the 30 s budget.
+    assert trio.current_time() - start == pytest.approx(7 + 1 + 7 + 2 + 7 + 4 + 7)
+    assert faulty.calls["load"] == 5

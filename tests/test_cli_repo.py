@@ -128,10 +128,13 @@ def test_corrupted_objects_are_named_not_decoded(cairn: Cairn, tmp_path: Path) -
     os.chmod(snap_file, 0o600)
     snap_file.write_bytes(bytes(data))
     # The backup left a good copy in the local metadata cache; read the backend's.
-    r = cairn.run("--no-cache", "snapshots")
+    r = cairn.run("--no-cache", "cat", "snapshot", snap_file.name)
     assert r.code == 1
     assert snap_file.name in r.err and "corrupted" in r.err
     assert "Traceback" not in r.err
+    # Listing skips it with a warning naming the file (the others stay usable).
+    r = cairn.run("--no-cache", "snapshots")
+    assert r.code == 0 and f"snapshots/{snap_file.name}" in r.err and "damaged" in r.err
     # Truncated config: reported as corrupted config.
     config = cairn.repo / "config"
     os.chmod(config, 0o600)

@@ -106,15 +106,41 @@ def start(tmp_path: Path, backend: str) -> tuple[subprocess.Popen[str], str, set
         stderr=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parent.parent,
+        start_new_session=True,  # its own process group, to kill as a whole
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line, proc.stderr.read() if proc.stderr else ""
-    segment = json.loads(line)["segment"]
-    children = descendants(proc.pid)
-    assert len(children) >= 3  # forkserver + 2 workers
-    assert Path("/dev/shm", segment).exists()
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        segment = json.loads(line)["segment"]
+        children = descendants(proc.pid)
+        assert len(children) >= 3  # forkserver + 2 workers
+        assert holders(segment, {proc.pid} | children), "the slot memory is not where we look"
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)  # a script that runs forever: never leave it
+        proc.communicate()
+        raise
     return proc, segment, children
+
+
+def holders(segment: str, pids: set[int]) -> set[int]:
+    """Which of ``pids`` hold the slot memory ``segment`` open or mapped."""
+    token = segment.rsplit(":", 1)[1]
+    found = set()
+    for pid in pids:
+        try:
+            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        if any(f"memfd:cairn_{token}" in target for target in fds) or f"cairn_{token}" in maps:
+            found.add(pid)
+    return found
+
+
+def named_segments(pid: int) -> list[Path]:
+    """Named shared memory of ``pid`` (what versions before memfd slots left)."""
+    return list(Path("/dev/shm").glob(f"cairn_{pid}_*"))
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -122,24 +148,30 @@ def start(tmp_path: Path, backend: str) -> tuple[subprocess.Popen[str], str, set
 def test_signal_stops_cleanly_with_exit_130(
     tmp_path: Path, backend: str, signum: signal.Signals
 ) -> None:
-    proc, segment, children = start(tmp_path, backend)
+    proc, _, children = start(tmp_path, backend)
     os.kill(proc.pid, signum)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
     assert f"interrupted {int(signum)}" in stderr
     assert "Traceback" not in stderr and "leaked" not in stderr, stderr
-    assert not Path("/dev/shm", segment).exists()
+    assert not named_segments(proc.pid)
     assert gone(children, time.monotonic() + 10)
 
 
-def test_killed_parent_leaves_no_orphans_and_shm_is_reclaimed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("whole_group", [False, True], ids=["parent", "process-group"])
+def test_killed_run_leaves_no_orphans_and_shm_is_reclaimed(
+    tmp_path: Path, whole_group: bool
+) -> None:
     proc, segment, children = start(tmp_path, "asyncio")
-    os.kill(proc.pid, signal.SIGKILL)
+    # SIGKILL of the whole group is what systemd does when a stop times out:
+    # nobody is left to clean up, so the memory must need no cleaning.
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
-    # Workers see EOF on their socket and exit; multiprocessing's resource
-    # tracker (a separate process) unlinks the segment once they are gone.
+    # Workers see EOF on their socket and exit; with the last holder gone the
+    # kernel frees the (nameless) memory.
     assert gone(children, time.monotonic() + 10)
-    deadline = time.monotonic() + 10
-    while Path("/dev/shm", segment).exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not Path("/dev/shm", segment).exists()
+    assert not holders(segment, children)
+    assert not named_segments(proc.pid)

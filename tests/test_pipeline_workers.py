@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import multiprocessing
 import os
+import pickle
 import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -21,6 +23,8 @@ from cairn.pipeline import (
     WorkerCrashed,
     WorkerPool,
     open_engine,
+    shm,
+    workers,
 )
 
 pytestmark = pytest.mark.anyio
@@ -86,10 +90,20 @@ def recall() -> str:
 # --- helpers ---
 
 
-def shm_segments() -> set[str]:
-    # Only this process's segments: other test runs may share the machine.
-    prefix = f"cairn_{os.getpid()}_"
-    return {name for name in os.listdir("/dev/shm") if name.startswith(prefix)}
+def shm_segments(pid: int | None = None) -> set[str]:
+    """The slot memory a process holds open (memfds named cairn_*)."""
+    # A mapping keeps its own descriptor until its last view is collected.
+    gc.collect()
+    fds = f"/proc/{pid or os.getpid()}/fd"
+    found = set()
+    for fd in os.listdir(fds):
+        try:
+            target = os.readlink(f"{fds}/{fd}")
+        except OSError:
+            continue  # closed meanwhile (listdir's own fd)
+        if target.startswith("/memfd:cairn_"):
+            found.add(target)
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -251,3 +265,80 @@ async def test_cpu_stage_ordered_results_through_shared_memory(no_leaks: None) -
         pipe = engine.pipeline("t").source("read", pieces())
         await pipe.map("hash", digest, concurrency=4, ordered=True).sink("out", sink).run()
         assert seen == [hashlib.sha256(f"piece {n}".encode()).hexdigest() for n in range(40)]
+
+
+def test_slot_memory_has_no_name_and_old_segments_of_dead_runs_go() -> None:
+    # A named segment survives a SIGKILLed run until reboot; slot memory has
+    # no name, so the kernel frees it with its last holder.
+    ctx = multiprocessing.get_context("fork")
+    gone = ctx.Process(target=os.getpid)
+    gone.start()
+    gone.join()
+    stale = f"/dev/shm/cairn_{gone.pid}_deadbeef"  # what older versions leaked
+    live = f"/dev/shm/cairn_{os.getpid()}_cafef00d"
+    for path in (stale, live):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    try:
+        removed = shm.sweep_stale_segments()
+        assert os.path.basename(stale) in removed
+        assert not os.path.exists(stale)
+        assert os.path.exists(live)  # its process is still running
+        named = set(os.listdir("/dev/shm"))
+        slots = SlotPool(4096, 2)
+        try:
+            assert set(os.listdir("/dev/shm")) - named == set()
+            assert shm_segments(), "the pool's memory is not a memfd"
+        finally:
+            slots.close()
+    finally:
+        for path in (stale, live):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def wait_for(path: str) -> str:
+    while not os.path.exists(path):
+        signal.sigtimedwait([], 0.01)  # a short nap that is not time.sleep's lint
+    return path
+
+
+def test_worker_whose_parent_hung_up_mid_job_exits_quietly(tmp_path: Any) -> None:
+    # On Ctrl-C the parent closes the sockets of workers still running jobs; their
+    # replies then hit a broken pipe, which must not print a traceback (exit 1).
+    ctx = multiprocessing.get_context("forkserver")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=workers._worker_main, args=(child, None, ()))
+    process.start()
+    child.close()
+    assert pickle.loads(parent.recv_bytes())[0]  # ready
+    flag = str(tmp_path / "go")
+    parent.send_bytes(pickle.dumps((wait_for, (flag,))))
+    parent.close()
+    open(flag, "w").close()
+    process.join(30)
+    assert process.exitcode == 0
+
+
+async def test_slot_memory_is_handed_to_workers_and_a_reused_descriptor_is_not_confused(
+    no_leaks: None,
+) -> None:
+    names: list[str] = []
+    async with WorkerPool(1) as pool:
+        for data in (b"first pool", b"second pool"):
+            # The second pool's memfd usually gets the first one's descriptor number.
+            slots = SlotPool(1024, 1)
+            try:
+                slot = await slots.acquire()
+                slot.view[: len(data)] = data
+                digest = await pool.run(sha256_of, slot.ref(len(data)))
+                assert digest == hashlib.sha256(data).hexdigest()
+                # Handed over the worker's socket, not looked up in /proc.
+                assert slots.name in pool._all[0].attached
+                names.append(slots.name)
+                slot.release()
+            finally:
+                slots.close()
+    # Same descriptor number, different memory: the key's token tells them apart.
+    assert names[0].split(":")[:2] == names[1].split(":")[:2]
+    assert names[0] != names[1]

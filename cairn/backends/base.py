@@ -19,14 +19,16 @@ Contract (checked for every backend by ``tests/test_backend_conformance.py``):
 * ``remove(name)`` raises ``NotFound`` when there is nothing to remove.
 * ``aclose()`` releases connections and processes, and completes even on failure.
 * Errors are the subclasses of ``BackendError`` below; anything a retry may cure is a
-  ``TransientError``, everything else is permanent.
+  ``TransientError``, everything else is permanent. A failure to connect at all is
+  ``Unreachable`` (a ``TransientError``), so that the retry wrapper can tell a server
+  that never answered from one that stopped answering.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # Object kinds and the directory each lives in.
 KINDS = ("keys", "snapshots", "index", "data", "locks")
@@ -40,10 +42,26 @@ _NAME = re.compile(
 )
 
 
+def rebuild_error(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    """Unpickle an exception without calling its ``__init__`` (whose signature need not
+    match ``args``): class, ``args`` (the message) and attributes come back as they were."""
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class BackendError(Exception):
-    """A storage operation failed; the message is written for the user."""
+    """A storage operation failed; the message is written for the user.
+
+    Errors cross process boundaries (a worker's job fails): every subclass pickles
+    with its class, message and attributes, whatever its ``__init__`` takes.
+    """
 
     exit_code = 1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (rebuild_error, (type(self), self.args, self.__dict__))
 
 
 class NotFound(BackendError):
@@ -64,6 +82,15 @@ class QuotaExceeded(BackendError):
 
 class TransientError(BackendError):
     """A failure a retry may cure: connection reset, timeout, 5xx, throttling."""
+
+
+class Unreachable(TransientError):
+    """No connection could be made: refused, DNS failure, TLS failure, connect timeout.
+
+    Transient once the backend has answered (a server restarting mid-backup), but a
+    backend that never answered is most likely down or misconfigured: the retry
+    wrapper then fails at once instead of backing off for minutes.
+    """
 
 
 class ObjectTruncated(BackendError):

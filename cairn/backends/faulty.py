@@ -4,6 +4,7 @@ A spec is a list of ``Fault`` rules, or the same written as text, comma-separate
 
     save#2=transient            the 2nd save raises TransientError
     save#1-3=transient          saves 1 to 3 fail
+    stat#1=unreachable          the 1st stat cannot connect (refused, DNS, TLS)
     load:data/=truncate:10      every load of a name under data/ returns 10 bytes fewer
     load#1=flip:5               the 1st load has byte 5 flipped
     save=partial:100            saves store only the first 100 bytes, then fail (a
@@ -43,11 +44,13 @@ from cairn.backends.base import (
     PermissionDenied,
     QuotaExceeded,
     TransientError,
+    Unreachable,
 )
 from cairn.backends.forward import ForwardingBackend
 
 ERRORS: dict[str, type[BackendError]] = {
     "transient": TransientError,
+    "unreachable": Unreachable,
     "denied": PermissionDenied,
     "notfound": NotFound,
     "quota": QuotaExceeded,

@@ -206,3 +206,38 @@ def _walk(root: Path, prefix: str) -> list[tuple[str, int]]:
                 continue
             out.append((f"{rel}/{fname}", size))
     return out
+
+
+# --- stale temporary files (used by prune; separate from the Backend protocol) ----
+
+
+async def remove_stale_temporaries(backend: LocalBackend, max_age_seconds: float) -> list[str]:
+    """Remove ``.tmp-*`` files older than ``max_age_seconds`` anywhere in the
+    repository; return their paths relative to the root.
+
+    A process killed between writing a temporary file and renaming it (SIGKILL,
+    power loss) leaves one behind, and ``list`` never shows it. The caller holds
+    the exclusive lock; the age keeps a file another (unlocked) writer is still
+    filling safe, since writing updates its modification time.
+    """
+    return await backend._run(_remove_stale_temporaries, backend.root, max_age_seconds)
+
+
+def _remove_stale_temporaries(root: Path, max_age_seconds: float) -> list[str]:
+    import time
+
+    cutoff = time.time() - max_age_seconds
+    removed = []
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for fname in filenames:
+            if not fname.startswith(".tmp-"):
+                continue
+            path = os.path.join(dirpath, fname)
+            try:
+                if os.lstat(path).st_mtime >= cutoff:
+                    continue
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(os.path.relpath(path, root).replace(os.sep, "/"))
+    return sorted(removed)

@@ -38,12 +38,23 @@ KNOWN_OPTIONS = {
     "rest": {"connections"},
     "rclone": {"connections", "program", "args", "config"},
 }
+# The password of ``scheme://user:password@host`` anywhere in a location.
+_URL_SECRET = re.compile(r"(//[^/@:\s]*:)[^/@\s]*@")
 _SIZE = re.compile(r"^(\d+)\s*([kmg]?)i?b?$", re.IGNORECASE)
 _SCP = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>\[[^\]]+\]|[^:/@]+):(?P<path>.*)$")
 
 
 class InvalidLocation(BackendError, ValueError):
     """The repository location or one of its options is malformed."""
+
+
+def redact_location(location: str) -> str:
+    """``location`` with any URL password replaced by ``***``, for display.
+
+    ``rest:http://user:secret@host/`` becomes ``rest:http://user:***@host/``; the same
+    for credentials someone put in an S3 endpoint or an sftp URL.
+    """
+    return _URL_SECRET.sub(r"\1***@", location)
 
 
 def _scheme_options(scheme: str, options: Options | None) -> dict[str, str]:

@@ -23,6 +23,7 @@ from cairn.backends.base import (
     PermissionDenied,
     QuotaExceeded,
     TransientError,
+    Unreachable,
     validate_name,
     validate_prefix,
 )
@@ -34,8 +35,10 @@ Entries = list[tuple[str, int]]
 # restic's default for REST; the server handles each request on its own goroutine.
 DEFAULT_CONNECTIONS = 5
 V2 = "application/vnd.x.restic.rest.v2"
-# Generous: a 16 MiB pack over a throttled link takes a while; connect fails fast.
-TIMEOUT = httpx.Timeout(300.0, connect=15.0)
+# Generous: a 16 MiB pack over a throttled link takes a while. Connecting (TCP and
+# TLS) takes well under a second on any working network; 10 s bounds how long a
+# blackholed address keeps a first contact waiting (see retry.py on failing fast).
+TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 
 
 def _path(name: str) -> str:
@@ -117,6 +120,8 @@ class RestBackend:
     async def _request(self, method: str, path: str, what: str, **kw: Any) -> httpx.Response:
         try:
             response = await self._client.request(method, quote(path), **kw)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise Unreachable(f"{self._location}: {what}: {_describe(exc)}") from exc
         except httpx.TransportError as exc:
             raise TransientError(f"{self._location}: {what}: {_describe(exc)}") from exc
         if response.status_code >= 300:
@@ -221,6 +226,8 @@ class RestBackend:
 def _describe(exc: httpx.TransportError) -> str:
     """A one-line reason for a transport failure (httpx messages can be empty)."""
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"cannot connect: timed out after {TIMEOUT.connect:.0f} s"
     if isinstance(exc, httpx.ConnectError):
         return f"cannot connect: {text}"
     return text

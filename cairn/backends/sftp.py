@@ -27,6 +27,7 @@ from cairn.backends.base import (
     PermissionDenied,
     QuotaExceeded,
     TransientError,
+    Unreachable,
     validate_name,
     validate_prefix,
 )
@@ -36,6 +37,9 @@ Entries = list[tuple[str, int]]
 T = TypeVar("T")
 # restic's default; requests are pipelined over one connection anyway.
 DEFAULT_CONNECTIONS = 5
+# TCP connect, SSH handshake and authentication together (asyncssh's default is
+# none, leaving a blackholed host to the kernel's two-minute TCP timeout).
+CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,7 @@ class SftpBackend:
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         o = self._opts
-        kw: dict[str, Any] = dict(o.extra)
+        kw: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT, **o.extra}
         if o.port:
             kw["port"] = o.port
         if o.username:
@@ -173,7 +177,17 @@ class SftpBackend:
 
     async def _call(self, what: str, op: Callable[[asyncssh.SFTPClient], Awaitable[T]]) -> T:
         try:
-            return await op(await self._client())
+            sftp = await self._client()
+        except (asyncssh.Error, OSError) as exc:
+            error = _translate(exc, f"{self._location}: {what}")
+            if isinstance(error, TransientError):
+                # Refused, unknown host, timeout, or dropped before the session began.
+                await self._drop()
+                reason = str(exc) or type(exc).__name__
+                raise Unreachable(f"{self._location}: {what}: cannot connect: {reason}") from exc
+            raise error from exc
+        try:
+            return await op(sftp)
         except (asyncssh.Error, OSError) as exc:
             error = _translate(exc, f"{self._location}: {what}")
             if isinstance(error, TransientError):

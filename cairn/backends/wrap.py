@@ -50,6 +50,6 @@ def wrap_backend(
         stacked = ThrottledBackend(stacked, upload_limiter, download_limiter)
     stacked = LimitedBackend(stacked, connections)
     policy = RetryPolicy(attempts=retries) if isinstance(retries, int) else retries
-    if policy is None or policy.attempts > 1:
+    if policy is None or policy.max_attempts > 1:
         stacked = RetryBackend(stacked, policy)
     return stacked

@@ -12,7 +12,7 @@ import structlog
 
 from cairn import __version__
 from cairn.cli.common import SIZE, hostname, open_repo, report_item_errors, run_async, username
-from cairn.cli.errors import EXIT_OK, EXIT_PARTIAL, UsageError
+from cairn.cli.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, UsageError
 from cairn.cli.progress import backup_status, track
 from cairn.config.settings import Settings
 
@@ -34,6 +34,35 @@ def _collect_paths(
         with open(name, "rb") as f:
             out.extend(p for p in f.read().split(b"\0") if p)
     return [os.path.abspath(p) for p in out]
+
+
+class NoSourceData(Exception):
+    """None of the paths to back up exists: nothing is saved (restic: fatal, exit 1)."""
+
+    exit_code = EXIT_FATAL
+
+    def __init__(self, missing: list[tuple[str, str]]) -> None:
+        names = ", ".join(path for path, _problem in missing)
+        super().__init__(f"no snapshot saved: none of the paths to back up exists ({names})")
+
+
+def _existing(targets: list[bytes]) -> tuple[list[bytes], list[tuple[str, str]]]:
+    """The targets that exist, and ``(path, problem)`` for those that do not.
+
+    As restic does, a missing path is left out of the snapshot (and of its ``paths``)
+    with a warning, and makes the exit code 3; if none exists the backup is fatal.
+    """
+    present, missing = [], []
+    for target in targets:
+        try:
+            os.lstat(target)
+        except FileNotFoundError:
+            missing.append((os.fsdecode(target), "does not exist, skipped"))
+            continue
+        except OSError:
+            pass  # e.g. permission denied: the walk reports it for this path
+        present.append(target)
+    return present, missing
 
 
 def _human(n: float) -> str:
@@ -68,6 +97,12 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
     from cairn.stages.backup import BackupOptions
     from cairn.stages.excludes import ExcludeRules
 
+    if opts["use_stdin"] and (paths or opts["files_from"] or opts["files_from_raw"]):
+        # restic's rule; the data comes from stdin, its name from --stdin-filename.
+        raise UsageError(
+            "--stdin was given together with files or directories to back up; "
+            "name the stdin data with --stdin-filename"
+        )
     targets = (
         []
         if opts["use_stdin"]
@@ -75,6 +110,9 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
     )
     if not targets and not opts["use_stdin"]:
         raise UsageError("nothing to back up: give PATHS, --files-from or --stdin")
+    targets, missing = _existing(targets)
+    if missing and not targets:
+        raise NoSourceData(missing)
     rules = ExcludeRules.from_files(
         list(opts["exclude_file"]),
         patterns=list(opts["exclude"]),
@@ -105,7 +143,7 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         tags=options.tags,
         dry_run=options.dry_run,
     )
-    result = run_async(lambda: _backup(settings, options, opts["parent"]))
+    result = run_async(lambda: _backup(settings, options, opts["parent"], missing))
     _log_finished(result)
     click.get_current_context().meta["cairn.backup.result"] = result  # for ``cairn run``
     _report(settings, result)
@@ -131,7 +169,9 @@ def _log_finished(result: dict[str, Any]) -> None:
     )
 
 
-async def _backup(settings: Settings, options: Any, parent_ref: str | None) -> dict[str, Any]:
+async def _backup(
+    settings: Settings, options: Any, parent_ref: str | None, missing: list[tuple[str, str]]
+) -> dict[str, Any]:
     from cairn.repo.snapshot import Snapshot
     from cairn.stages.backup import Archiver
     from cairn.stages.locking import repository_lock
@@ -176,7 +216,7 @@ async def _backup(settings: Settings, options: Any, parent_ref: str | None) -> d
             "total_files_processed": stats.files_new + stats.files_changed + stats.files_unmodified,
             "total_bytes_processed": stats.bytes_processed,
             "bytes_read": stats.bytes_read,
-            "errors": len(stats.errors),
+            "errors": len(missing) + len(stats.errors),
             "duration_seconds": round(duration, 3),
         }
         snapshot_id = None
@@ -200,7 +240,7 @@ async def _backup(settings: Settings, options: Any, parent_ref: str | None) -> d
         "summary": summary,
         "snapshot_id": snapshot_id,
         "parent": parent_id,
-        "errors": stats.errors,
+        "errors": missing + list(stats.errors),
         "dry_run": options.dry_run,
     }
 

@@ -70,8 +70,13 @@ async def _cat(repo: Any, kind: str, object_id: str | None) -> Any:
         full = await repo.find_id("keys", object_id)
         return keyfile_info(await repo.backend.load(object_name("keys", full)), full)
     if kind == "snapshot":
-        full = await repo.find_id("snapshots", object_id)
-        snap = decode_snapshot(await repo.load_sealed("snapshots", full), full)
+        if object_id == "latest":
+            from cairn.stages.snapshots import find_snapshot
+
+            full, snap = await find_snapshot(repo, "latest")
+        else:
+            full = await repo.find_id("snapshots", object_id)
+            snap = decode_snapshot(await repo.load_sealed("snapshots", full), full)
         return {"id": full, **_jsonable(snap), "time": snap.time_iso}
     if kind == "index":
         full = await repo.find_id("index", object_id)
@@ -145,4 +150,5 @@ def command(settings: Settings, kind: str, object_id: str | None) -> None:
         sys.stdout.buffer.write(value)
         sys.stdout.buffer.flush()
         return
-    click.echo(json.dumps(_jsonable(value), indent=2))
+    # With --json one line (JSON Lines); for people, indented.
+    click.echo(json.dumps(_jsonable(value), indent=None if settings.json else 2))

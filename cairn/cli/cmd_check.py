@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
 import click
 
 from cairn.cli.common import open_repo, run_async
-from cairn.cli.errors import EXIT_FATAL, EXIT_OK
+from cairn.cli.errors import EXIT_FATAL, EXIT_OK, print_error
 from cairn.config.settings import Settings
 
 
@@ -81,7 +80,7 @@ def command(settings: Settings, read_data: bool, subset: Any, seed: int | None) 
             + (f"{errors} errors" if errors else "no errors were found")
         )
     if errors:
-        print(f"cairn: check found {errors} errors", file=sys.stderr)
+        print_error(f"check found {errors} errors", as_json=settings.json, code=EXIT_FATAL)
         return EXIT_FATAL
     return EXIT_OK
 

@@ -30,6 +30,15 @@ def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _shown(name: str, value: Any) -> Any:
+    """A setting as it may be printed: no password of a location URL."""
+    if name == "repo" and isinstance(value, str):
+        from cairn.backends.location import redact_location
+
+        return redact_location(value)
+    return value
+
+
 @command.command("show")
 @click.pass_obj
 def show(settings: Settings) -> int:
@@ -49,16 +58,18 @@ def show(settings: Settings) -> int:
             "config_file": settings.config,
             "profile": settings.profile,
             "settings": {
-                name: {"value": _jsonable(value), "source": source}
+                name: {"value": _jsonable(_shown(name, value)), "source": source}
                 for name, value, source in settings.items()
             },
             "job": {k: {"value": v, "source": s} for k, (v, s) in job_keys.items()},
         }
-        click.echo(json.dumps(out, indent=2))
+        click.echo(json.dumps(out))
         return 0
     click.echo(f"config file: {settings.config or '(none)'}")
     click.echo(f"profile:     {settings.profile or '(none)'}")
-    rows = [(name, _display(value), source) for name, value, source in settings.items()]
+    rows = [
+        (name, _display(_shown(name, value)), source) for name, value, source in settings.items()
+    ]
     rows += [(k, _display(v), s) for k, (v, s) in job_keys.items()]
     width = max(len(r[0]) for r in rows)
     vwidth = min(60, max(len(r[1]) for r in rows))

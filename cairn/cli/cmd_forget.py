@@ -135,11 +135,21 @@ async def _decide(repo: Any, ids: tuple[str, ...], opts: dict[str, Any]) -> list
     from cairn.stages.snapshots import SnapshotFilter, find_snapshot, load_snapshots
 
     flt = SnapshotFilter(list(opts["hosts"]), list(opts["paths"]), list(opts["tags"]))
-    snaps = [(i, s) for i, s in await load_snapshots(repo) if flt.matches(s)]
+    loaded = await load_snapshots(repo)
+    snaps = [(i, s) for i, s in loaded if flt.matches(s)]
     if ids:
-        wanted = {(await find_snapshot(repo, i, flt))[0] for i in ids}
+        # A damaged snapshot file can be forgotten by its ID (it cannot be filtered).
+        damaged = dict(loaded.damaged)
+        wanted: set[str] = set()
+        broken: list[dict[str, Any]] = []
+        for ref in ids:
+            full = await repo.find_id("snapshots", ref) if ref != "latest" else None
+            if full is not None and full in damaged:
+                broken.append(_damaged_json(full, damaged[full]))
+            else:
+                wanted.add((await find_snapshot(repo, ref, flt))[0])
         chosen = [snapshot_json(i, s) for i, s in snaps if i in wanted]
-        return [{"group_key": {}, "keep": [], "remove": chosen, "reasons": []}]
+        return [{"group_key": {}, "keep": [], "remove": chosen + broken, "reasons": []}]
     by_id = dict(snaps)
     grouped: dict[Any, list[SnapshotInfo]] = {}
     for sid, snap in snaps:
@@ -171,6 +181,19 @@ async def _decide(repo: Any, ids: tuple[str, ...], opts: dict[str, Any]) -> list
     return out
 
 
+def _damaged_json(snapshot_id: str, problem: str) -> dict[str, Any]:
+    """What ``forget`` shows of a snapshot whose file cannot be read."""
+    return {
+        "id": snapshot_id,
+        "short_id": snapshot_id[:8],
+        "time": "",
+        "hostname": "",
+        "tags": [],
+        "paths": [],
+        "damaged": problem,
+    }
+
+
 def _print(settings: Settings, groups: list[dict[str, Any]], dry_run: bool) -> None:
     if settings.json:
         click.echo(json.dumps(groups))
@@ -192,7 +215,12 @@ def _print(settings: Settings, groups: list[dict[str, Any]], dry_run: bool) -> N
             for col in ("ID", "Time", "Host", "Tags", "Reasons" if title == "keep" else "Paths"):
                 table.add_column(col, no_wrap=True)
             for s in members:
-                last = reasons.get(s["id"], "") if title == "keep" else "\n".join(s["paths"])
+                if title == "keep":
+                    last = reasons.get(s["id"], "")
+                elif "damaged" in s:
+                    last = "(damaged snapshot file)"
+                else:
+                    last = "\n".join(s["paths"])
                 table.add_row(
                     s["short_id"],
                     s["time"][:19].replace("T", " "),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from cairn.backends.location import redact_location
 from cairn.cli.common import echo_json, hostname, kdf_params, open_backend, run_async, username
 from cairn.config.password import read_new_password
 from cairn.config.settings import Settings
@@ -32,10 +33,11 @@ def command(settings: Settings) -> None:
             await backend.aclose()
 
     repo_id = run_async(main)
+    location = redact_location(settings.repo or "")  # a URL's password stays off the screen
     if settings.json:
-        echo_json({"message_type": "initialized", "id": repo_id, "repository": settings.repo})
+        echo_json({"message_type": "initialized", "id": repo_id, "repository": location})
     elif not settings.quiet:
-        click.echo(f"created cairn repository {repo_id[:10]} at {settings.repo}")
+        click.echo(f"created cairn repository {repo_id[:10]} at {location}")
         click.echo(
             "Please note that knowledge of your password is required to access the "
             "repository. Losing your password means that your data is irrecoverably lost."

@@ -63,8 +63,27 @@ async def run_prune(repo: Any, options: Any) -> dict[str, Any]:
             "bytes_deleted": result.bytes_deleted,
             "index_files_written": len(result.index_written),
             "index_files_deleted": result.index_deleted,
+            "stale_temporaries_removed": len(await _remove_stale_temporaries(repo)),
         }
     return out
+
+
+#: Temporary files of a local repository older than this are left by killed
+#: processes (an upload in progress keeps touching its file).
+STALE_TEMPORARY_SECONDS = 3600
+
+
+async def _remove_stale_temporaries(repo: Any) -> list[str]:
+    """``.tmp-*`` files a killed process left in a local repository (restic's
+    prune, too, cleans up after interrupted writes)."""
+    from cairn.backends.local import LocalBackend, remove_stale_temporaries
+
+    inner = repo.backend
+    while hasattr(inner, "inner"):
+        inner = inner.inner
+    if not isinstance(inner, LocalBackend):
+        return []
+    return await remove_stale_temporaries(inner, STALE_TEMPORARY_SECONDS)
 
 
 def print_prune(settings: Settings, out: dict[str, Any]) -> None:
@@ -93,6 +112,11 @@ def print_prune(settings: Settings, out: dict[str, Any]) -> None:
             f"{out['packs_deleted']} packs ({_human(out['bytes_deleted'])}), replaced "
             f"{out['index_files_deleted']} index files by {out['index_files_written']}"
         )
+        if out["stale_temporaries_removed"]:
+            click.echo(
+                f"removed {out['stale_temporaries_removed']} temporary files left by "
+                "interrupted writes"
+            )
 
 
 def _human(n: float) -> str:

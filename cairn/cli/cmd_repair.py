@@ -29,6 +29,7 @@ def index(settings: Settings) -> int:
             open_repo(settings) as repo,
             repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
         ):
+            repo.cache = None  # rebuild from what the backend holds
             return await repair_index(repo, settings.connections or 4)
 
     result = run_async(main)
@@ -60,20 +61,38 @@ def snapshots(settings: Settings, forget: bool, dry_run: bool) -> int:
             open_repo(settings) as repo,
             repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
         ):
+            # Repair what the backend holds: a cached copy of a tree pack that is
+            # damaged on the backend would hide the damage ("repaired 0").
+            repo.cache = None
             return await repair_snapshots(
                 repo, forget=forget, dry_run=dry_run, level=compression_level(settings.compression)
             )
 
-    repaired = run_async(main)
+    result = run_async(main)
+    repaired = result.repaired
     if settings.json:
         for r in repaired:
             click.echo(json.dumps({"message_type": "repaired", **vars(r)}))
+        for sid, problem in result.damaged:
+            click.echo(json.dumps({"message_type": "damaged", "id": sid, "error": problem}))
+        summary = {
+            "message_type": "summary",
+            "dry_run": dry_run,
+            "repaired": len(repaired),
+            "damaged": len(result.damaged),
+        }
+        click.echo(json.dumps(summary))
         return EXIT_OK
     for r in repaired:
         new = r.new_id[:8] if r.new_id else "(dry run)"
         click.echo(f"snapshot {r.old_id[:8]} → {new}:")
         for item in r.lost:
             click.echo(f"  lost {item}")
+    for sid, problem in result.damaged:
+        click.echo(
+            f"snapshot {sid[:8]}: file snapshots/{sid} is damaged ({problem}); "
+            f"it cannot be repaired, remove it with `cairn forget {sid[:8]}`"
+        )
     if not settings.quiet:
         verb = "would repair" if dry_run else "repaired"
         click.echo(f"{verb} {len(repaired)} snapshots")

@@ -65,6 +65,10 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
         errors=len(stats.errors),
         duration=round(duration, 3),
     )
+    if settings.verbosity > 0 and not settings.json:
+        verb = "would delete" if options.dry_run else "deleted"
+        for path in stats.deleted_paths:
+            click.echo(f"{verb} {path}")
     report_item_errors(settings, stats.errors, "restore")
     summary = {
         "message_type": "summary",
@@ -90,8 +94,14 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
             f"{stats.files_skipped} already correct, {stats.dirs} dirs, "
             f"{stats.bytes_written} bytes in {duration:.2f}s"
         )
+        if options.delete:
+            click.echo(
+                f"{'would delete' if options.dry_run else 'deleted'} {stats.deleted} entries"
+            )
         if options.verify:
             click.echo(f"verified {stats.verified} files")
+        if stats.errors:
+            click.echo(f"{len(stats.errors)} entries could not be restored (see the warnings)")
     return EXIT_FATAL if stats.errors else EXIT_OK
 
 

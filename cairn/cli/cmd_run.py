@@ -25,7 +25,14 @@ import click
 import structlog
 
 from cairn.cli import logsetup
-from cairn.cli.errors import EXIT_FATAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, describe
+from cairn.cli.errors import (
+    EXIT_FATAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    describe,
+    print_error,
+)
 from cairn.config.profiles import ConfigError, Profile
 from cairn.config.settings import Settings
 
@@ -175,7 +182,9 @@ def run_step(settings: Settings, step: Step) -> None:
         step.seconds = time.monotonic() - started
         logsetup.RUN_CONTEXT.pop("step", None)
     if step.error:
-        click.echo(f"cairn: {step.name}: {step.error}", err=True)
+        print_error(
+            f"{step.name}: {step.error}", as_json=settings.json, during=step.name
+        )
         logsetup.note_error(f"{step.name}: {step.error}")
     event = log.info if step.exit_code == EXIT_OK else log.warning
     if step.exit_code not in (EXIT_OK, EXIT_PARTIAL):
@@ -214,6 +223,10 @@ def command(settings: Settings, profile: str, metrics_file: str | None) -> int:
     job = settings.job
     run_id = logsetup.RUN_CONTEXT.get("run_id")
     logsetup.configure_logging(settings, "run", run_id=run_id)  # the profile may name a log file
+    path = metrics_file or job.get("metrics_file")
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        # Found now, not after the backup ran.
+        raise ConfigError(f"metrics file {path}: its directory does not exist")
     started_wall = time.time()
     started = time.monotonic()
     steps = plan(job)
@@ -239,14 +252,13 @@ def command(settings: Settings, profile: str, metrics_file: str | None) -> int:
         bytes_added=summary["bytes_added"],
         files=summary["files"],
     )
-    path = metrics_file or job.get("metrics_file")
     if path:
         try:
             finished = started_wall + summary["duration_seconds"]
             write_metrics(path, profile, summary, finished=finished)
         except OSError as exc:  # the job ran; a missing metrics dir must not hide its result
             log.error("run.metrics_failed", path=path, error=str(exc))
-            click.echo(f"cairn: warning: cannot write metrics file {path}: {exc}", err=True)
+            print_warning(f"cannot write metrics file {path}: {exc}", settings.json)
         else:
             log.info("run.metrics_written", path=path)
     url = job.get("ping_url_success" if code == EXIT_OK else "ping_url_failure")
@@ -256,6 +268,7 @@ def command(settings: Settings, profile: str, metrics_file: str | None) -> int:
             summary,
             method=job.get("ping_method", "GET"),
             timeout=float(job.get("ping_timeout", 10)),
+            as_json=settings.json,
         )
     _print(settings, summary)
     return code
@@ -369,7 +382,14 @@ def write_metrics(path: str, profile: str, summary: dict[str, Any], *, finished:
 # -- ping ------------------------------------------------------------------------------
 
 
-def ping(url: str, summary: dict[str, Any], *, method: str = "GET", timeout: float = 10) -> bool:
+def ping(
+    url: str,
+    summary: dict[str, Any],
+    *,
+    method: str = "GET",
+    timeout: float = 10,
+    as_json: bool = False,
+) -> bool:
     """Tell a monitor (healthchecks.io, Uptime Kuma …) how the run went.
 
     POST sends the run summary as JSON. A failed ping is logged and reported on
@@ -385,7 +405,7 @@ def ping(url: str, summary: dict[str, Any], *, method: str = "GET", timeout: flo
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         log.warning("run.ping_failed", url=_safe_url(url), error=str(reason))
-        click.echo(f"cairn: warning: ping {_safe_url(url)} failed: {reason}", err=True)
+        print_warning(f"ping {_safe_url(url)} failed: {reason}", as_json)
         return False
     log.info("run.pinged", url=_safe_url(url), status=status)
     return True
@@ -397,3 +417,11 @@ def _safe_url(url: str) -> str:
     host = parts.hostname or ""
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def print_warning(message: str, as_json: bool) -> None:
+    """``cairn: warning: …`` on stderr, or a JSON ``warning`` line with ``--json``."""
+    if as_json:
+        click.echo(json.dumps({"message_type": "warning", "message": message}), err=True)
+    else:
+        click.echo(f"cairn: warning: {message}", err=True)

@@ -71,7 +71,13 @@ def command(
         async with open_repo(settings) as repo:
             snaps = [(i, s) for i, s in await load_snapshots(repo) if flt.matches(s)]
             if ids:
-                wanted = {await repo.find_id("snapshots", i) for i in ids}
+                # ``latest``: the newest snapshot the filters select, as everywhere.
+                wanted = {
+                    (snaps[-1][0] if snaps else None)
+                    if i == "latest"
+                    else await repo.find_id("snapshots", i)
+                    for i in ids
+                }
                 snaps = [(i, s) for i, s in snaps if i in wanted]
             return snaps
 

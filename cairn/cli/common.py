@@ -31,6 +31,11 @@ class NoRepositoryGiven(Exception):
     def __init__(self) -> None:
         super().__init__("no repository given: use -r/--repo or set CAIRN_REPOSITORY")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        from cairn.backends.base import rebuild_error
+
+        return (rebuild_error, (type(self), self.args, self.__dict__))
+
 
 def run_async(func: Callable[[], Awaitable[T]]) -> T:
     """Run a command's coroutine on asyncio (aiobotocore and asyncssh need it).
@@ -62,15 +67,17 @@ def username() -> str:
 def open_backend(settings: Settings) -> Any:
     """The storage backend for ``settings.repo``, wrapped as the settings ask.
 
-    The wrapper stack (retry, ``--connections``, ``--limit-upload``/``--limit-download``
-    token buckets, logging) comes from :func:`cairn.backends.wrap.wrap_backend`. The
-    throttles are kept on the returned backend as ``cairn_throttles`` so that
-    :func:`open_repo` can drive them from a bandwidth schedule.
+    The wrapper stack (retry with ``--retry-max-time``, ``--connections``,
+    ``--limit-upload``/``--limit-download`` token buckets, logging) comes from
+    :func:`cairn.backends.wrap.wrap_backend`. The throttles are kept on the returned
+    backend as ``cairn_throttles`` so that :func:`open_repo` can drive them from a
+    bandwidth schedule.
     """
     if not settings.repo:
         raise NoRepositoryGiven()
     from cairn.backends.faulty import ENV_VAR as FAULTS_ENV_VAR
     from cairn.backends.location import parse_location
+    from cairn.backends.retry import RetryPolicy
     from cairn.backends.wrap import wrap_backend
     from cairn.pipeline.throttle import Throttle
 
@@ -79,6 +86,7 @@ def open_backend(settings: Settings) -> Any:
     download = _throttle(Throttle, settings.limit_download, settings.limit_download_schedule)
     wrapped = wrap_backend(
         backend,
+        retries=RetryPolicy(max_time=settings.retry_max_time),
         connections=settings.connections,
         upload_limiter=upload,
         download_limiter=download,
@@ -243,8 +251,8 @@ def report_item_errors(settings: Settings, errors: list[tuple[str, str]], during
 
 
 def echo_json(value: Any) -> None:
-    """One JSON document on stdout."""
-    click.echo(json.dumps(value, indent=2, sort_keys=False, default=_json_default))
+    """One JSON document on stdout, on one line (``--json`` output is JSON Lines)."""
+    click.echo(json.dumps(value, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 fatal, 3 some files could not be read, 10 no repository,
 
 from __future__ import annotations
 
+import json
 import sys
 import traceback
 from collections.abc import Callable
@@ -25,6 +26,20 @@ class UsageError(Exception):
     """A command was used wrongly in a way click cannot see (exit 1)."""
 
     exit_code = EXIT_FATAL
+
+
+def print_error(message: str, *, as_json: bool, code: int | None = None, **fields: object) -> None:
+    """One line on stderr: ``cairn: message`` as text; with ``--json`` restic's
+    ``{"message_type": "exit_error", "code", "message"}`` when ``code`` is given (the
+    command ends with it), else an ``error`` message with ``fields`` (``during`` …)."""
+    if not as_json:
+        print(f"cairn: {message}", file=sys.stderr)
+        return
+    if code is not None:
+        line: dict[str, object] = {"message_type": "exit_error", "code": code, "message": message}
+    else:
+        line = {"message_type": "error", "error": {"message": message}}
+    print(json.dumps({**line, **fields}), file=sys.stderr)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -70,15 +85,20 @@ def run_cli(group: click.Group, args: list[str], on_exit: ExitHook | None = None
 
 def _run(group: click.Group, args: list[str]) -> tuple[int, str | None]:
     debug = "--debug" in args
+    as_json = "--json" in args
     try:
         result = group.main(args=args, prog_name="cairn", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code), None
     except click.ClickException as exc:
-        exc.show()
-        return (EXIT_FATAL if exc.exit_code == 2 else int(exc.exit_code)), exc.format_message()
+        code = EXIT_FATAL if exc.exit_code == 2 else int(exc.exit_code)
+        if as_json:
+            print_error(exc.format_message(), as_json=True, code=code)
+        else:
+            exc.show()
+        return code, exc.format_message()
     except (KeyboardInterrupt, click.exceptions.Abort):
-        print("cairn: interrupted", file=sys.stderr)
+        print_error("interrupted", as_json=as_json, code=EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED, "interrupted"
     except BaseException as exc:
         if isinstance(exc, SystemExit):
@@ -88,8 +108,13 @@ def _run(group: click.Group, args: list[str]) -> tuple[int, str | None]:
         code, message = describe(exc)
         if debug and code != EXIT_INTERRUPTED:
             traceback.print_exception(exc)
-        print(f"cairn: {message}", file=sys.stderr)
-        if message.startswith("internal error") and not debug:
-            print("cairn: run with --debug for the traceback", file=sys.stderr)
+        hint = message.startswith("internal error") and not debug
+        if as_json:
+            extra = {"hint": "run with --debug for the traceback"} if hint else {}
+            print_error(message, as_json=True, code=code, **extra)
+        else:
+            print_error(message, as_json=False)
+            if hint:
+                print("cairn: run with --debug for the traceback", file=sys.stderr)
         return code, message
     return (result if isinstance(result, int) else EXIT_OK), None

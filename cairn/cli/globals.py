@@ -24,6 +24,20 @@ def _check_compression(
     return value
 
 
+def _check_duration(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> float | None:
+    """``30s``, ``5m``, ``1h`` (or plain seconds) as seconds, refused at parse time."""
+    if value is None:
+        return None
+    from cairn.config.profiles import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 GLOBAL_OPTIONS: list[click.Option] = [
     click.Option(["-r", "--repo"], help="Repository location (env CAIRN_REPOSITORY)."),
     click.Option(["--password-file"], help="Read the password from a file."),
@@ -65,6 +79,13 @@ GLOBAL_OPTIONS: list[click.Option] = [
     click.Option(["--no-cache"], is_flag=True, default=None, help="Do not use a local cache."),
     click.Option(["--no-lock"], is_flag=True, default=None, help="Do not lock the repository."),
     click.Option(["--retry-lock"], type=float, help="Seconds to keep retrying a held lock."),
+    click.Option(
+        ["--retry-max-time"],
+        metavar="DURATION",
+        callback=_check_duration,
+        help="Keep retrying a failing backend operation this long, e.g. 30s, 5m "
+        "(default: 10 attempts; a server never reached fails at once).",
+    ),
     click.Option(
         ["-o", "--option", "backend_options"],
         multiple=True,

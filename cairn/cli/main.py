@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # ``python -m cairn.cli.main``: before the slow imports
+    from cairn.cli import early
+
+    early.install()
+
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -79,7 +84,15 @@ _register()
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: run, then exit with the documented code."""
+    from cairn.cli import early
+
     args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        early.interrupt_on_signals()
+    except KeyboardInterrupt:
+        code = cli_errors.EXIT_INTERRUPTED
+        cli_errors.print_error("interrupted", as_json="--json" in args, code=code)
+        sys.exit(code)
     tune_malloc()
     sys.exit(cli_errors.run_cli(cli, args, on_exit=log_exit))
 

@@ -46,6 +46,48 @@ def _str_map(v: Any) -> bool:
     return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds in a duration such as ``30s``, ``5m``, ``1h30m``, ``500ms`` or ``90``.
+
+    A bare number is seconds. Raises ``ValueError`` with a one-line message.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"invalid duration {value!r}: must not be negative")
+        return float(value)
+    text = str(value).strip().lower()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m[1]) * _UNIT_SECONDS[m[2]]
+            pos = m.end()
+        if not text or pos != len(text):
+            raise ValueError(
+                f"invalid duration {value!r}: use e.g. 30s, 5m, 1h30m (units ms, s, m, h)"
+            ) from None
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(f"invalid duration {value!r}: must be a finite positive time")
+    return seconds
+
+
+def _duration(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        return False
+    try:
+        parse_duration(v)
+    except ValueError:
+        return False
+    return True
+
+
 _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "str": (_str, "a string"),
     "int": (_int, "an integer"),
@@ -53,6 +95,7 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bool": (_bool, "true or false"),
     "strs": (_strs, "a list of strings"),
     "map": (_str_map, "a table of strings"),
+    "duration": (_duration, 'a duration such as "30s" or "5m" (or seconds)'),
 }
 
 #: Profile keys that become :class:`~cairn.config.settings.Settings` fields
@@ -77,6 +120,7 @@ SETTINGS_KEYS: dict[str, tuple[str, str]] = {
     "cache_dir": ("str", "cache_dir"),
     "no_cache": ("bool", "no_cache"),
     "retry_lock": ("num", "retry_lock"),
+    "retry_max_time": ("duration", "retry_max_time"),
 }
 
 #: Profile keys that only ``cairn run`` reads (the job: what, how long to keep, checks).
@@ -117,6 +161,49 @@ _CHOICES = {
     "ping_method": ("GET", "POST"),
 }
 _TOP_LEVEL = {"default_profile", "profiles"}
+
+#: Inclusive bounds of numeric keys (the same as the flags'; None: unbounded).
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "cpu_workers": (1, 256),
+    "read_concurrency": (1, 256),
+    "connections": (1, 256),
+    "limit_upload": (0, None),  # 0: unlimited
+    "limit_download": (0, None),
+    "pack_size": (4, 128),
+    "retry_lock": (0, None),
+    "ping_timeout": (0.001, None),
+    **{f"keep_{u}": (-1, None) for u in ("last", "hourly", "daily", "weekly", "monthly", "yearly")},
+}
+
+
+def _check_url(text: str) -> None:
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host name")
+    url.port  # noqa: B018 - raises ValueError on a port that is not a number
+
+
+def _value_checks() -> dict[str, Callable[[Any], object]]:
+    """Parsers of string values, the ones the commands use (imported on demand): each
+    raises ``ValueError`` with a message for the user."""
+    from cairn.repo.codec import compression_level
+    from cairn.stages.check import parse_subset
+    from cairn.stages.forget import Duration, parse_group_by
+    from cairn.stages.prune import max_unused_limit
+    from cairn.stages.units import parse_size
+
+    return {
+        "compression": compression_level,
+        "exclude_larger_than": parse_size,
+        "keep_within": Duration.parse,
+        "group_by": parse_group_by,
+        "max_unused": max_unused_limit,
+        "check_subset": parse_subset,
+        "ping_url_success": _check_url,
+        "ping_url_failure": _check_url,
+    }
 
 
 def profile_keys() -> dict[str, str]:
@@ -239,6 +326,29 @@ class ConfigFile:
             for key in ("limit_upload_schedule", "limit_download_schedule"):
                 if key in body:
                     self._check_schedule(name, key, body[key])
+            self._check_values(name, body)
+
+    def _check_values(self, name: str, body: dict[str, Any]) -> None:
+        """Ranges and formats, so that a bad value fails before anything runs (not as
+        an internal error, nor after the backup of a ``cairn run``)."""
+        table = f"profiles.{name}"
+        for key, (low, high) in _RANGES.items():
+            value = body.get(key)
+            if value is None:
+                continue
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise self.error(
+                    f"profile {name!r}: key {key!r} must be {bounds}, got {value!r}", key, table
+                )
+        checks = _value_checks()
+        for key, check in checks.items():
+            if key not in body:
+                continue
+            try:
+                check(body[key])
+            except ValueError as exc:
+                raise self.error(f"profile {name!r}: key {key!r}: {exc}", key, table) from None
 
     def _check_schedule(self, name: str, key: str, entries: list[str]) -> None:
         from cairn.config.schedule import parse_schedule

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from cairn.config.profiles import SETTINGS_KEYS, Profile, load_profile
+from cairn.config.profiles import SETTINGS_KEYS, Profile, load_profile, parse_duration
 
 #: Environment variables and the settings they fill.
 ENV_VARS = {
@@ -54,6 +54,7 @@ class Settings:
     no_cache: bool = False
     no_lock: bool = False
     retry_lock: float = 0.0
+    retry_max_time: float | None = None  # seconds; None: 10 attempts, no first-contact retry
     backend_options: dict[str, str] = field(default_factory=dict)
     insecure_kdf: bool = False  # cheap Argon2 parameters: tests only
     profile: str | None = None
@@ -136,6 +137,8 @@ class Settings:
             if name == "backend_options":  # -o keys add to / override the profile's table
                 value = {**values.get(name, {}), **value}  # type: ignore[dict-item]
             put(name, value, "flag")
+        if isinstance(values.get("retry_max_time"), str):  # a profile's "5m"
+            values["retry_max_time"] = parse_duration(values["retry_max_time"])
         for f in fields(cls):
             if f.name not in _INTERNAL:
                 sources.setdefault(f.name, "default")

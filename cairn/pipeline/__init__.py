@@ -15,6 +15,7 @@ from .errors import (
     WorkerCrashed,
     exit_code_for,
 )
+from .memory import HeldBytes
 from .metrics import PipelineSnapshot, StageSnapshot, format_stats, stats_rows
 from .options import PipelineOptions
 from .pipeline import Pipeline
@@ -26,6 +27,7 @@ from .workers import WorkerPool
 __all__ = [
     "EXIT_INTERRUPTED",
     "Engine",
+    "HeldBytes",
     "Interrupted",
     "Pipeline",
     "PipelineError",

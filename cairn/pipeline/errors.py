@@ -9,8 +9,24 @@ from typing import Any
 EXIT_INTERRUPTED = 130
 
 
+def _rebuild(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    # The engine imports nothing from the rest of cairn, so this mirrors
+    # ``cairn.backends.base.rebuild_error``.
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class PipelineError(Exception):
-    """Base class for errors raised by the engine itself."""
+    """Base class for errors raised by the engine itself.
+
+    Every subclass pickles with its class, message and attributes (errors travel
+    back from worker processes), whatever its ``__init__`` takes.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class StageError(PipelineError):
@@ -28,7 +44,7 @@ class StageError(PipelineError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         cause = self.__cause__ if self.__cause__ is not None else Exception("unknown")
-        return (type(self), (self.stage, self.item, cause))
+        return (type(self), (self.stage, self.item, cause), self.__dict__)
 
 
 class WorkerCrashed(PipelineError):

@@ -1,49 +1,109 @@
 """Shared-memory slots: how bulk bytes cross into worker processes without pickling.
 
-A :class:`SlotPool` owns one ``multiprocessing.shared_memory`` segment cut into
-fixed-size slots. A slot is acquired (waiting while all are in use: that wait
-is the backpressure that bounds memory), filled, described to a worker by a
-small picklable :class:`SlotRef`, and released for reuse. Workers map a
-segment once, on first use, and keep it mapped for the rest of the run.
+A :class:`SlotPool` owns one anonymous shared-memory file (``memfd_create``)
+cut into fixed-size slots. A slot is acquired (waiting while all are in use:
+that wait is the backpressure that bounds memory), filled, described to a
+worker by a small picklable :class:`SlotRef`, and released for reuse.
+
+The memory has no name: the kernel frees it when the last process holding it
+(the parent's descriptor, a worker's mapping) is gone — also when the whole
+process group is SIGKILLed, which left named ``/dev/shm`` segments behind
+until reboot. A worker maps a pool's memory once and keeps it for the run: the
+pool hands the worker its descriptor over the worker's socket (SCM_RIGHTS,
+:mod:`cairn.pipeline.workers`) with the first job that refers to it; a reference
+that arrives any other way is mapped by opening ``/proc/<owner pid>/fd/<n>``.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
-from multiprocessing import shared_memory
 from typing import NamedTuple
 
 import anyio
 
-# Segments mapped in this process, by name: the pool's own in the parent,
-# lazily attached ones in workers.
-_mapped: dict[str, shared_memory.SharedMemory] = {}
-
-#: Prefix of every segment name, so a leak is easy to spot in /dev/shm.
+#: Prefix of every memory file's name (shown in ``/proc/PID/fd`` as
+#: ``/memfd:cairn_<token> (deleted)``) and of the named ``/dev/shm`` segments
+#: older versions created.
 SEGMENT_PREFIX = "cairn_"
 
-
-def _buffer(shm: shared_memory.SharedMemory) -> memoryview:
-    buf = shm.buf
-    if buf is None:  # only after close()
-        raise RuntimeError(f"shared memory {shm.name} is closed")
-    return buf
+# Pools' memory mapped in this process, by segment key: the pool's own in the
+# parent, attached ones in workers.
+_mapped: dict[str, memoryview] = {}
+# The memory files of this process's own pools, by segment key.
+_owned: dict[str, int] = {}
+_swept = False
 
 
 class SlotRef(NamedTuple):
-    """Picklable description of bytes in a slot: segment name, offset, length."""
+    """Picklable description of bytes in a slot: segment key, offset, length."""
 
-    segment: str
+    segment: str  # "<pid>:<fd>:<token>" of the pool's memory file in its owner
     offset: int
     length: int
 
     def view(self) -> memoryview:
         """A writable memoryview of the described bytes, in any process."""
-        shm = _mapped.get(self.segment)
-        if shm is None:
-            shm = _mapped[self.segment] = shared_memory.SharedMemory(self.segment)
-        return _buffer(shm)[self.offset : self.offset + self.length]
+        buf = _mapped.get(self.segment)
+        if buf is None:
+            buf = _mapped[self.segment] = _attach(self.segment)
+        return buf[self.offset : self.offset + self.length]
+
+
+def owned_fd(segment: str) -> int | None:
+    """The descriptor of ``segment`` if this process's pool owns it, else None."""
+    return _owned.get(segment)
+
+
+def adopt(segment: str, fd: int) -> None:
+    """Map ``segment`` from a descriptor received from its owner; closes ``fd``."""
+    try:
+        if segment not in _mapped:
+            _mapped[segment] = memoryview(mmap.mmap(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+
+
+def _attach(segment: str) -> memoryview:
+    """Map another process's pool memory through its ``/proc`` fd entry (for a
+    reference whose memory was not handed over with the job, e.g. a nested one)."""
+    pid, fd, token = segment.split(":")
+    handle = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        # Opened first, checked second: the fd number could have been reused
+        # for another file since the reference was made, the open file cannot.
+        target = os.readlink(f"/proc/self/fd/{handle}")
+        if not target.startswith(f"/memfd:{SEGMENT_PREFIX}{token}"):
+            raise RuntimeError(f"shared memory {segment} is gone (found {target})")
+        return memoryview(mmap.mmap(handle, os.fstat(handle).st_size))
+    finally:
+        os.close(handle)
+
+
+def sweep_stale_segments(directory: str = "/dev/shm") -> list[str]:
+    """Remove ``cairn_<pid>_*`` segments whose creating process is gone.
+
+    Versions before memfd slots named their memory there, and a killed run
+    left it until reboot. Returns the names removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        owner = name[len(SEGMENT_PREFIX) :].split("_", 1)[0]
+        if not owner.isdigit() or os.path.exists(f"/proc/{owner}"):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            continue  # someone else's, or already gone
+        removed.append(name)
+    return removed
 
 
 class Slot:
@@ -79,21 +139,35 @@ class Slot:
 
 
 class SlotPool:
-    """A fixed number of equal slots in one shared-memory segment.
+    """A fixed number of equal slots in one anonymous shared-memory file.
 
-    Create it in the parent before starting work; close it (which unlinks the
-    segment) in a ``finally`` — :class:`~cairn.pipeline.engine.Engine` does both.
+    Create it in the parent; close it in a ``finally`` —
+    :class:`~cairn.pipeline.engine.Engine` does both. Even without ``close``
+    the memory is freed when the process and its workers exit, however they end.
     """
 
     def __init__(self, slot_size: int, slot_count: int) -> None:
+        global _swept
         if slot_size < 1 or slot_count < 1:
             raise ValueError("slot_size and slot_count must be positive")
+        if not _swept:
+            _swept = True
+            sweep_stale_segments()
         self.slot_size = slot_size
         self.slot_count = slot_count
-        name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
-        self._shm = shared_memory.SharedMemory(name, create=True, size=slot_size * slot_count)
-        self.name = self._shm.name.lstrip("/")
-        _mapped[self.name] = self._shm
+        self.nbytes = slot_size * slot_count
+        token = secrets.token_hex(4)
+        self._fd = os.memfd_create(f"{SEGMENT_PREFIX}{token}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, self.nbytes)
+            self._mmap = mmap.mmap(self._fd, self.nbytes)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._buf = memoryview(self._mmap)
+        self.name = f"{os.getpid()}:{self._fd}:{token}"
+        _mapped[self.name] = self._buf
+        _owned[self.name] = self._fd
         # Free slot numbers travel through a memory stream: acquire() waits
         # on an empty stream exactly like a stage waits on a full channel.
         self._free_tx, self._free_rx = anyio.create_memory_object_stream[int](slot_count)
@@ -107,15 +181,9 @@ class SlotPool:
 
     async def acquire(self) -> Slot:
         """Take a free slot, waiting until one is released if all are in use."""
-        return self._slot(await self._free_rx.receive())
-
-    def acquire_nowait(self) -> Slot:
-        """Take a free slot or raise ``anyio.WouldBlock``."""
-        return self._slot(self._free_rx.receive_nowait())
-
-    def _slot(self, index: int) -> Slot:
+        index = await self._free_rx.receive()
         start = index * self.slot_size
-        return Slot(self, index, _buffer(self._shm)[start : start + self.slot_size])
+        return Slot(self, index, self._buf[start : start + self.slot_size])
 
     def _free(self, index: int) -> None:
         try:
@@ -124,23 +192,20 @@ class SlotPool:
             pass  # released after close(): nothing left to recycle into
 
     def close(self) -> None:
-        """Unlink and unmap the segment. Idempotent; safe in ``finally``."""
+        """Unmap the memory and close its descriptor. Idempotent; safe in ``finally``."""
         if _mapped.pop(self.name, None) is None:
             return
+        _owned.pop(self.name, None)
         self._free_tx.close()
         self._free_rx.close()
+        os.close(self._fd)  # first: workers can no longer attach
+        self._buf.release()
         try:
-            self._shm.unlink()  # first: the name must go even if unmapping fails
-        except FileNotFoundError:
-            pass
-        try:
-            self._shm.close()
+            self._mmap.close()
         except BufferError:
-            # A caller still holds a view of a slot. Drop our reference to the
-            # mapping (it is unmapped when the last view is collected) so that
-            # SharedMemory.__del__ does not retry and complain; close the fd.
-            self._shm._mmap = None  # type: ignore[attr-defined]
-            self._shm.close()
+            # A caller still holds a view of a slot: the mapping goes when the
+            # last such view is collected.
+            pass
 
 
 class SlotWriter:

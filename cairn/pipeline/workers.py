@@ -18,13 +18,14 @@ import pickle
 import signal
 import traceback
 from collections.abc import Callable
+from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 import anyio
 
-from . import worklog
+from . import shm, worklog
 from .errors import RemoteError, WorkerCrashed
 from .shm import SlotRef
 
@@ -32,6 +33,8 @@ R = TypeVar("R")
 
 # Seconds a worker gets to exit after its socket is closed before it is killed.
 _STOP_GRACE = 2.0
+# Starts a message handing slot memory to a worker (a job is a pickle: b"\x80...").
+_ATTACH = b"attach:"
 
 
 def _worker_main(
@@ -57,9 +60,19 @@ def _worker_main(
     while True:
         try:
             message = conn.recv_bytes()
+            if message.startswith(_ATTACH):
+                # Slot memory handed over before the job that uses it (no reply).
+                shm.adopt(message[len(_ATTACH) :].decode(), reduction.recv_handle(conn))
+                continue
         except (EOFError, OSError):
             return  # parent closed our socket (normal stop) or died
-        conn.send_bytes(_run_job(message))
+        reply = _run_job(message)
+        try:
+            conn.send_bytes(reply)
+        except OSError:
+            # The parent stopped (an interrupt) while the job ran: nobody wants
+            # the reply, and a traceback here would only clutter the terminal.
+            return
 
 
 def _run_job(message: bytes) -> bytes:
@@ -90,10 +103,21 @@ def _dump_result(ok: bool, value: Any) -> bytes:
         value.add_note("in worker:\n" + "".join(traceback.format_exception(value)))
     records = worklog.drain()
     try:
-        return pickle.dumps((ok, value, records), pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps((ok, value, records), pickle.HIGHEST_PROTOCOL)
+        if not ok:
+            # An exception can pickle and still fail to rebuild (an ``__init__`` that
+            # wants other arguments than ``args``); errors are rare, so check here,
+            # where the text is still at hand.
+            pickle.loads(data)
+        return data
     except Exception as exc:
-        error = RemoteError(f"unpicklable {'result' if ok else 'error'}: {value!r} ({exc})")
-        return pickle.dumps((False, error, []), pickle.HIGHEST_PROTOCOL)
+        if ok:
+            error = RemoteError(f"unpicklable result: {value!r} ({exc})")
+        else:
+            error = RemoteError(
+                f"{type(value).__name__}: {value} (could not be sent back from the worker: {exc})"
+            )
+        return pickle.dumps((False, error, records), pickle.HIGHEST_PROTOCOL)
 
 
 class _Worker:
@@ -103,6 +127,17 @@ class _Worker:
         self.process = process
         self.conn = conn
         self.reaped = False
+        self.attached: set[str] = set()  # slot memory handed over already
+
+    def hand_over(self, refs: list[SlotRef]) -> None:
+        """Send the descriptors of slot memory this worker has not mapped yet."""
+        for segment in {ref.segment for ref in refs} - self.attached:
+            fd = shm.owned_fd(segment)
+            if fd is None:
+                continue  # not ours to give: the worker maps it through /proc
+            self.conn.send_bytes(_ATTACH + segment.encode())
+            reduction.send_handle(self.conn, fd, self.process.pid)
+            self.attached.add(segment)
 
     @property
     def alive(self) -> bool:
@@ -116,7 +151,14 @@ class _Worker:
             raise WorkerCrashed(
                 f"worker process {self.process.pid} died (exit code {self._exitcode()})"
             ) from None
-        ok, value, records = pickle.loads(data)
+        try:
+            ok, value, records = pickle.loads(data)
+        except Exception as exc:
+            # The worker checks its errors before sending; this is the last resort.
+            raise RemoteError(
+                f"the reply of worker process {self.process.pid} could not be read: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         if records:
             worklog.replay(records, self.process.pid)
         return ok, value
@@ -209,6 +251,15 @@ class WorkerPool:
         return started
 
     def _start_processes(self, count: int) -> list[_Worker]:
+        if self._ctx.get_start_method() == "forkserver":
+            # Import the job code once in the fork server, before it starts (later
+            # calls change nothing): workers forked from it share those pages instead
+            # of importing their own copy. Measured in a backup: workers 38-40 ->
+            # 31-33 MiB private each, the server 5 -> 17 MiB PSS; more with more workers.
+            preload = [__name__]
+            if self._initializer is not None:
+                preload.append(self._initializer.__module__)
+            self._ctx.set_forkserver_preload(preload)
         started = []
         for _ in range(count):
             parent_conn, child_conn = self._ctx.Pipe()
@@ -239,6 +290,7 @@ class WorkerPool:
             if not worker.alive:
                 self._all.remove(worker)
                 (worker,) = await self._spawn(1)
+            worker.hand_over([arg for arg in args if isinstance(arg, SlotRef)])
             worker.conn.send_bytes(message)
             ok, value = await worker.receive()
         except BaseException:

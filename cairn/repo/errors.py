@@ -7,11 +7,22 @@ restic has one) and a message written for the user, on one line. ``cli/`` prints
 
 from __future__ import annotations
 
+from typing import Any
+
+from cairn.backends.base import rebuild_error
+
 
 class RepoError(Exception):
-    """A repository operation failed; the message is written for the user."""
+    """A repository operation failed; the message is written for the user.
+
+    Errors cross process boundaries (a worker decodes a corrupt blob): every subclass
+    pickles with its class, message and attributes, whatever its ``__init__`` takes.
+    """
 
     exit_code = 1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (rebuild_error, (type(self), self.args, self.__dict__))
 
 
 class RepositoryNotFound(RepoError):

@@ -7,7 +7,9 @@ this class serves the CLI and the restore side with whole-object reads and write
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -39,6 +41,11 @@ from cairn.repo.tree import Tree, decode_tree
 _SEAL_KIND = {"snapshots": "snapshot", "index": "index", "locks": "lock"}
 # Sealed kinds the metadata cache keeps.
 _CACHED = ("snapshots", "index")
+# Sealed kinds written only while this process's lock is verified to be held.
+_LOCK_CHECKED = ("snapshots", "index")
+
+# A repository's top-level directories (an interrupted init may have left them).
+_LAYOUT = frozenset({"keys", "snapshots", "index", "locks", "data"})
 
 # Decoding below this size is cheaper inline than a hop to a worker thread (~50 µs).
 _INLINE_DECODE = 64 * 1024
@@ -60,6 +67,7 @@ async def init_repository(
         pass
     else:
         raise RepositoryExists(backend.location)
+    _refuse_foreign_directory(backend)
     create_layout = getattr(backend, "create_layout", None)
     if create_layout is not None:
         try:
@@ -78,6 +86,40 @@ async def init_repository(
     crypto = master.crypto()
     await backend.save("config", seal(crypto, "config", encode_config(config)))
     return Repository(backend, master, config, key_id)
+
+
+class DirectoryNotEmpty(RepoError):
+    """``init`` into a local directory that holds something other than a repository."""
+
+    exit_code = 1
+
+    def __init__(self, path: Path, entry: str) -> None:
+        super().__init__(
+            f"{path}: the directory is not empty and is not a cairn repository "
+            f"(it holds {entry!r}); choose an empty or new directory"
+        )
+
+
+def _refuse_foreign_directory(backend: Backend) -> None:
+    """Refuse to create a repository inside a local directory that already holds
+    other files (restic refuses too): they would be mixed with the repository's.
+
+    Only the repository's own top-level directories (left by an interrupted init)
+    are allowed.
+    """
+    inner: Any = backend
+    while hasattr(inner, "inner"):
+        inner = inner.inner
+    root = getattr(inner, "root", None)
+    if not isinstance(root, Path):
+        return
+    try:
+        entries = sorted(os.listdir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry not in _LAYOUT:
+            raise DirectoryNotEmpty(root, entry)
 
 
 async def _try_key(backend: Backend, key_id: str, password: str | bytes) -> MasterKey | None:
@@ -143,11 +185,18 @@ class Repository:
         # CLI unless --no-cache. None: every read goes to the backend.
         self.cache: MetadataCache | None = None
         self._pack_locks: dict[str, anyio.Lock] = {}
+        # Set while a repository lock is held (cairn.stages.locking): raises if the
+        # lock was lost. Index files and snapshots are written only after it passes,
+        # so a process whose lock was removed (and whose packs a prune may have
+        # deleted) never publishes references to them.
+        self.lock_check: Callable[[], Awaitable[None]] | None = None
 
     # --- sealed whole-file objects -------------------------------------------------
 
     async def save_sealed(self, kind: str, payload: bytes) -> str:
         """Seal ``payload`` and store it under ``<kind>/<storage id>``; return the ID."""
+        if kind in _LOCK_CHECKED and self.lock_check is not None:
+            await self.lock_check()
         stored = seal(self.crypto, _SEAL_KIND[kind], payload)
         object_id = storage_id(stored)
         await self.backend.save(backend_name(kind, object_id), stored)

@@ -28,6 +28,7 @@ import anyio.abc
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from cairn.pipeline.memory import HeldBytes
 from cairn.pipeline.shm import Slot, SlotPool
 from cairn.pipeline.workers import WorkerPool
 from cairn.repo.codec import encode_blob
@@ -144,6 +145,8 @@ class Archiver:
         self.opts = options
         self.parent_tree = parent_tree
         self.stats = BackupStats()
+        #: Bytes held outside the slot pools; its peak stays within memory_bound().
+        self.held = HeldBytes()
         cfg = repo.config
         self.chunker_params = ChunkerParams(
             min_size=getattr(cfg, "chunk_min", 512 * 1024),
@@ -157,6 +160,7 @@ class Archiver:
             pack_size=options.pack_size,
             connections=options.connections,
             dry_run=options.dry_run,
+            held=self.held,
         )
         self.root_tree: bytes | None = None
         self._trees = TreeCache(repo, index)
@@ -172,15 +176,42 @@ class Archiver:
         self._tg: anyio.abc.TaskGroup | None = None
         self._devices: dict[bytes, int] | None = None
 
+    # -- memory ------------------------------------------------------------------
+
+    @property
+    def in_slots(self) -> int:
+        """Input slots: one being filled per reader, two queued per worker, and some
+        slack so a reader never waits while a worker finishes."""
+        return 2 * self.opts.cpu_workers + self.opts.read_concurrency + 2
+
+    @property
+    def out_slots(self) -> int:
+        """Output slots: one per job in flight and one per job whose blobs are
+        being handed to the packer."""
+        return 2 * self.opts.cpu_workers
+
+    def memory_bound(self) -> tuple[int, int]:
+        """The most bytes this run holds: (slot pools, everything else counted by
+        ``held``), whatever the size of the backup and the speed of the link.
+
+        Formula and reasoning: docs/architecture.md, "Memory bound".
+        """
+        slots = self.in_slots * self.opts.slot_size
+        slots += self.out_slots * (self.opts.slot_size + OUT_SLACK)
+        # A pack ends with the blob that took it past pack_size; a blob is at most
+        # one chunk plus its envelope.
+        pack = self.opts.pack_size + self.chunker_params.max_size + OUT_SLACK
+        # connections uploading, one being joined (blobs and joined copy), one full
+        # pack waiting to be handed over, one data and one tree pack filling.
+        packs = (self.opts.connections + 4) * pack
+        carries = self.opts.read_concurrency * self.chunker_params.max_size
+        return slots, packs + carries
+
     # -- the run ---------------------------------------------------------------
 
     async def run(self) -> bytes:
-        # Input slots: one being filled per reader, two queued per worker, and some
-        # slack so a reader never waits while a worker finishes. Output slots: one per
-        # job in flight (input + per-blob encryption overhead).
-        slot_count = 2 * self.opts.cpu_workers + self.opts.read_concurrency + 2
-        self._slots = SlotPool(self.opts.slot_size, slot_count)
-        self._out_slots = SlotPool(self.opts.slot_size + OUT_SLACK, 2 * self.opts.cpu_workers)
+        self._slots = SlotPool(self.opts.slot_size, self.in_slots)
+        self._out_slots = SlotPool(self.opts.slot_size + OUT_SLACK, self.out_slots)
         try:
             async with anyio.create_task_group() as pool_tg:
                 self._pool_tg = pool_tg
@@ -194,6 +225,8 @@ class Archiver:
         finally:
             self._slots.close()
             self._out_slots.close()
+        slots, bound = self.memory_bound()
+        log.debug("backup.memory", held_peak=self.held.peak, held_bound=bound, slots=slots)
         assert self.root_tree is not None
         return self.root_tree
 
@@ -598,11 +631,13 @@ class Archiver:
                 raise
             total += filled - len(carry)
             complete = spans if eof else spans[:-1]
+            self.held.sub(len(carry))
             if not eof and spans:
                 off, length, _ = spans[-1]
                 carry = bytes(slot.view[off : off + length])
             else:
                 carry = b""
+            self.held.add(len(carry))
             content.extend(blob_id for _, _, blob_id in complete)
             new = [s for s in complete if self.saver.claim(s[2])]
             if new:
@@ -612,7 +647,12 @@ class Archiver:
         return content, total
 
     async def _encode_slot(self, slot: Slot, spans: list[tuple[int, int, bytes]]) -> None:
-        """Compress and encrypt new chunks in a worker, slot to slot; then pack them."""
+        """Compress and encrypt new chunks in a worker, slot to slot; then pack them.
+
+        The output slot is held until the packer has taken every blob: when the
+        uploads fall behind, encode waits here, the workers and then the readers
+        run out of slots, and nothing piles up in memory (docs/architecture.md).
+        """
         assert self._out_slots is not None
         pool = await self._get_pool()
         try:
@@ -622,15 +662,16 @@ class Archiver:
                 placed = await pool.run(
                     cpu.encode_into, slot.ref(end), out.ref(), spans, self.opts.level
                 )
-                # Copy out before awaiting the saver: it may wait on uploads, and the
-                # slots must go back to the readers meanwhile.
-                stored = [bytes(out.view[o : o + n]) for o, n in placed]
-            finally:
+            except BaseException:
                 out.release()
+                raise
         finally:
-            slot.release()
-        for (_, length, blob_id), blob in zip(spans, stored, strict=True):
-            await self.saver.add(DATA, blob_id, blob, length)
+            slot.release()  # the input is encoded: readers may refill it now
+        try:
+            for (_, length, blob_id), (offset, size) in zip(spans, placed, strict=True):
+                await self.saver.add(DATA, blob_id, out.view[offset : offset + size], length)
+        finally:
+            out.release()
 
     def _warn(self, path: bytes, problem: str) -> None:
         text = os.fsdecode(path)

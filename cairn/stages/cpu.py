@@ -13,7 +13,8 @@ from cairn.repo.codec import decode_blob, encode_blob
 from cairn.repo.crypto import Crypto
 from cairn.repo.pack import DATA
 from cairn.repo.tree import Node
-from cairn.stages.fsmeta import apply_metadata
+from cairn.stages.dirfds import DirFds, open_dir_path
+from cairn.stages.fsmeta import apply_metadata_fd
 
 _crypto: Crypto | None = None
 
@@ -54,41 +55,103 @@ def decode_spans(view: memoryview, spans: list[tuple[int, int, int, bytes]]) -> 
     ]
 
 
+# A place a decoded blob goes: (directory below the target, file name, offset in the
+# file, node when the worker creates and finishes the file itself, else None).
+Target = tuple[bytes, bytes, int, Node | None]
+# (offset and length in the slot, blob type, blob ID, where it goes)
+WriteSpan = tuple[int, int, int, bytes, list[Target]]
+# (directory, name, problem, whether the file's content is lost)
+Problem = tuple[bytes, bytes, str, bool]
+
+
 def decode_and_write(
-    view: memoryview,
-    spans: list[tuple[int, int, int, bytes, list[tuple[bytes, int, Node | None]]]],
-    sparse: bool,
-) -> tuple[int, list[tuple[bytes, str]]]:
+    view: memoryview, root: bytes, spans: list[WriteSpan], sparse: bool
+) -> tuple[int, list[Problem], list[tuple[bytes, str]]]:
     """Decode blobs from a downloaded pack range and write each into every file
-    position that needs it; returns the bytes written and metadata problems.
+    position that needs it, relative to the restore target ``root``.
+
+    Returns the bytes written, the per-file problems, and the blobs that could not
+    be decoded (``(blob ID, why)``: corrupt; the caller fails the files needing them).
+    One bad blob or one file that cannot be written never stops the others.
 
     A target carrying its node is a one-blob file this worker creates (never
-    through an existing path: O_EXCL, O_NOFOLLOW) and finishes, metadata included.
-    Other targets were created by the planner at their full size. With ``sparse``,
-    all-zero 64 KiB blocks are not written and stay holes.
+    through an existing path: O_EXCL, O_NOFOLLOW, relative to its directory's
+    descriptor) and finishes, metadata included; if writing it fails, it is
+    removed. Other targets were created by the planner at their full size. With
+    ``sparse``, all-zero 64 KiB blocks are not written and stay holes.
     """
     crypto = _worker_crypto()
     written = 0
-    problems: list[tuple[bytes, str]] = []
+    problems: list[Problem] = []
+    bad_blobs: list[tuple[bytes, str]] = []
     for offset, length, blob_type, blob_id, targets in spans:
-        data = decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
+        try:
+            data = decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
+        except Exception as exc:  # corrupt: fail only the files that need this blob
+            bad_blobs.append((blob_id, " ".join(str(exc).split())))
+            continue
         pieces = _nonzero_blocks(data) if sparse else [(0, len(data))]
-        for path, file_offset, node in targets:
-            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-            if node is not None:
-                flags |= os.O_CREAT | os.O_EXCL
-            fd = os.open(path, flags, 0o600)
+        for dir_rel, name, file_offset, node in targets:
             try:
-                for start, end in pieces:
-                    _pwrite_all(fd, memoryview(data)[start:end], file_offset + start)
-                if node is not None and sparse:
-                    os.ftruncate(fd, len(data))
-            finally:
-                os.close(fd)
+                dirs = _target_dirs(root)
+                warnings = _write_one(dirs, dir_rel, name, data, pieces, file_offset, node, sparse)
+            except OSError as exc:
+                problems.append((dir_rel, name, exc.strerror or str(exc), True))
+                continue
             written += len(data)
-            if node is not None:
-                problems.extend((path, p) for p in apply_metadata(path, node))
-    return written, problems
+            if warnings:
+                problems.append((dir_rel, name, "; ".join(warnings), False))
+    return written, problems, bad_blobs
+
+
+def _write_one(
+    dirs: DirFds,
+    dir_rel: bytes,
+    name: bytes,
+    data: bytes,
+    pieces: list[tuple[int, int]],
+    file_offset: int,
+    node: Node | None,
+    sparse: bool,
+) -> list[str]:
+    dir_fd = dirs.get(dir_rel)
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    if node is not None:
+        flags |= os.O_CREAT | os.O_EXCL
+    fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    try:
+        for start, end in pieces:
+            _pwrite_all(fd, memoryview(data)[start:end], file_offset + start)
+        if node is None:
+            return []
+        if sparse:
+            os.ftruncate(fd, len(data))  # a trailing hole still counts in the size
+        return apply_metadata_fd(fd, node)
+    except BaseException:
+        if node is not None:  # ours alone: do not leave it half-written
+            os.close(fd)
+            fd = -1
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+# The restore target's directories, per worker process: (root path, descriptors).
+_dirs: tuple[bytes, DirFds] | None = None
+
+
+def _target_dirs(root: bytes) -> DirFds:
+    global _dirs
+    if _dirs is None or _dirs[0] != root:
+        if _dirs is not None:
+            _dirs[1].close()
+        _dirs = (root, DirFds(open_dir_path(root)))
+    return _dirs[1]
 
 
 # Holes are made in units of this many bytes (a multiple of every common fs block).

@@ -105,50 +105,79 @@ def node_from_stat(name: bytes, path: bytes, st: os.stat_result) -> Node:
     )
 
 
-def create_special(path: bytes, node: Node) -> None:
-    """Create a symlink, FIFO, device node or socket placeholder at ``path``."""
+def create_special(dir_fd: int, name: bytes, node: Node) -> None:
+    """Create a symlink, FIFO, device node or socket placeholder ``name`` in ``dir_fd``."""
     if node.type == "symlink":
-        os.symlink(node.link_target, path)
+        os.symlink(node.link_target, name, dir_fd=dir_fd)
     elif node.type == "fifo":
-        os.mkfifo(path, 0o600)
+        os.mkfifo(name, 0o600, dir_fd=dir_fd)
     elif node.type in ("chardev", "blockdev"):
         kind = stat.S_IFCHR if node.type == "chardev" else stat.S_IFBLK
-        os.mknod(path, 0o600 | kind, node.rdev)
+        os.mknod(name, 0o600 | kind, node.rdev, dir_fd=dir_fd)
     elif node.type == "socket":
         # A socket cannot be restored meaningfully; restic skips them too.
         return
 
 
-def apply_metadata(path: bytes, node: Node, *, numeric_owner: bool = False) -> list[str]:
-    """Set owner (as root), mode, xattrs and times; returns warnings, never raises
-    for metadata the target filesystem cannot hold."""
+def apply_metadata_at(dir_fd: int, name: bytes, node: Node) -> list[str]:
+    """Set the metadata of entry ``name`` in ``dir_fd`` without following a symlink
+    and without a path longer than one component; returns warnings (see
+    :func:`apply_metadata_fd`)."""
+    if node.type == "symlink":
+        return _apply(name, node, dir_fd=dir_fd)
+    # An O_PATH descriptor pins the very inode (never a symlink planted there) even
+    # when it cannot be opened for reading (mode 000, a FIFO); /proc/self/fd/N
+    # reaches it for the calls that take no descriptor of that kind.
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        return [f"open: {exc.strerror}"]
+    try:
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            return ["replaced by a symlink during the restore; metadata not set"]
+        return _apply(f"/proc/self/fd/{fd}", node)
+    finally:
+        os.close(fd)
+
+
+def apply_metadata_fd(fd: int, node: Node) -> list[str]:
+    """Set owner (as root), xattrs, mode and times on an open file or directory;
+    returns warnings, never raises for metadata the target filesystem cannot hold."""
+    return _apply(fd, node)
+
+
+def _apply(ref: int | str | bytes, node: Node, dir_fd: int | None = None) -> list[str]:
+    """chown (as root), xattrs, chmod (after chown, which clears setuid bits), times.
+
+    ``ref`` is a descriptor, a /proc/self/fd path, or (symlinks) a name in ``dir_fd``.
+    """
     warnings: list[str] = []
     is_link = node.type == "symlink"
+    at: dict[str, object] = {} if dir_fd is None else {"dir_fd": dir_fd}
+    nofollow: dict[str, object] = {"follow_symlinks": False} if is_link else {}
     if IS_ROOT:
-        uid, gid = node.uid, node.gid
-        if not numeric_owner:
-            # Names win over numbers, as in tar and restic: the restore host may
-            # number its users differently.
-            named_uid = uid_for(node.user) if node.user else None
-            named_gid = gid_for(node.group) if node.group else None
-            uid = node.uid if named_uid is None else named_uid
-            gid = node.gid if named_gid is None else named_gid
+        # Names win over numbers, as in tar and restic: the restore host may
+        # number its users differently.
+        named_uid = uid_for(node.user) if node.user else None
+        named_gid = gid_for(node.group) if node.group else None
+        uid = node.uid if named_uid is None else named_uid
+        gid = node.gid if named_gid is None else named_gid
         try:
-            os.chown(path, uid, gid, follow_symlinks=False)
+            os.chown(ref, uid, gid, **at, **nofollow)  # type: ignore[arg-type]
         except OSError as exc:
             warnings.append(f"chown: {exc.strerror}")
     if not is_link:
         for key, value in node.xattrs.items():
             try:
-                os.setxattr(path, key, value, follow_symlinks=False)
+                os.setxattr(ref, key, value)
             except OSError as exc:
                 warnings.append(f"xattr {key!r}: {exc.strerror}")
         try:
-            os.chmod(path, node.mode)
+            os.chmod(ref, node.mode)
         except OSError as exc:
             warnings.append(f"chmod: {exc.strerror}")
     try:
-        os.utime(path, ns=(node.atime_ns, node.mtime_ns), follow_symlinks=False)
+        os.utime(ref, ns=(node.atime_ns, node.mtime_ns), **at, **nofollow)  # type: ignore[arg-type]
     except OSError as exc:
         warnings.append(f"utime: {exc.strerror}")
     return warnings

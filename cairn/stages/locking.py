@@ -3,6 +3,13 @@
 A lock is a sealed object under ``locks/``. It is refreshed while held (a new lock
 object is written, then the old one removed) so other clients can tell a live lock
 from one left by a crashed process.
+
+A holder can **lose** its lock: ``unlock --remove-all`` removes it, or refreshes fail
+for so long that others may treat it as stale (and a prune may then delete what this
+process uploaded). Then the process must write nothing that refers to data: while the
+lock is held, the repository checks it (one ``stat``) before every index file and
+snapshot it writes (``Repository.lock_check``), and the refresher cancels the command.
+The command fails with ``LockLost`` (exit 11), as restic ≥ 0.16 does.
 """
 
 from __future__ import annotations
@@ -18,13 +25,87 @@ import anyio
 import structlog
 
 from cairn.backends.base import NotFound, object_name
-from cairn.repo.errors import CorruptedObject, LockFailed, ObjectNotFound
-from cairn.repo.lock import Lock, decode_lock, encode_lock, is_stale
+from cairn.repo.errors import CorruptedObject, LockFailed, ObjectNotFound, RepoError
+from cairn.repo.lock import STALE_AFTER_NS, Lock, decode_lock, encode_lock, is_stale
 
 log = structlog.get_logger("cairn.lock")
 
 # Refresh well inside the 30-minute staleness window (restic refreshes every 5 min).
 REFRESH_SECONDS = 5 * 60
+# After a failed refresh, try again sooner.
+RETRY_REFRESH_SECONDS = 30
+# A lock not refreshed for this long is given up before others may call it stale
+# (restic: the stale timeout minus 1.5 refresh intervals).
+GIVE_UP_SECONDS = STALE_AFTER_NS / 1e9 - 1.5 * REFRESH_SECONDS
+
+
+class LockLost(RepoError):
+    """This process's lock vanished or could not be refreshed in time (exit 11)."""
+
+    exit_code = 11
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"repository lock lost: {detail}; stopped before writing an index or "
+            "snapshot (data already uploaded is removed by the next prune)"
+        )
+        self.detail = detail
+
+
+class HeldLock:
+    """The lock this process holds: its current ID, and whether it is still valid."""
+
+    def __init__(self, repo: Any, lock: Lock, lock_id: str, clock: Callable[[], float]):
+        self.repo = repo
+        self.lock = lock
+        self.id = lock_id
+        self.clock = clock
+        self.refreshed_at = clock()
+        self.lost: str | None = None
+        # A check must not stat the old ID while a refresh replaces it.
+        self.mutex = anyio.Lock()
+
+    def _fail(self, detail: str) -> LockLost:
+        if self.lost is None:
+            self.lost = detail
+            log.error("lock.lost", lock=self.id, reason=detail)
+        return LockLost(self.lost)
+
+    def _check_age(self) -> None:
+        silent = self.clock() - self.refreshed_at
+        if silent > GIVE_UP_SECONDS:
+            raise self._fail(f"it could not be refreshed for {int(silent // 60)} minutes")
+
+    async def check(self) -> None:
+        """Raise ``LockLost`` unless the lock is still on the backend and fresh."""
+        if self.lost is not None:
+            raise LockLost(self.lost)
+        async with self.mutex:
+            self._check_age()
+            await self._still_there()
+
+    async def _still_there(self) -> None:
+        try:
+            await self.repo.backend.stat(object_name("locks", self.id))
+        except NotFound:
+            raise self._fail(
+                f"lock {self.id[:8]} was removed by another process "
+                "(`cairn unlock --remove-all`?)"
+            ) from None
+
+    async def refresh(self) -> None:
+        """Write a fresh lock object and remove the old one (after checking it)."""
+        async with self.mutex:
+            await self._still_there()
+            self.lock.refreshed_ns = time.time_ns()
+            new_id = await self.repo.save_sealed("locks", encode_lock(self.lock))
+            old_id, self.id = self.id, new_id
+            self.refreshed_at = self.clock()
+        try:
+            await self.repo.backend.remove(object_name("locks", old_id))
+        except NotFound:
+            pass
+        log.debug("lock.refreshed", lock=new_id)
 
 
 def pid_alive(pid: int) -> bool:
@@ -92,8 +173,12 @@ async def repository_lock(
     exclusive: bool,
     retry_seconds: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
-) -> AsyncIterator[None]:
-    """Hold a lock for the body; refresh it in the background; remove it after."""
+) -> AsyncIterator[HeldLock]:
+    """Hold a lock for the body; refresh it in the background; remove it after.
+
+    Yields the :class:`HeldLock`; while it is held, ``repo.lock_check`` is its
+    ``check`` (the repository calls it before writing index files and snapshots).
+    """
     now = time.time_ns()
     lock = Lock(
         exclusive=exclusive,
@@ -117,28 +202,39 @@ async def repository_lock(
         if clock() >= deadline:
             raise LockFailed(holder)
         await anyio.sleep(min(5.0, max(0.1, deadline - clock())))
-    state = {"id": lock_id}
+    held = HeldLock(repo, lock, lock_id, clock)
+    outer_check = getattr(repo, "lock_check", None)
+    repo.lock_check = held.check
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_refresher, repo, lock, state)
+        tg.start_soon(_refresher, held)
         try:
-            yield
+            yield held
         finally:
+            repo.lock_check = outer_check
             tg.cancel_scope.cancel()
             with anyio.CancelScope(shield=True):
                 try:
-                    await repo.backend.remove(object_name("locks", state["id"]))
+                    await repo.backend.remove(object_name("locks", held.id))
+                except NotFound:
+                    pass  # removed by someone else: already reported as lost
                 except Exception as exc:
-                    log.warning("lock.remove_failed", lock=state["id"], error=str(exc))
+                    log.warning("lock.remove_failed", lock=held.id, error=str(exc))
 
 
-async def _refresher(repo: Any, lock: Lock, state: dict[str, str]) -> None:
+async def _refresher(held: HeldLock) -> None:
+    """Refresh every ``REFRESH_SECONDS``; a failed refresh is retried sooner, and
+    the command is stopped (``LockLost``) when the lock vanished or stayed
+    unrefreshed for ``GIVE_UP_SECONDS``."""
+    delay: float = REFRESH_SECONDS
     while True:
-        await anyio.sleep(REFRESH_SECONDS)
-        lock.refreshed_ns = time.time_ns()
-        new_id = await repo.save_sealed("locks", encode_lock(lock))
-        old_id, state["id"] = state["id"], new_id
+        await anyio.sleep(delay)
         try:
-            await repo.backend.remove(object_name("locks", old_id))
-        except NotFound:
-            pass
-        log.debug("lock.refreshed", lock=new_id)
+            await held.refresh()
+        except LockLost:
+            raise
+        except Exception as exc:
+            log.warning("lock.refresh_failed", lock=held.id, error=str(exc))
+            held._check_age()
+            delay = RETRY_REFRESH_SECONDS
+        else:
+            delay = REFRESH_SECONDS

@@ -211,7 +211,7 @@ async def plan_prune(repo: Any, options: PruneOptions) -> PrunePlan:
             info.size = on_backend[info.id]
         else:
             info.action = "missing"
-    snapshots = await load_snapshots(repo)
+    snapshots = await load_snapshots(repo, strict=True)
     used = await used_blobs(repo, index, [(sid, s.tree) for sid, s in snapshots])
     plan = PrunePlan(packs, {p: s for p, s in on_backend.items() if p not in packs}, ids)
     _assign_used(plan, used, copies)

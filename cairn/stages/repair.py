@@ -163,19 +163,31 @@ class _TreeRewriter:
             self.index.add_pack(bytes.fromhex(pack_id), [e])
 
 
+@dataclass
+class SnapshotsRepair:
+    """What ``repair snapshots`` did: rewritten snapshots, and snapshot files that
+    cannot be read at all (``(id, problem)``; nothing to rewrite them from — ``forget``
+    removes them)."""
+
+    repaired: list[SnapshotRepair]
+    damaged: list[tuple[str, str]]
+
+
 async def repair_snapshots(
     repo: Any, *, forget: bool = False, dry_run: bool = False, level: int = 3
-) -> list[SnapshotRepair]:
+) -> SnapshotsRepair:
     """Rewrite every snapshot that references missing data; see the module docstring."""
     index = repo.index if repo.index is not None else await repo.load_index()
     rewriter = _TreeRewriter(repo, index, level)
     plans = []
-    for sid, snap in await load_snapshots(repo):
+    snapshots = await load_snapshots(repo)
+    for sid, snap in snapshots:
         new_root, lost = await rewriter.rewrite(snap.tree, "")
         if lost:
             plans.append((sid, snap, new_root, lost))
     if dry_run:
-        return [SnapshotRepair(sid, None, lost) for sid, _s, _r, lost in plans]
+        dry = [SnapshotRepair(sid, None, lost) for sid, _s, _r, lost in plans]
+        return SnapshotsRepair(dry, snapshots.damaged)
     await rewriter.flush()
     out = []
     for sid, snap, new_root, lost in plans:
@@ -189,4 +201,4 @@ async def repair_snapshots(
             await repo.backend.remove(object_name("snapshots", sid))
         log.info("repair.snapshot", old=sid, new=new_id, lost=len(lost))
         out.append(SnapshotRepair(sid, new_id, lost))
-    return out
+    return SnapshotsRepair(out, snapshots.damaged)

@@ -16,6 +16,7 @@ import anyio.abc
 import structlog
 
 from cairn.backends.base import object_name
+from cairn.pipeline.memory import HeldBytes
 from cairn.repo.index import Index, IndexFile, encode_index
 from cairn.repo.pack import DATA, TREE, PackEntry, PackWriter
 
@@ -47,6 +48,7 @@ class BlobSaver:
         pack_size: int,
         connections: int,
         dry_run: bool = False,
+        held: HeldBytes | None = None,
     ) -> None:
         self._repo = repo
         self._crypto = repo.crypto  # type: ignore[attr-defined]
@@ -57,16 +59,21 @@ class BlobSaver:
         self._dry_run = dry_run
         self._claimed: set[bytes] = set()
         self._writers = {DATA: PackWriter(DATA), TREE: PackWriter(TREE)}
-        # One full pack waits while ``connections`` are being finished and uploaded:
-        # each pack in flight is 16-32 MiB of memory, and a deeper queue only helps
-        # if uploads stall in bursts (they don't: the pipeline feeds them evenly).
-        self._tx, self._rx = anyio.create_memory_object_stream[PackWriter](1)
+        # Backpressure: a full pack is handed to an uploader directly (a channel of
+        # capacity 0), and adding waits (one adder at a time) while the handing-over
+        # does. So at most ``connections`` packs are being uploaded, one waits in
+        # the hand of the adder that filled it, and encode tasks wait on ``add``
+        # holding their output slot — which stops the workers, then the readers.
+        # Nothing queues up out of sight when the link is slow.
+        self._tx, self._rx = anyio.create_memory_object_stream[PackWriter](0)
+        self._add_lock = anyio.Lock()
+        # Joining a pack briefly needs its bytes twice: one join at a time.
+        self._finish_lock = anyio.Lock()
         self._unindexed: list[tuple[bytes, list[PackEntry]]] = []
         self._index_lock = anyio.Lock()
+        #: Bytes of blobs and packs this saver holds (see docs/architecture.md).
+        self.held = held if held is not None else HeldBytes()
         self.stats = SaverStats()
-
-    def known(self, blob_id: bytes) -> bool:
-        return blob_id in self.index or blob_id in self._claimed
 
     def claim(self, blob_id: bytes) -> bool:
         """True exactly once per new blob: the caller must then encode and add it."""
@@ -75,18 +82,28 @@ class BlobSaver:
         self._claimed.add(blob_id)
         return True
 
-    async def add(self, blob_type: int, blob_id: bytes, stored: bytes, raw_length: int) -> None:
-        """Put one encoded blob into the current pack of its type."""
-        writer = self._writers[blob_type]
-        writer.add(blob_type, blob_id, stored, raw_length)
-        if blob_type == DATA:
-            self.stats.data_blobs += 1
-            self.stats.data_added += raw_length
-        else:
-            self.stats.tree_blobs += 1
-        self.stats.data_added_packed += len(stored)
-        if writer.size >= self._pack_size:
-            await self._flush(blob_type)
+    async def add(
+        self, blob_type: int, blob_id: bytes, stored: bytes | memoryview, raw_length: int
+    ) -> None:
+        """Put one encoded blob into the current pack of its type.
+
+        Waits while the pack it fills cannot be handed to an uploader; a
+        memoryview (of an output slot) is copied, so the caller may reuse it
+        once this returns.
+        """
+        async with self._add_lock:
+            writer = self._writers[blob_type]
+            blob = bytes(stored) if isinstance(stored, memoryview) else stored
+            self.held.add(len(blob))
+            writer.add(blob_type, blob_id, blob, raw_length)
+            if blob_type == DATA:
+                self.stats.data_blobs += 1
+                self.stats.data_added += raw_length
+            else:
+                self.stats.tree_blobs += 1
+            self.stats.data_added_packed += len(blob)
+            if writer.size >= self._pack_size:
+                await self._flush(blob_type)
 
     async def _flush(self, blob_type: int) -> None:
         writer = self._writers[blob_type]
@@ -106,14 +123,20 @@ class BlobSaver:
         async with rx:
             async for writer in rx:
                 started = time.monotonic()
-                # Joining 16 MiB and hashing it is kept off the event loop.
-                data, pack_id, entries = await anyio.to_thread.run_sync(writer.finish, self._crypto)
-                if not self._dry_run:
-                    await self._backend.save(object_name("data", pack_id), data)
-                    cache = getattr(self._repo, "cache", None)
-                    if cache is not None and writer.blob_type == TREE:
-                        # The next backup's parent-tree load then needs no download.
-                        await cache.save("data", pack_id, data)
+                blobs = writer.size
+                async with self._finish_lock:
+                    # Joining 16 MiB and hashing it is kept off the event loop. For a
+                    # moment the blobs and the joined pack are both held.
+                    with self.held.holding(blobs):
+                        data, pack_id, entries = await anyio.to_thread.run_sync(
+                            writer.finish, self._crypto
+                        )
+                    self.held.sub(blobs)
+                    self.held.add(len(data))
+                try:
+                    await self._upload(writer.blob_type, pack_id, data)
+                finally:
+                    self.held.sub(len(data))
                 log.debug(
                     "pack.uploaded",
                     pack=pack_id,
@@ -121,15 +144,26 @@ class BlobSaver:
                     blobs=len(entries),
                     seconds=round(time.monotonic() - started, 4),
                 )
+                del data
                 self.stats.packs += 1
                 self._unindexed.append((bytes.fromhex(pack_id), entries))
                 if len(self._unindexed) >= PACKS_PER_INDEX:
                     await self.write_index()
 
+    async def _upload(self, blob_type: int, pack_id: str, data: bytes) -> None:
+        if self._dry_run:
+            return
+        await self._backend.save(object_name("data", pack_id), data)
+        cache = getattr(self._repo, "cache", None)
+        if cache is not None and blob_type == TREE:
+            # The next backup's parent-tree load then needs no download.
+            await cache.save("data", pack_id, data)
+
     async def close_packs(self) -> None:
         """Flush the last partial packs and let the uploaders drain and stop."""
-        await self._flush(DATA)
-        await self._flush(TREE)
+        async with self._add_lock:
+            await self._flush(DATA)
+            await self._flush(TREE)
         self._tx.close()
 
     async def write_index(self) -> None:

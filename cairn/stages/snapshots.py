@@ -1,4 +1,9 @@
-"""Finding snapshots: load them all, filter by host/path/tag, resolve IDs and ``latest``."""
+"""Finding snapshots: load them all, filter by host/path/tag, resolve IDs and ``latest``.
+
+One damaged snapshot file must not hide the others: listing commands skip it with a
+``snapshot.damaged`` warning naming the file (see :func:`load_snapshots`); only
+``prune`` and ``check`` insist on reading every one.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import structlog
 
-from cairn.repo.errors import ObjectNotFound
+from cairn.repo.errors import CorruptedObject, ObjectNotFound
 from cairn.repo.snapshot import Snapshot
+
+log = structlog.get_logger("cairn.snapshots")
 
 
 @dataclass
@@ -35,20 +43,56 @@ class SnapshotFilter:
         return True
 
 
-async def load_snapshots(repo: Any) -> list[tuple[str, Snapshot]]:
-    """Every snapshot with its ID, oldest first."""
+class SnapshotList(list[tuple[str, Snapshot]]):
+    """``(id, snapshot)`` pairs, oldest first, and the snapshots that could not be read.
+
+    ``damaged`` holds ``(id, problem)`` for each snapshot file that failed its hash,
+    authentication or schema; those are not in the list.
+    """
+
+    def __init__(self, items: list[tuple[str, Snapshot]], damaged: list[tuple[str, str]]):
+        super().__init__(items)
+        self.damaged = damaged
+
+
+async def load_snapshots(repo: Any, *, strict: bool = False) -> SnapshotList:
+    """Every readable snapshot with its ID, oldest first.
+
+    A damaged snapshot file is skipped with a ``snapshot.damaged`` warning and listed
+    in the result's ``damaged``, so that ``snapshots``, ``backup`` (which only needs a
+    parent), ``forget`` and ``repair`` keep working. ``strict=True`` raises instead:
+    ``prune`` must know every snapshot's tree before it deletes anything. A snapshot
+    removed while we list (a concurrent ``forget``) is left out silently.
+    """
     ids = await repo.list_ids("snapshots")
     out: dict[str, Snapshot] = {}
+    damaged: list[tuple[str, str]] = []
     limiter = anyio.CapacityLimiter(max(1, repo.backend.connections))
 
     async def one(snapshot_id: str) -> None:
         async with limiter:
-            out[snapshot_id] = await repo.load_snapshot(snapshot_id)
+            try:
+                out[snapshot_id] = await repo.load_snapshot(snapshot_id)
+            except CorruptedObject as exc:
+                if strict:
+                    raise
+                damaged.append((snapshot_id, exc.problem))
+            except ObjectNotFound:
+                pass
 
     async with anyio.create_task_group() as tg:
         for snapshot_id in ids:
             tg.start_soon(one, snapshot_id)
-    return sorted(out.items(), key=lambda item: (item[1].time_ns, item[0]))
+    damaged.sort()
+    for snapshot_id, problem in damaged:
+        log.warning(
+            "snapshot.damaged",
+            file=f"snapshots/{snapshot_id}",
+            error=problem,
+            hint=f"skipped; `cairn forget {snapshot_id[:8]}` removes it",
+        )
+    items = sorted(out.items(), key=lambda item: (item[1].time_ns, item[0]))
+    return SnapshotList(items, damaged)
 
 
 async def find_snapshot(
