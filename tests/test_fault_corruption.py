@@ -6,10 +6,6 @@ two cannot drift apart: one parametrized case per cell, asserting the exit code 
 that the cell's phrase appears in the command's output (stdout and stderr, case
 insensitive; ``{id}`` stands for the damaged file's ID, in full or abbreviated).
 
-Where today's behaviour is a defect being fixed on another branch, the table says the
-correct behaviour and the case is a strict xfail (``DEFECTS``), so it turns into a
-failure once the fix lands and the mark must be removed.
-
 ``CAIRN_CORRUPTION_OBSERVE=1 pytest … -s`` prints the observed cells instead of
 asserting them (for updating the document).
 """
@@ -43,21 +39,6 @@ COMMANDS = {
 MUTATING = {"backup", "repair index", "repair snapshots"}
 OBSERVE = os.environ.get("CAIRN_CORRUPTION_OBSERVE", "") not in ("", "0")
 
-RESTORE_REL = "being fixed on branch restore-rel"
-CLI_REL = "being fixed on branch cli-rel"
-#: Cells whose documented (correct) behaviour is not today's: (kind, damage, command).
-DEFECTS: dict[tuple[str, str, str], str] = {
-    ("data pack", "bit flip", "restore"): "defect: a corrupt blob's exception raised in a "
-    f"worker cannot be unpickled, restore ends in 'internal error: TypeError' ({RESTORE_REL})",
-    **{
-        ("snapshot", damage, command): "defect: one damaged snapshot file makes "
-        f"{command} fail entirely instead of skipping it with a warning ({CLI_REL})"
-        for damage in ("bit flip", "truncation")
-        for command in ("snapshots", "backup", "repair snapshots")
-    },
-}
-
-
 @dataclass(frozen=True)
 class Cell:
     kind: str
@@ -87,12 +68,8 @@ def parse_table(text: str) -> list[Cell]:
 def _params() -> list[object]:
     params = []
     for cell in parse_table(DOC.read_text()):
-        marks = []
-        reason = DEFECTS.get((cell.kind, cell.damage, cell.command))
-        if reason and not OBSERVE:
-            marks.append(pytest.mark.xfail(strict=True, reason=reason))
         ident = f"{cell.kind}-{cell.damage}-{cell.command}".replace(" ", "_")
-        params.append(pytest.param(cell, marks=marks, id=ident))
+        params.append(pytest.param(cell, id=ident))
     return params
 
 
@@ -102,8 +79,6 @@ def test_table_covers_every_kind_damage_and_command() -> None:
         (k, d, c) for k in KINDS for d in DAMAGES for c in COMMANDS
     }
     assert len(cells) == len(KINDS) * len(DAMAGES) * len(COMMANDS)
-    for key in DEFECTS:
-        assert key in {(c.kind, c.damage, c.command) for c in cells}, key
 
 
 class Template:
