@@ -46,8 +46,9 @@ from cairn.stages.chunker import (
 )
 from cairn.stages.excludes import ExcludeRules
 from cairn.stages.saver import BlobSaver
+from cairn.stages.sourcedirs import SourceDirs, dir_problem
 from cairn.stages.treecache import TreeCache
-from cairn.stages.walk import scan_dir, stat_path
+from cairn.stages.walk import ScanResult, scan_dir, stat_at
 
 log = structlog.get_logger("cairn.backup")
 
@@ -175,6 +176,10 @@ class Archiver:
         self._out_slots: SlotPool | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._devices: dict[bytes, int] | None = None
+        # Every file and directory is reached relative to its directory's
+        # descriptor, never by its full path (sourcedirs.py: any depth, no symlink
+        # swapped in during the walk is followed).
+        self._dirs = SourceDirs()
 
     # -- memory ------------------------------------------------------------------
 
@@ -225,6 +230,7 @@ class Archiver:
         finally:
             self._slots.close()
             self._out_slots.close()
+            self._dirs.close()
         slots, bound = self.memory_bound()
         log.debug("backup.memory", held_peak=self.held.peak, held_bound=bound, slots=slots)
         assert self.root_tree is not None
@@ -312,11 +318,10 @@ class Archiver:
         for name in sorted(trie):
             path = d.path.rstrip(b"/") + b"/" + name
             try:
-                node = await anyio.to_thread.run_sync(stat_path, path)
+                node = await anyio.to_thread.run_sync(self._dirs.run_at, d, stat_at, name)
             except OSError as exc:
-                self._warn(path, exc.strerror or str(exc))
+                self._warn(path, dir_problem(exc))
                 continue
-            node.name = name
             old = d.old.get(name) if d.old else None
             if trie[name] is None:
                 await self._add_entry(d, node, path, old, file_tx)
@@ -384,7 +389,13 @@ class Archiver:
         """Scan one directory, queue its changed files, return its subdirectories."""
         if d.old is None and d.old_tree is not None:
             d.old = await self._old_entries(d.old_tree)
-        scan = await anyio.to_thread.run_sync(scan_dir, d.path, self.opts.rules, d.dev)
+        try:
+            scan = await anyio.to_thread.run_sync(
+                self._dirs.run_at, d, scan_dir, d.path, self.opts.rules, d.dev
+            )
+        except OSError as exc:  # the directory itself could not be opened
+            self._warn(d.path, dir_problem(exc))
+            scan = ScanResult()
         for wpath, problem in scan.warnings:
             self._warn(wpath, problem)
         subdirs: list[_Dir] = []
@@ -485,6 +496,7 @@ class Archiver:
                 await self.saver.add(TREE, tree_id, stored, len(payload))
             if d.node is not None:
                 d.node.subtree = tree_id
+            self._dirs.forget(d)  # nothing below it is read any more
             if d.old_tree is None:
                 self.stats.dirs_new += 1
             elif d.old_tree == tree_id:
@@ -541,7 +553,8 @@ class Archiver:
         try:
             results = await anyio.to_thread.run_sync(
                 read_small_files,
-                [j.path for j in batch],
+                [(j.dir, j.node.name) for j in batch],
+                self._dirs,
                 slot.view,
                 self.crypto,
                 self.chunker_params.min_size,
@@ -586,7 +599,13 @@ class Archiver:
         stdin = job.path == b"/dev/stdin"
         self.stats.current = job.path
         try:
-            fd = 0 if stdin else await anyio.to_thread.run_sync(open_for_backup, job.path)
+            fd = (
+                0
+                if stdin
+                else await anyio.to_thread.run_sync(
+                    self._dirs.run_at, job.dir, open_for_backup, job.node.name
+                )
+            )
         except OSError as exc:
             self._warn(job.path, read_problem(exc))
             return False

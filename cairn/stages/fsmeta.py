@@ -62,8 +62,16 @@ def node_type(mode: int) -> str:
     return _TYPES.get(stat.S_IFMT(mode), "file")
 
 
-def read_xattrs(path: bytes) -> dict[bytes, bytes]:
-    """Extended attributes of ``path`` (not following symlinks); empty if unsupported."""
+def read_xattrs(dir_fd: int, name: bytes) -> dict[bytes, bytes]:
+    """Extended attributes of entry ``name`` in ``dir_fd`` (not following a symlink);
+    empty if unsupported.
+
+    Linux has no ``*xattrat`` call before 6.13 and none taking an ``O_PATH``
+    descriptor, so the entry is reached as ``/proc/self/fd/N/name``: a short path
+    whatever the depth, resolved from the directory's descriptor, one syscall per
+    call as with a plain path.
+    """
+    path = b"/proc/self/fd/%d/%s" % (dir_fd, name)
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
@@ -71,18 +79,20 @@ def read_xattrs(path: bytes) -> dict[bytes, bytes]:
             return {}
         raise
     out: dict[bytes, bytes] = {}
-    for name in names:
+    for key in names:
         try:
-            out[name.encode("utf-8", "surrogateescape")] = os.getxattr(
-                path, name, follow_symlinks=False
+            out[key.encode("utf-8", "surrogateescape")] = os.getxattr(
+                path, key, follow_symlinks=False
             )
         except OSError:
             continue  # vanished or unreadable attribute: not worth failing the file
     return out
 
 
-def node_from_stat(name: bytes, path: bytes, st: os.stat_result) -> Node:
-    """A tree node for ``path`` from its lstat result (content filled in later)."""
+def node_from_stat(name: bytes, st: os.stat_result, dir_fd: int) -> Node:
+    """A tree node for entry ``name`` of directory ``dir_fd`` from its lstat result
+    (content filled in later); link target and xattrs are read relative to
+    ``dir_fd``, so any depth works."""
     kind = node_type(st.st_mode)
     return Node(
         type=kind,
@@ -99,8 +109,8 @@ def node_from_stat(name: bytes, path: bytes, st: os.stat_result) -> Node:
         device=st.st_dev,
         links=st.st_nlink,
         size=st.st_size if kind == "file" else 0,
-        link_target=os.readlink(path) if kind == "symlink" else b"",
-        xattrs=read_xattrs(path) if kind != "symlink" else {},
+        link_target=os.readlink(name, dir_fd=dir_fd) if kind == "symlink" else b"",
+        xattrs=read_xattrs(dir_fd, name) if kind != "symlink" else {},
         rdev=st.st_rdev if kind in ("chardev", "blockdev") else 0,
     )
 
