@@ -39,6 +39,7 @@ from cairn.stages import cpu
 from cairn.stages.chunker import (
     ChunkerParams,
     fill_and_chunk,
+    finish_file,
     make_chunker,
     open_for_backup,
     read_problem,
@@ -354,6 +355,7 @@ class Archiver:
             if self._unchanged(node, old):
                 assert old is not None
                 node.content = list(old.content)
+                node.xattrs = dict(old.xattrs)  # the same ctime: the same xattrs
                 self.stats.files_unmodified += 1
                 self.stats.bytes_unmodified += node.size
                 return
@@ -424,6 +426,7 @@ class Archiver:
                 if self._unchanged(child, cold):
                     assert cold is not None
                     child.content = list(cold.content)
+                    child.xattrs = dict(cold.xattrs)  # the same ctime: the same xattrs
                     self.stats.files_unmodified += 1
                     self.stats.bytes_unmodified += child.size
                 else:
@@ -570,11 +573,12 @@ class Archiver:
                 self._warn(j.path, read_problem(result))
                 await self._job_done(j, False)
             else:
-                offset, length, blob_id, after = result
+                offset, length, blob_id, after, xattrs = result
                 self._check_unchanged(j, after, length)
                 if length and self.saver.claim(blob_id):
                     new.append((offset, length, blob_id))
                 self.stats.bytes_read += length
+                j.node.xattrs = xattrs
                 self._file_done(j, [blob_id] if length else [], length)
                 await self._job_done(j, True)
         if new:
@@ -611,14 +615,15 @@ class Archiver:
             return False
         try:
             content, size = await self._read_large(fd)
-            after = None if stdin else await anyio.to_thread.run_sync(os.fstat, fd)
+            if not stdin:
+                after, job.node.xattrs = await anyio.to_thread.run_sync(finish_file, fd)
         except OSError as exc:
             self._warn(job.path, read_problem(exc))
             return False
         finally:
             if not stdin:
                 os.close(fd)
-        if after is not None:
+        if not stdin:
             self._check_unchanged(job, after, size)
         self.stats.bytes_read += size
         self._file_done(job, content, size)

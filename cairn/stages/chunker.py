@@ -12,11 +12,12 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pyfastcdc import FastCDC
 
 from cairn.repo.crypto import Crypto
+from cairn.stages.fsmeta import read_xattrs_fd
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -87,6 +88,11 @@ def fill_and_chunk(
     return filled, spans, eof
 
 
+def finish_file(fd: int) -> tuple[os.stat_result, dict[bytes, bytes]]:
+    """What a read file's descriptor says after the read: stat and xattrs."""
+    return os.fstat(fd), read_xattrs_fd(fd)
+
+
 def read_problem(exc: OSError) -> str:
     """The one-line reason a file could not be read."""
     if isinstance(exc, FileNotFoundError):
@@ -106,16 +112,26 @@ class DirOpener(Protocol):
     def release(self, d: Any) -> None: ...
 
 
+class SmallFile(NamedTuple):
+    """One small file read into a slot, with what its descriptor said after."""
+
+    offset: int
+    length: int
+    blob_id: bytes
+    after: os.stat_result
+    xattrs: dict[bytes, bytes]
+
+
 def read_small_files(
     files: list[tuple[Any, bytes]], dirs: DirOpener, view: memoryview, crypto: Any, limit: int
-) -> list[tuple[int, int, bytes, os.stat_result] | OSError | None]:
+) -> list[SmallFile | OSError | None]:
     """Read whole small files one after another into a slot and hash them (thread
     side). ``files`` are (directory, name) pairs, opened relative to the directory's
     descriptor from ``dirs`` (held once for a run of files in one directory). Per
-    file: ``(offset, length, blob id, fstat after)``, the error, or None for a file
-    that has grown to ``limit`` or more. Stops early when the slot is full; the
+    file: a :class:`SmallFile`, the error, or None for a file that has grown to
+    ``limit`` or more. Stops early when the slot is full; the
     caller passes the remaining files again."""
-    out: list[tuple[int, int, bytes, os.stat_result] | OSError | None] = []
+    out: list[SmallFile | OSError | None] = []
     pos = 0
     held: Any = None
     dir_fd = -1
@@ -137,6 +153,7 @@ def read_small_files(
             try:
                 n = os.readv(fd, [view[pos : pos + limit]])
                 after = os.fstat(fd)
+                xattrs = read_xattrs_fd(fd)
             except OSError as exc:
                 out.append(exc)
                 continue
@@ -145,7 +162,7 @@ def read_small_files(
             if n >= limit:
                 out.append(None)
                 continue
-            out.append((pos, n, crypto.blob_id(view[pos : pos + n]), after))
+            out.append(SmallFile(pos, n, crypto.blob_id(view[pos : pos + n]), after, xattrs))
             pos += n
     finally:
         if held is not None:
