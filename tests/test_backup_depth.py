@@ -7,7 +7,10 @@ test_restore_reliability.py (test_a_tree_deeper_than_path_max_restores_completel
 from __future__ import annotations
 
 import io
+import json
 import os
+import resource
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from cairn.stages.excludes import ExcludeRules
 from cairn.stages.fsmeta import node_from_stat
 from cairn.stages.sourcedirs import ReplacedError, SourceDirs, dir_problem
 from cairn.stages.walk import scan_dir
-from tests.cli_helpers import Cairn
+from tests.cli_helpers import CAIRN, Cairn
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
 
 DEPTH = 45
@@ -219,6 +222,34 @@ def test_open_directory_descriptors_stay_bounded(tmp_path: Path) -> None:
     finally:
         dirs.close()
     assert len(dirs) == 0
+
+
+def test_a_wide_tree_backs_up_under_a_low_descriptor_limit(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Directory descriptors are cached, not kept: 320 directories back up with
+    ``ulimit -n 48`` (the path-based walk needed about 24; the cache shrinks to a
+    sixteenth of the limit and gives back idle descriptors on EMFILE)."""
+    src = tmp_path / "src"
+    for i in range(40):
+        for j in range(8):
+            d = src / f"d{i}" / f"e{j}"
+            d.mkdir(parents=True)
+            (d / "f").write_text(f"{i} {j}")
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+
+    argv = [*CAIRN, "-r", str(cairn.repo), "--password-file", str(cairn.password_file)]
+    argv += ["--insecure-kdf", "backup", "--json", str(src)]
+    proc = subprocess.run(
+        argv, env=cairn.env, capture_output=True, preexec_fn=low_limit, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    assert summary["total_files_processed"] == 320
+    assert summary["dirs_new"] >= 1 + 40 + 320
 
 
 def _all_xattrs(path: Path) -> dict[str, bytes]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
 import threading
 from collections import OrderedDict
@@ -37,7 +38,15 @@ PATH_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # tasks and the readers trail it by at most a few hundred files (the file queue
 # and their batches), so the directories in use at any time are few; every miss
 # costs one openat per missing ancestor. 64 is restore's choice too (dirfds.py).
+# Under a low descriptor limit (``ulimit -n``) it shrinks to a sixteenth of it.
 CACHE_SIZE = 64
+
+
+def default_size() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return CACHE_SIZE
+    return max(2, min(CACHE_SIZE, soft // 16))
 
 T = TypeVar("T")
 
@@ -63,8 +72,6 @@ def dir_problem(exc: OSError) -> str:
     """The one-line reason a directory could not be opened or listed."""
     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
         return "replaced by a non-directory during the backup; not followed"
-    if isinstance(exc, FileNotFoundError):
-        return "vanished before it could be read"
     return exc.strerror or str(exc)
 
 
@@ -72,8 +79,8 @@ class SourceDirs:
     """Open ``O_PATH`` descriptors of walk directories, keyed by the directory
     object; thread-safe. ``acquire`` pins a descriptor until ``release``."""
 
-    def __init__(self, size: int = CACHE_SIZE) -> None:
-        self._size = max(2, size)
+    def __init__(self, size: int | None = None) -> None:
+        self._size = max(2, default_size() if size is None else size)
         self._lock = threading.Lock()
         self._fds: dict[SourceDir, int] = {}
         self._pins: dict[SourceDir, int] = {}
@@ -134,7 +141,10 @@ class SourceDirs:
             self._pins[d] = pins
             return
         self._idle[d] = None
-        while len(self._idle) > self._size:
+        self._close_idle(keep=self._size)
+
+    def _close_idle(self, keep: int) -> None:
+        while len(self._idle) > keep:
             old, _ = self._idle.popitem(last=False)
             os.close(self._fds.pop(old))
 
@@ -144,7 +154,15 @@ class SourceDirs:
             return open_dir_path(d.path)
         parent_fd = self._acquire(parent)
         try:
-            fd = os.open(node.name, PATH_DIR_FLAGS, dir_fd=parent_fd)
+            try:
+                fd = os.open(node.name, PATH_DIR_FLAGS, dir_fd=parent_fd)
+            except OSError as exc:
+                if exc.errno != errno.EMFILE or not self._idle:
+                    raise
+                # Out of descriptors (other parts of the process hold some too):
+                # give back the idle ones and try once more.
+                self._close_idle(keep=0)
+                fd = os.open(node.name, PATH_DIR_FLAGS, dir_fd=parent_fd)
         finally:
             self._release(parent)
         try:
