@@ -47,6 +47,8 @@ def _argument(name: str, annotation: Any, n: int) -> Any:
         return 2 if name == "signum" else 40 + n
     if text.startswith("bytes"):
         return b"\x01name"
+    if text.startswith("list"):
+        return [(f"{name}-{n}", "no such file or directory")]
     return f"{name}-{n}"
 
 

@@ -217,6 +217,13 @@ def test_a_corrupt_data_blob_fails_only_the_files_that_need_it(
     warnings = [line for line in text.err.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2, text.err
     assert "2 entries could not be restored" in text.out
+    # ... and nothing else names them: the console log does not repeat each one.
+    assert sum("f07" in line for line in text.err.splitlines()) == 1, text.err
+    # A log for machines keeps the events.
+    t3 = str(tmp_path / "t3")
+    logged = cairn.run("restore", "latest", "--target", t3, "--log-format", "json")
+    events = [json.loads(line) for line in logged.err.splitlines() if line.startswith("{")]
+    assert sum(e.get("event") == "restore.file_error" for e in events) == 2, logged.err
 
 
 def test_entries_that_cannot_be_restored_are_reported_and_the_rest_restored(

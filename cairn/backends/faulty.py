@@ -11,13 +11,27 @@ A spec is a list of ``Fault`` rules, or the same written as text, comma-separate
                                 connection dropped mid-upload on a non-atomic store)
     stat=delay:0.5              stats are delayed by half a second
     remove=denied               removes raise PermissionDenied
+    save#4-=error               the 4th save and every one after it fail
+    write#3=kill                the process kills itself with SIGKILL just before its
+                                3rd write (``write`` counts saves and removes together,
+                                in call order), as a crash or ``kill -9`` would
+    write#3=exit                the same with ``os._exit(137)`` (no signal)
 
-With no rules the wrapper passes every call through unchanged.
+With no rules the wrapper passes every call through unchanged. ``kill`` and ``exit``
+act before the call reaches the backend, so ``write#N=kill`` stops a process after
+exactly N-1 completed writes; sweeping N over 1..(writes of a clean run) crashes a
+command at every point where the repository changes.
+
+:data:`ENV_VAR` (``CAIRN_TEST_FAULTS``) holds a spec for the ``cairn`` command itself
+(read by :func:`cairn.cli.common.open_backend`), so tests can crash or fail a real
+command line deterministically.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -42,11 +56,15 @@ ERRORS: dict[str, type[BackendError]] = {
     "quota": QuotaExceeded,
     "error": BackendError,
 }
-ACTIONS = ("fail", "truncate", "flip", "delay", "partial")
+ACTIONS = ("fail", "truncate", "flip", "delay", "partial", "kill", "exit")
 _RULE = re.compile(
-    r"^(?P<op>save|load|stat|list|remove)(?::(?P<match>[^#=]*))?"
-    r"(?:#(?P<first>\d+)(?:-(?P<last>\d+))?)?=(?P<action>[a-z]+)(?::(?P<arg>[0-9.]+))?$"
+    r"^(?P<op>save|load|stat|list|remove|write)(?::(?P<match>[^#=]*))?"
+    r"(?:#(?P<first>\d+)(?P<range>-(?P<last>\d+)?)?)?=(?P<action>[a-z]+)(?::(?P<arg>[0-9.]+))?$"
 )
+#: Environment variable with a fault spec for the ``cairn`` command (tests only).
+ENV_VAR = "CAIRN_TEST_FAULTS"
+#: Operations counted together as ``write``: the ones that change the repository.
+WRITES = ("save", "remove")
 
 
 @dataclass(frozen=True)
@@ -56,8 +74,9 @@ class Fault:
     ``first``/``last`` count matching calls from 1; ``last=None`` means every call
     from ``first`` on. ``action`` is ``fail`` (raise ``error``), ``truncate`` (drop
     ``arg`` bytes from a load's end), ``flip`` (invert byte ``arg`` of a load),
-    ``delay`` (sleep ``arg`` seconds first) or ``partial`` (store ``arg`` bytes of a
-    save, then raise ``error``).
+    ``delay`` (sleep ``arg`` seconds first), ``partial`` (store ``arg`` bytes of a
+    save, then raise ``error``), ``kill`` (SIGKILL this process) or ``exit``
+    (``os._exit(137)``). ``op`` ``write`` matches saves and removes, counted together.
     """
 
     op: str
@@ -83,7 +102,10 @@ def parse_faults(spec: str) -> list[Fault]:
             raise ValueError(f"malformed fault rule {part!r}")
         word, arg = m["action"], float(m["arg"] or 0)
         first = int(m["first"] or 1)
-        last = int(m["last"]) if m["last"] else (first if m["first"] else None)
+        if m["last"]:
+            last: int | None = int(m["last"])
+        else:  # "#N" is call N only; "#N-" is call N and every one after it
+            last = None if m["range"] or not m["first"] else first
         if word in ERRORS:
             fault = Fault(m["op"], "fail", ERRORS[word], arg, m["match"] or "", first, last)
         elif word in ACTIONS:
@@ -104,12 +126,20 @@ class FaultyBackend(ForwardingBackend):
 
     def _match(self, op: str, name: str) -> list[Fault]:
         self.calls[op] = call = self.calls.get(op, 0) + 1
-        return [f for f in self.faults if f.applies(op, name, call)]
+        found = [f for f in self.faults if f.applies(op, name, call)]
+        if op in WRITES:
+            self.calls["write"] = write = self.calls.get("write", 0) + 1
+            found += [f for f in self.faults if f.applies("write", name, write)]
+        return found
 
     @staticmethod
     async def _before(faults: list[Fault], op: str, name: str) -> None:
         for fault in faults:
-            if fault.action == "delay":
+            if fault.action == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif fault.action == "exit":
+                os._exit(137)
+            elif fault.action == "delay":
                 await anyio.sleep(fault.arg)
             elif fault.action == "fail":
                 raise fault.error(f"{name}: injected {op} failure")

@@ -11,6 +11,7 @@ import click
 import structlog
 
 from cairn import __version__
+from cairn.backends.base import rebuild_error
 from cairn.cli.common import SIZE, hostname, open_repo, report_item_errors, run_async, username
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, UsageError
 from cairn.cli.progress import backup_status, track
@@ -44,6 +45,10 @@ class NoSourceData(Exception):
     def __init__(self, missing: list[tuple[str, str]]) -> None:
         names = ", ".join(path for path, _problem in missing)
         super().__init__(f"no snapshot saved: none of the paths to back up exists ({names})")
+        self.missing = missing
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (rebuild_error, (type(self), self.args, self.__dict__))
 
 
 def _existing(targets: list[bytes]) -> tuple[list[bytes], list[tuple[str, str]]]:

@@ -101,7 +101,9 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
         if options.verify:
             click.echo(f"verified {stats.verified} files")
         if stats.errors:
-            click.echo(f"{len(stats.errors)} entries could not be restored (see the warnings)")
+            n = len(stats.errors)
+            noun = "entry" if n == 1 else "entries"
+            click.echo(f"{n} {noun} could not be restored (see the warnings)")
     return EXIT_FATAL if stats.errors else EXIT_OK
 
 

@@ -75,6 +75,7 @@ def open_backend(settings: Settings) -> Any:
     """
     if not settings.repo:
         raise NoRepositoryGiven()
+    from cairn.backends.faulty import ENV_VAR as FAULTS_ENV_VAR
     from cairn.backends.location import parse_location
     from cairn.backends.retry import RetryPolicy
     from cairn.backends.wrap import wrap_backend
@@ -89,6 +90,8 @@ def open_backend(settings: Settings) -> Any:
         connections=settings.connections,
         upload_limiter=upload,
         download_limiter=download,
+        # Tests only: a fault spec that crashes or fails this run deterministically.
+        faults=settings.env.get(FAULTS_ENV_VAR) or None,
     )
     wrapped.cairn_throttles = {"upload": upload, "download": download}  # type: ignore[attr-defined]
     return wrapped

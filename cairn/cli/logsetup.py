@@ -103,6 +103,18 @@ def _order(_logger: Any, _method: str, event_dict: Any) -> Any:
 _log_file: TextIO | None = None
 
 
+# Per-entry problems the CLI prints itself as ``warning: PATH: PROBLEM`` lines at the
+# end of the run (cli/common.py: report_item_errors). A console log on the same stderr
+# would say each twice; JSON, logfmt and log files keep the events.
+PRINTED_ITEM_EVENTS = frozenset({"backup.file_error", "restore.file_error"})
+
+
+def _drop_printed_item_errors(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    if event.get("event") in PRINTED_ITEM_EVENTS:
+        raise structlog.DropEvent
+    return event
+
+
 def configure_logging(
     settings: Settings, command: str | None = None, *, run_id: str | None = None
 ) -> None:
@@ -142,6 +154,8 @@ def configure_logging(
     else:
         colors = _log_file is None and sys.stderr.isatty()
         renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        if _log_file is None:
+            shared.append(_drop_printed_item_errors)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),

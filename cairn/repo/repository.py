@@ -126,8 +126,8 @@ async def _try_key(backend: Backend, key_id: str, password: str | bytes) -> Mast
     try:
         data = await backend.load(backend_name("keys", key_id))
         return await anyio.to_thread.run_sync(unwrap_keyfile, data, password, key_id)
-    except (WrongPassword, CorruptedObject, NotFound):
-        # A corrupt or vanished key must not lock the user out if another one opens.
+    except (WrongPassword, NotFound):
+        # Not this key, or removed while we listed; a damaged one raises CorruptedObject.
         return None
 
 
@@ -140,15 +140,35 @@ async def open_repository(backend: Backend, password: str | bytes) -> Repository
     key_ids = sorted([n.rsplit("/", 1)[-1] async for n, _size in backend.list("keys/")])
     if not key_ids:
         raise RepoError(f"{backend.location}: the repository has no key files")
+    damaged: list[str] = []
+    config_error: CorruptedObject | None = None
     for key_id in key_ids:
-        master = await _try_key(backend, key_id, password)
-        if master is not None:
-            break
-    else:
-        raise WrongPassword()
-    crypto = master.crypto()
-    config = decode_config(unseal(crypto, "config", config_bytes, name="config"))
-    return Repository(backend, master, config, key_id)
+        try:
+            master = await _try_key(backend, key_id, password)
+        except CorruptedObject as exc:
+            # A corrupt key must not lock the user out if another one opens.
+            damaged.append(f"keys/{key_id} ({exc.problem})")
+            continue
+        if master is None:
+            continue
+        try:
+            # Unnamed: the kind alone reads "config is corrupted: …".
+            config = decode_config(unseal(master.crypto(), "config", config_bytes))
+        except CorruptedObject as exc:
+            # This key may hold another master key: an init killed between its key
+            # and its config leaves such an orphan, and a second init adds the real
+            # one beside it. Try the other keys before calling the config damaged.
+            config_error = exc
+            continue
+        return Repository(backend, master, config, key_id)
+    if config_error is not None:
+        raise config_error
+    if damaged:  # the password may well be right: say which key files are broken
+        raise WrongPassword(
+            "no key of the repository opens with this password; damaged key files: "
+            + ", ".join(damaged)
+        )
+    raise WrongPassword()
 
 
 class Repository:

@@ -265,6 +265,7 @@ class Checker:
         self._report = report
         # pack id (hex) → (index file id, entries), from the effective index only
         self.pack_entries: dict[str, tuple[str, list[PackEntry]]] = {}
+        self.index_damaged = False  # some index file could not be read
         self.packs_on_backend: dict[str, int] = {}
         self.index = Index()
         self._limiter = anyio.CapacityLimiter(max(1, options.connections))
@@ -310,6 +311,7 @@ class Checker:
                     payload = await self.repo.load_sealed("index", index_id)
                     files[index_id] = decode_index(payload, index_id)
                 except CorruptedObject as exc:
+                    self.index_damaged = True
                     self._error("index", index_id, exc.problem)
                 except ObjectNotFound:
                     pass  # removed while we listed (a concurrent prune would hold a lock)
@@ -341,16 +343,16 @@ class Checker:
         for pack_id, (index_id, _entries) in sorted(self.pack_entries.items()):
             if pack_id not in self.packs_on_backend:
                 self._error("pack", pack_id, f"listed in index {index_id} but missing")
+        # With a damaged index file, an unreferenced pack may be one it listed: then
+        # the way out is `repair index`, not `prune` (which would refuse anyway, as
+        # the snapshots need its blobs).
+        why = (
+            "a damaged index file may have listed it: `cairn repair index` indexes it again"
+            if self.index_damaged
+            else "left by an interrupted backup or prune; `cairn prune` removes it"
+        )
         for pack_id in sorted(self.packs_on_backend.keys() - self.pack_entries.keys()):
-            self._add(
-                Problem(
-                    WARNING,
-                    "pack",
-                    pack_id,
-                    "not referenced by any index (left by an interrupted backup or prune; "
-                    "`cairn prune` removes it)",
-                )
-            )
+            self._add(Problem(WARNING, "pack", pack_id, f"not referenced by any index ({why})"))
 
     def _report_duplicates(self) -> None:
         where: dict[bytes, list[str]] = defaultdict(list)

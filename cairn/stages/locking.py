@@ -82,24 +82,21 @@ class HeldLock:
             raise LockLost(self.lost)
         async with self.mutex:
             self._check_age()
-            try:
-                await self.repo.backend.stat(object_name("locks", self.id))
-            except NotFound:
-                raise self._fail(
-                    f"lock {self.id[:8]} was removed by another process "
-                    "(`cairn unlock --remove-all`?)"
-                ) from None
+            await self._still_there()
+
+    async def _still_there(self) -> None:
+        try:
+            await self.repo.backend.stat(object_name("locks", self.id))
+        except NotFound:
+            raise self._fail(
+                f"lock {self.id[:8]} was removed by another process "
+                "(`cairn unlock --remove-all`?)"
+            ) from None
 
     async def refresh(self) -> None:
         """Write a fresh lock object and remove the old one (after checking it)."""
         async with self.mutex:
-            try:
-                await self.repo.backend.stat(object_name("locks", self.id))
-            except NotFound:
-                raise self._fail(
-                    f"lock {self.id[:8]} was removed by another process "
-                    "(`cairn unlock --remove-all`?)"
-                ) from None
+            await self._still_there()
             self.lock.refreshed_ns = time.time_ns()
             new_id = await self.repo.save_sealed("locks", encode_lock(self.lock))
             old_id, self.id = self.id, new_id
