@@ -290,3 +290,27 @@ def test_xattrs_survive_incremental_backups(
     assert _all_xattrs(out / "d") == {"user.v": b"dir"}
     assert _all_xattrs(out / "fifo") == {"trusted.v": b"fifo"}
     assert (out / "large").read_bytes() == LARGE
+
+
+def test_a_symlink_above_a_given_path_is_followed_not_dropped(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``/home -> /data/home`` and ``backup /home/me``: the kernel follows the symlink
+    for the path, so must the backup (it used to save an empty snapshot, exit 0)."""
+    real = tmp_path / "real" / "docs"
+    real.mkdir(parents=True)
+    (real / "f").write_bytes(b"data\n")
+    (tmp_path / "link").symlink_to("real")
+    (tmp_path / "plain").write_bytes(b"not a directory\n")
+    given = tmp_path / "link" / "docs"
+    cairn.run("backup", str(given), check=True)
+    listed = cairn.run("ls", "latest", check=True).out.splitlines()
+    assert str(given / "f") in listed, listed
+    target = tmp_path / "restored"
+    cairn.run("restore", "latest", "--target", str(target), check=True)
+    assert (target / str(given / "f").lstrip("/")).read_bytes() == b"data\n"
+    # A component that is no directory at all is a warning (exit 3), never silence.
+    bad = cairn.run("backup", str(given), str(tmp_path / "plain" / "x"))
+    assert bad.code in (1, 3), bad.err
+    assert "plain" in bad.err, bad.err

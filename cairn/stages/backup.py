@@ -49,7 +49,7 @@ from cairn.stages.excludes import ExcludeRules
 from cairn.stages.saver import BlobSaver
 from cairn.stages.sourcedirs import SourceDirs, dir_problem
 from cairn.stages.treecache import TreeCache
-from cairn.stages.walk import ScanResult, scan_dir, stat_at
+from cairn.stages.walk import ScanResult, scan_dir, stat_at, stat_at_following
 
 log = structlog.get_logger("cairn.backup")
 
@@ -108,7 +108,18 @@ class BackupStats:
 class _Dir:
     """A directory whose tree blob is pending until all its entries are complete."""
 
-    __slots__ = ("dev", "node", "nodes", "old", "old_tree", "parent", "path", "pending", "walked")
+    __slots__ = (
+        "dev",
+        "follow",
+        "node",
+        "nodes",
+        "old",
+        "old_tree",
+        "parent",
+        "path",
+        "pending",
+        "walked",
+    )
 
     def __init__(
         self,
@@ -127,6 +138,8 @@ class _Dir:
         self.pending = 0
         self.walked = False
         self.dev: int | None = None  # --one-file-system: the device to stay on
+        # Reached through a symlink above a given path (opened following it).
+        self.follow = False
 
 
 @dataclass
@@ -326,12 +339,26 @@ class Archiver:
             old = d.old.get(name) if d.old else None
             if trie[name] is None:
                 await self._add_entry(d, node, path, old, file_tx)
-            elif node.type == "dir":
-                old_tree = old.subtree if old and old.type == "dir" else None
-                child = _Dir(path, node, d, await self._old_entries(old_tree), old_tree)
-                d.nodes.append(node)
-                d.pending += 1
-                await self._walk_virtual(child, trie[name], file_tx)
+                continue
+            follow = node.type == "symlink"
+            if follow:
+                try:
+                    node = await anyio.to_thread.run_sync(
+                        self._dirs.run_at, d, stat_at_following, name
+                    )
+                except OSError as exc:
+                    self._warn(path, dir_problem(exc))
+                    continue
+            if node.type != "dir":
+                # Never silently: the paths below it would be missing from the snapshot.
+                self._warn(path, "not a directory, but a path to back up lies below it")
+                continue
+            old_tree = old.subtree if old and old.type == "dir" else None
+            child = _Dir(path, node, d, await self._old_entries(old_tree), old_tree)
+            child.follow = follow
+            d.nodes.append(node)
+            d.pending += 1
+            await self._walk_virtual(child, trie[name], file_tx)
         d.walked = True
         await self._maybe_finish(d)
 

@@ -152,17 +152,20 @@ class SourceDirs:
         parent, node = d.parent, d.node
         if parent is None or node is None:
             return open_dir_path(d.path)
+        # A symlink above a given path is followed (backup's _walk_virtual); nothing
+        # below the given paths is.
+        flags = PATH_DIR_FLAGS & ~os.O_NOFOLLOW if getattr(d, "follow", False) else PATH_DIR_FLAGS
         parent_fd = self._acquire(parent)
         try:
             try:
-                fd = os.open(node.name, PATH_DIR_FLAGS, dir_fd=parent_fd)
+                fd = os.open(node.name, flags, dir_fd=parent_fd)
             except OSError as exc:
                 if exc.errno != errno.EMFILE or not self._idle:
                     raise
                 # Out of descriptors (other parts of the process hold some too):
                 # give back the idle ones and try once more.
                 self._close_idle(keep=0)
-                fd = os.open(node.name, PATH_DIR_FLAGS, dir_fd=parent_fd)
+                fd = os.open(node.name, flags, dir_fd=parent_fd)
         finally:
             self._release(parent)
         try:

@@ -73,3 +73,10 @@ def stat_at(dir_fd: int, name: bytes) -> Node:
     """The node of entry ``name`` in ``dir_fd`` (a component of a path given on the
     command line)."""
     return node_from_stat(name, os.lstat(name, dir_fd=dir_fd), dir_fd)
+
+
+def stat_at_following(dir_fd: int, name: bytes) -> Node:
+    """The node of what entry ``name`` in ``dir_fd`` points to: a symlink *above* a
+    path given on the command line is followed, as the kernel follows it for the
+    path (``/home -> /data/home`` and ``backup /home/me``)."""
+    return node_from_stat(name, os.stat(name, dir_fd=dir_fd), dir_fd)
