@@ -265,7 +265,6 @@ async def test_pipeline_validation() -> None:
         Pipeline().source("a", []).sink("b", f).map("c", f)
 
 
-
 @pytest.mark.parametrize("ordered", [False, True])
 async def test_items_owning_slots_are_released_by_the_stage_that_finishes_them(
     ordered: bool,
