@@ -43,6 +43,10 @@ def test_plan_ranges_reads_each_pack_front_to_back_in_slot_sized_ranges() -> Non
         Batch(B, 7, 3, ["b0"]),
     ]
     assert not any(b.whole for b in batches)
+    # At most max_blobs per range: one range is one worker job.
+    small = [(A, 10 * i, 10, i) for i in range(7)]
+    assert [b.blobs for b in plan_ranges(small, max_blobs=3)] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert plan_ranges(small, max_blobs=3)[1] == Batch(A, 30, 30, [3, 4, 5])
 
 
 async def _backend(tmp_path: Path) -> LocalBackend:

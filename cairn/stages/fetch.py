@@ -34,6 +34,10 @@ SLOT_SIZE = 8 * MiB + 64 * 1024
 # Gaps between needed blobs smaller than this are downloaded rather than split
 # into two requests (a request costs more than reading 1 MiB locally or remotely).
 MERGE_GAP = 1 * MiB
+# A range holds at most this many blobs: it is one worker job, and a pack of small
+# files cut into a handful of jobs of a thousand files each leaves a worker idle
+# while the last one runs.
+MAX_BLOBS = 256
 
 
 class Batch(NamedTuple):
@@ -80,10 +84,11 @@ def plan_ranges(
     blobs: Iterable[tuple[bytes, int, int, Any]],
     max_span: int = SLOT_SIZE,
     merge_gap: int = MERGE_GAP,
+    max_blobs: int = MAX_BLOBS,
 ) -> list[Batch]:
     """Group ``(pack ID, offset, length, what)`` per pack into ranges of at most
-    ``max_span`` bytes, split where the gap to the next needed blob exceeds
-    ``merge_gap``. Each pack is read once, front to back."""
+    ``max_span`` bytes and ``max_blobs`` blobs, split where the gap to the next
+    needed blob exceeds ``merge_gap``. Each pack is read once, front to back."""
     per_pack: dict[bytes, list[tuple[int, int, Any]]] = defaultdict(list)
     for pack_id, offset, length, what in blobs:
         per_pack[pack_id].append((offset, length, what))
@@ -93,7 +98,11 @@ def plan_ranges(
         start = end = 0
         current: list[Any] = []
         for offset, length, what in entries:
-            if current and (offset + length - start > max_span or offset - end > merge_gap):
+            if current and (
+                offset + length - start > max_span
+                or offset - end > merge_gap
+                or len(current) >= max_blobs
+            ):
                 batches.append(Batch(pack_id, start, end - start, current))
                 current = []
             if not current:
