@@ -3,11 +3,14 @@
 * **plan** walks the snapshot's trees, decides per file whether it must be written
   (resume: a file whose content already matches is skipped), creates directories and
   empty, correctly sized files, and maps every needed blob to the places it goes;
-* **download**: each pack is fetched once (ranged reads covering the blobs needed,
-  split to fit a shared-memory slot), on ``connections`` tasks;
-* **decode + write** happen in the worker processes straight from the slot: decrypt,
-  decompress, verify the blob ID, then ``pwrite`` into every file (and offset) that
-  needs the blob — plaintext never travels back through a pipe;
+* **download → decode + write → account** is a :class:`~cairn.pipeline.Pipeline`
+  (``_write_batches``) of the stages shared with ``check --read-data``
+  (:mod:`cairn.stages.fetch`): each pack is fetched once (ranged reads covering the
+  blobs needed, each range one shared-memory slot), on ``connections`` tasks that
+  do not wait for the decoding; the worker processes decode straight from the slot
+  — decrypt, decompress, verify the blob ID, then ``pwrite`` into every file (and
+  offset) that needs the blob, so plaintext never travels back through a pipe —
+  and release it; the sink turns what went wrong into per-entry errors;
 * **metadata** comes last: files, hardlinks, symlinks and special files, then
   directories deepest first (so a read-only directory is filled before it is locked).
 
@@ -89,7 +92,7 @@ class _Entry:
 # worker creates the file) — see cpu.Target.
 _Writes = dict[bytes, list[cpu.Target]]
 # Failures of the storage or of a worker that cost one download, not the restore.
-_DOWNLOAD_ERRORS = (BackendError, RepoError)
+_DOWNLOAD_ERRORS = (BackendError,)
 _WORKER_ERRORS = (RepoError, WorkerCrashed, RemoteError)
 # What the decode stage hands the sink: the batch, then the worker's result
 # (bytes written, per-file problems, undecodable blobs) or the error that lost it.
