@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from cairn.pipeline import Pipeline, PipelineOptions, StageError
+from cairn.pipeline import Pipeline, PipelineOptions, Slot, SlotPool, StageError
 
 pytestmark = pytest.mark.anyio
 
@@ -263,3 +263,64 @@ async def test_pipeline_validation() -> None:
         Pipeline().source("a", []).map("a", f)
     with pytest.raises(ValueError, match="sink"):
         Pipeline().source("a", []).sink("b", f).map("c", f)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_items_owning_slots_are_released_by_the_stage_that_finishes_them(
+    ordered: bool,
+) -> None:
+    # The source takes a slot per item from a pool of 3: 40 items get through only
+    # if the stage that finishes with each item gives its slot back, before its
+    # output waits in a channel (else this hangs and fail_after fails it).
+    slots = SlotPool(16, 3)
+
+    async def source() -> AsyncIterator[Slot]:
+        for n in range(40):
+            slot = await slots.acquire()
+            slot.view[0] = n
+            yield slot
+
+    async def read(slot: Slot) -> int:
+        return int(slot.view[0])
+
+    async def stuck_until_all_read(n: int) -> int:
+        return n
+
+    seen, sink = collector()
+    pipe = (
+        Pipeline("t", options=PipelineOptions(channel_capacity=4))
+        .source("src", source())
+        .map("read", read, concurrency=2, ordered=ordered, release=Slot.release)
+        .map("later", stuck_until_all_read)
+        .sink("out", sink)
+    )
+    try:
+        with anyio.fail_after(10):
+            await pipe.run()
+        assert sorted(seen) == list(range(40))
+        assert slots.in_use == 0
+    finally:
+        slots.close()
+
+
+@pytest.mark.parametrize("kind", ["map", "sink"])
+async def test_release_runs_when_the_stage_function_fails(kind: str) -> None:
+    slots = SlotPool(16, 1)
+
+    async def source() -> AsyncIterator[Slot]:
+        yield await slots.acquire()
+
+    async def fail(slot: Slot) -> None:
+        raise ValueError("damaged")
+
+    pipe = Pipeline("t").source("src", source())
+    if kind == "map":
+        pipe.map("read", fail, release=Slot.release)
+    else:
+        pipe.sink("read", fail, release=Slot.release)
+    try:
+        with pytest.raises(StageError, match="damaged"):
+            await pipe.run()
+        assert slots.in_use == 0
+    finally:
+        slots.close()

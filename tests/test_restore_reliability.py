@@ -280,6 +280,9 @@ def _make_deep(root: Path, depth: int, width: int) -> list[bytes]:
         os.symlink(b"file", b"link", dir_fd=fd)
         os.link(b"file", b"hard", src_dir_fd=fd, dst_dir_fd=fd)
         os.mkfifo(b"fifo", dir_fd=fd)
+        here = f"/proc/self/fd/{fd}"
+        os.setxattr(f"{here}/file", "user.deep", b"bottom file")
+        os.setxattr(here, "user.deep", b"bottom dir")
     finally:
         os.close(fd)
     return names
@@ -296,24 +299,33 @@ def _write_at(dir_fd: int, name: bytes, data: bytes) -> None:
         os.close(fd)
 
 
+def _xattrs(dir_fd: int, name: str) -> dict[str, bytes]:
+    path = f"/proc/self/fd/{dir_fd}/{name}"
+    return {k: os.getxattr(path, k) for k in os.listxattr(path)}
+
+
 def _tree_at(path: Path) -> dict[str, Any]:
-    """Everything below ``path`` (any depth): relative path → kind and content."""
+    """Everything below ``path`` (any depth): relative path → kind, content and
+    metadata (mode, mtime, link count, xattrs)."""
     out: dict[str, Any] = {}
     for dirpath, dirnames, filenames, dir_fd in os.fwalk(path):
         rel = os.path.relpath(dirpath, path)
         for name in dirnames:
-            out[os.path.join(rel, name)] = "dir"
+            st = os.lstat(name, dir_fd=dir_fd)
+            meta = (st.st_mode & 0o7777, st.st_mtime_ns, _xattrs(dir_fd, name))
+            out[os.path.join(rel, name)] = ("dir", *meta)
         for name in filenames:
             st = os.lstat(name, dir_fd=dir_fd)
             key = os.path.join(rel, name)
             if stat.S_ISLNK(st.st_mode):
                 out[key] = ("link", os.readlink(name, dir_fd=dir_fd))
             elif stat.S_ISFIFO(st.st_mode):
-                out[key] = ("fifo", st.st_mode & 0o7777)
+                out[key] = ("fifo", st.st_mode & 0o7777, st.st_mtime_ns)
             else:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
                 with open(fd, "rb") as f:
-                    out[key] = ("file", f.read(), st.st_mode & 0o7777, st.st_nlink)
+                    meta = (st.st_mode & 0o7777, st.st_nlink, st.st_mtime_ns)
+                    out[key] = ("file", f.read(), *meta, _xattrs(dir_fd, name))
     return out
 
 
@@ -323,14 +335,20 @@ def test_a_tree_deeper_than_path_max_restores_completely(
 ) -> None:
     src = tmp_path / "src"
     src.mkdir()
-    # As deep as the source allows (backup reads by path), restored into a target
-    # whose own path makes every restored path longer than PATH_MAX (4,096).
-    depth = (4096 - len(str(src)) - 16) // 101
+    # 45 levels of 100-character names: the source itself is deeper than PATH_MAX
+    # (4,096), and so is every path of the target it is restored into.
+    depth = 45
     names = _make_deep(src, depth=depth, width=100)
+    assert len(str(src)) + sum(len(n) + 1 for n in names) > 4096
     result = cairn.run("backup", "--json", str(src))
     assert result.code == 0, result.err
+    # a file every 10 levels and at the bottom, plus "large" and "hard" there
+    assert _summary(result)["total_files_processed"] == depth // 10 + 3
     expected = _tree_at(src)
-    assert len(expected) >= depth + 5 + 3
+    assert len(expected) >= depth + 5 + 4
+    bottom = os.path.join(*(n.decode() for n in names))
+    assert expected[f"{bottom}/file"][-1] == {"user.deep": b"bottom file"}
+    assert expected[bottom][-1] == {"user.deep": b"bottom dir"}
     deep_target = tmp_path.joinpath(*(c * 250 for c in "xyz"))
     assert len(str(_under(deep_target, src))) + sum(len(n) + 1 for n in names) > 4096
 

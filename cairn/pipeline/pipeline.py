@@ -16,6 +16,7 @@ from .throttle import Throttle
 from .workers import WorkerPool
 
 Sizeof = Callable[[Any], int]
+Release = Callable[[Any], None]
 
 
 class Pipeline:
@@ -73,12 +74,20 @@ class Pipeline:
         ordered: bool = False,
         sizeof: Sizeof | None = None,
         throttle: Throttle | None = None,
+        release: Release | None = None,
     ) -> Pipeline:
         """An async stage: ``await fn(item)`` gives one output; an async
         generator ``fn`` gives zero or more. ``concurrency`` tasks run it;
         ``ordered`` keeps outputs in input order. With ``throttle``, each item
-        first waits for ``sizeof(item)`` bytes of the shared token bucket."""
-        spec = StageSpec(name, "map", fn, concurrency, ordered, sizeof or sizeof_default, throttle)
+        first waits for ``sizeof(item)`` bytes of the shared token bucket.
+
+        ``release(item)`` runs once the stage is done with an input item —
+        after ``fn`` returns or raises, before its output is sent on — so an
+        item that owns a resource (a shared-memory slot) gives it back in the
+        stage that finishes with it, however that ends."""
+        spec = StageSpec(
+            name, "map", fn, concurrency, ordered, sizeof or sizeof_default, throttle, release
+        )
         return self._add(spec)
 
     def cpu(
@@ -91,18 +100,22 @@ class Pipeline:
         concurrency: int | None = None,
         ordered: bool = True,
         sizeof: Sizeof | None = None,
+        release: Release | None = None,
     ) -> Pipeline:
         """A CPU stage: ``fn(*args(item))`` runs in ``pool`` (default args:
         ``(item,)``). Default: two jobs per worker, so a worker has its next
         job queued even when the parent is slow to hand results on (1, 2 and
-        3 per worker measured alike in bench/engine.py)."""
+        3 per worker measured alike in bench/engine.py). ``release`` as in
+        :meth:`map`: e.g. free the slot the job read from once it is done."""
         to_args = args or (lambda item: (item,))
 
         async def call(item: Any) -> Any:
             return await pool.run(fn, *to_args(item))
 
         width = concurrency or 2 * pool.workers
-        return self.map(name, call, concurrency=width, ordered=ordered, sizeof=sizeof)
+        return self.map(
+            name, call, concurrency=width, ordered=ordered, sizeof=sizeof, release=release
+        )
 
     def stage(self, name: str, fn: Callable[[Any, Any], Awaitable[None]]) -> Pipeline:
         """A raw stage ``await fn(receive, send)`` for stateful work (e.g. packing
@@ -117,10 +130,14 @@ class Pipeline:
         concurrency: int = 1,
         sizeof: Sizeof | None = None,
         throttle: Throttle | None = None,
+        release: Release | None = None,
     ) -> Pipeline:
         """The consumer: ``await fn(item)`` for each final item. With
-        ``concurrency`` 1 it sees items in the order they arrive."""
-        spec = StageSpec(name, "sink", fn, concurrency, False, sizeof or sizeof_default, throttle)
+        ``concurrency`` 1 it sees items in the order they arrive. ``release``
+        as in :meth:`map`."""
+        spec = StageSpec(
+            name, "sink", fn, concurrency, False, sizeof or sizeof_default, throttle, release
+        )
         return self._add(spec)
 
     def snapshot(self, done: bool = False) -> PipelineSnapshot:

@@ -35,6 +35,9 @@ class StageSpec:
     ordered: bool = False
     sizeof: Callable[[Any], int] | None = None
     throttle: Throttle | None = None
+    # Called with each input item once the stage is done with it (also when the
+    # stage's function fails): hands back what the item owns, e.g. a shm slot.
+    release: Callable[[Any], None] | None = None
 
 
 class Stage:
@@ -167,20 +170,33 @@ class Stage:
         metrics.items_in += 1
         size = self._size(item)
         metrics.bytes_in += size
-        if spec.throttle is not None and size:
-            await spec.throttle.acquire(size)
         if self.is_generator:
-            await self._process_generator(item, emit)
+            try:
+                if spec.throttle is not None and size:
+                    await spec.throttle.acquire(size)
+                await self._process_generator(item, emit)
+            finally:
+                self._release(item)
             return
         start = self.clock()
         try:
+            if spec.throttle is not None and size:
+                await spec.throttle.acquire(size)
+                start = self.clock()
             out = await spec.fn(item)
         except Exception as exc:
             raise StageError(spec.name, item, exc) from exc
         finally:
             metrics.busy_seconds += self.clock() - start
+            # Before the output is sent on: a full channel downstream must not
+            # keep this item's slot from the stages upstream.
+            self._release(item)
         if spec.kind != "sink":
             await emit(out)
+
+    def _release(self, item: Any) -> None:
+        if self.spec.release is not None:
+            self.spec.release(item)
 
     async def _process_generator(self, item: Any, emit: Emit) -> None:
         agen = self.spec.fn(item)

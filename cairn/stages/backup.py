@@ -39,6 +39,7 @@ from cairn.stages import cpu
 from cairn.stages.chunker import (
     ChunkerParams,
     fill_and_chunk,
+    finish_file,
     make_chunker,
     open_for_backup,
     read_problem,
@@ -46,8 +47,9 @@ from cairn.stages.chunker import (
 )
 from cairn.stages.excludes import ExcludeRules
 from cairn.stages.saver import BlobSaver
+from cairn.stages.sourcedirs import SourceDirs, dir_problem
 from cairn.stages.treecache import TreeCache
-from cairn.stages.walk import scan_dir, stat_path
+from cairn.stages.walk import ScanResult, scan_dir, stat_at, stat_at_following
 
 log = structlog.get_logger("cairn.backup")
 
@@ -106,7 +108,18 @@ class BackupStats:
 class _Dir:
     """A directory whose tree blob is pending until all its entries are complete."""
 
-    __slots__ = ("dev", "node", "nodes", "old", "old_tree", "parent", "path", "pending", "walked")
+    __slots__ = (
+        "dev",
+        "follow",
+        "node",
+        "nodes",
+        "old",
+        "old_tree",
+        "parent",
+        "path",
+        "pending",
+        "walked",
+    )
 
     def __init__(
         self,
@@ -125,6 +138,8 @@ class _Dir:
         self.pending = 0
         self.walked = False
         self.dev: int | None = None  # --one-file-system: the device to stay on
+        # Reached through a symlink above a given path (opened following it).
+        self.follow = False
 
 
 @dataclass
@@ -175,6 +190,10 @@ class Archiver:
         self._out_slots: SlotPool | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._devices: dict[bytes, int] | None = None
+        # Every file and directory is reached relative to its directory's
+        # descriptor, never by its full path (sourcedirs.py: any depth, no symlink
+        # swapped in during the walk is followed).
+        self._dirs = SourceDirs()
 
     # -- memory ------------------------------------------------------------------
 
@@ -225,6 +244,7 @@ class Archiver:
         finally:
             self._slots.close()
             self._out_slots.close()
+            self._dirs.close()
         slots, bound = self.memory_bound()
         log.debug("backup.memory", held_peak=self.held.peak, held_bound=bound, slots=slots)
         assert self.root_tree is not None
@@ -312,20 +332,33 @@ class Archiver:
         for name in sorted(trie):
             path = d.path.rstrip(b"/") + b"/" + name
             try:
-                node = await anyio.to_thread.run_sync(stat_path, path)
+                node = await anyio.to_thread.run_sync(self._dirs.run_at, d, stat_at, name)
             except OSError as exc:
-                self._warn(path, exc.strerror or str(exc))
+                self._warn(path, dir_problem(exc))
                 continue
-            node.name = name
             old = d.old.get(name) if d.old else None
             if trie[name] is None:
                 await self._add_entry(d, node, path, old, file_tx)
-            elif node.type == "dir":
-                old_tree = old.subtree if old and old.type == "dir" else None
-                child = _Dir(path, node, d, await self._old_entries(old_tree), old_tree)
-                d.nodes.append(node)
-                d.pending += 1
-                await self._walk_virtual(child, trie[name], file_tx)
+                continue
+            follow = node.type == "symlink"
+            if follow:
+                try:
+                    node = await anyio.to_thread.run_sync(
+                        self._dirs.run_at, d, stat_at_following, name
+                    )
+                except OSError as exc:
+                    self._warn(path, dir_problem(exc))
+                    continue
+            if node.type != "dir":
+                # Never silently: the paths below it would be missing from the snapshot.
+                self._warn(path, "not a directory, but a path to back up lies below it")
+                continue
+            old_tree = old.subtree if old and old.type == "dir" else None
+            child = _Dir(path, node, d, await self._old_entries(old_tree), old_tree)
+            child.follow = follow
+            d.nodes.append(node)
+            d.pending += 1
+            await self._walk_virtual(child, trie[name], file_tx)
         d.walked = True
         await self._maybe_finish(d)
 
@@ -349,6 +382,7 @@ class Archiver:
             if self._unchanged(node, old):
                 assert old is not None
                 node.content = list(old.content)
+                node.xattrs = dict(old.xattrs)  # the same ctime: the same xattrs
                 self.stats.files_unmodified += 1
                 self.stats.bytes_unmodified += node.size
                 return
@@ -384,7 +418,13 @@ class Archiver:
         """Scan one directory, queue its changed files, return its subdirectories."""
         if d.old is None and d.old_tree is not None:
             d.old = await self._old_entries(d.old_tree)
-        scan = await anyio.to_thread.run_sync(scan_dir, d.path, self.opts.rules, d.dev)
+        try:
+            scan = await anyio.to_thread.run_sync(
+                self._dirs.run_at, d, scan_dir, d.path, self.opts.rules, d.dev
+            )
+        except OSError as exc:  # the directory itself could not be opened
+            self._warn(d.path, dir_problem(exc))
+            scan = ScanResult()
         for wpath, problem in scan.warnings:
             self._warn(wpath, problem)
         subdirs: list[_Dir] = []
@@ -413,6 +453,7 @@ class Archiver:
                 if self._unchanged(child, cold):
                     assert cold is not None
                     child.content = list(cold.content)
+                    child.xattrs = dict(cold.xattrs)  # the same ctime: the same xattrs
                     self.stats.files_unmodified += 1
                     self.stats.bytes_unmodified += child.size
                 else:
@@ -485,6 +526,7 @@ class Archiver:
                 await self.saver.add(TREE, tree_id, stored, len(payload))
             if d.node is not None:
                 d.node.subtree = tree_id
+            self._dirs.forget(d)  # nothing below it is read any more
             if d.old_tree is None:
                 self.stats.dirs_new += 1
             elif d.old_tree == tree_id:
@@ -541,7 +583,8 @@ class Archiver:
         try:
             results = await anyio.to_thread.run_sync(
                 read_small_files,
-                [j.path for j in batch],
+                [(j.dir, j.node.name) for j in batch],
+                self._dirs,
                 slot.view,
                 self.crypto,
                 self.chunker_params.min_size,
@@ -557,11 +600,12 @@ class Archiver:
                 self._warn(j.path, read_problem(result))
                 await self._job_done(j, False)
             else:
-                offset, length, blob_id, after = result
+                offset, length, blob_id, after, xattrs = result
                 self._check_unchanged(j, after, length)
                 if length and self.saver.claim(blob_id):
                     new.append((offset, length, blob_id))
                 self.stats.bytes_read += length
+                j.node.xattrs = xattrs
                 self._file_done(j, [blob_id] if length else [], length)
                 await self._job_done(j, True)
         if new:
@@ -586,20 +630,27 @@ class Archiver:
         stdin = job.path == b"/dev/stdin"
         self.stats.current = job.path
         try:
-            fd = 0 if stdin else await anyio.to_thread.run_sync(open_for_backup, job.path)
+            fd = (
+                0
+                if stdin
+                else await anyio.to_thread.run_sync(
+                    self._dirs.run_at, job.dir, open_for_backup, job.node.name
+                )
+            )
         except OSError as exc:
             self._warn(job.path, read_problem(exc))
             return False
         try:
             content, size = await self._read_large(fd)
-            after = None if stdin else await anyio.to_thread.run_sync(os.fstat, fd)
+            if not stdin:
+                after, job.node.xattrs = await anyio.to_thread.run_sync(finish_file, fd)
         except OSError as exc:
             self._warn(job.path, read_problem(exc))
             return False
         finally:
             if not stdin:
                 os.close(fd)
-        if after is not None:
+        if not stdin:
             self._check_unchanged(job, after, size)
         self.stats.bytes_read += size
         self._file_done(job, content, size)

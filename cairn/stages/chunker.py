@@ -9,13 +9,15 @@ check sits between, so no compress or encrypt work is spent on known blobs.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from pyfastcdc import FastCDC
 
 from cairn.repo.crypto import Crypto
+from cairn.stages.fsmeta import read_xattrs_fd
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -44,14 +46,16 @@ def make_chunker(params: ChunkerParams) -> FastCDC:
     )
 
 
-def open_for_backup(path: bytes) -> int:
-    """Open without following a symlink swapped in since the walk, and without
-    updating the access time where the kernel lets us."""
+def open_for_backup(dir_fd: int, name: bytes) -> int:
+    """Open entry ``name`` of directory ``dir_fd`` without following a symlink
+    swapped in since the walk, and without updating the access time where the
+    kernel lets us."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return os.open(path, flags | os.O_NOATIME)
+        return os.open(name, flags | os.O_NOATIME, dir_fd=dir_fd)
     except PermissionError:
-        return os.open(path, flags)  # O_NOATIME needs ownership or CAP_FOWNER
+        # O_NOATIME needs ownership or CAP_FOWNER
+        return os.open(name, flags, dir_fd=dir_fd)
 
 
 def fill_and_chunk(
@@ -84,41 +88,83 @@ def fill_and_chunk(
     return filled, spans, eof
 
 
+def finish_file(fd: int) -> tuple[os.stat_result, dict[bytes, bytes]]:
+    """What a read file's descriptor says after the read: stat and xattrs."""
+    return os.fstat(fd), read_xattrs_fd(fd)
+
+
 def read_problem(exc: OSError) -> str:
     """The one-line reason a file could not be read."""
     if isinstance(exc, FileNotFoundError):
         return "vanished before it could be read"
+    if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink where the walk saw a file
+        return "replaced by a symlink during the backup; not followed"
+    if exc.errno == errno.ENOTDIR:
+        return "a directory on its path was replaced during the backup; not followed"
     return exc.strerror or str(exc)
 
 
+class DirOpener(Protocol):
+    """Pins and unpins directory descriptors (:class:`cairn.stages.sourcedirs.SourceDirs`)."""
+
+    def acquire(self, d: Any) -> int: ...
+
+    def release(self, d: Any) -> None: ...
+
+
+class SmallFile(NamedTuple):
+    """One small file read into a slot, with what its descriptor said after."""
+
+    offset: int
+    length: int
+    blob_id: bytes
+    after: os.stat_result
+    xattrs: dict[bytes, bytes]
+
+
 def read_small_files(
-    paths: list[bytes], view: memoryview, crypto: Any, limit: int
-) -> list[tuple[int, int, bytes, os.stat_result] | OSError | None]:
+    files: list[tuple[Any, bytes]], dirs: DirOpener, view: memoryview, crypto: Any, limit: int
+) -> list[SmallFile | OSError | None]:
     """Read whole small files one after another into a slot and hash them (thread
-    side). Per file: ``(offset, length, blob id, fstat after)``, the error, or None
-    for a file that has grown to ``limit`` or more. Stops early when the slot is
-    full; the caller passes the remaining paths again."""
-    out: list[tuple[int, int, bytes, os.stat_result] | OSError | None] = []
+    side). ``files`` are (directory, name) pairs, opened relative to the directory's
+    descriptor from ``dirs`` (held once for a run of files in one directory). Per
+    file: a :class:`SmallFile`, the error, or None for a file that has grown to
+    ``limit`` or more. Stops early when the slot is full; the
+    caller passes the remaining files again."""
+    out: list[SmallFile | OSError | None] = []
     pos = 0
-    for path in paths:
-        if pos + limit > len(view):
-            break
-        try:
-            fd = open_for_backup(path)
-        except OSError as exc:
-            out.append(exc)
-            continue
-        try:
-            n = os.readv(fd, [view[pos : pos + limit]])
-            after = os.fstat(fd)
-        except OSError as exc:
-            out.append(exc)
-            continue
-        finally:
-            os.close(fd)
-        if n >= limit:
-            out.append(None)
-            continue
-        out.append((pos, n, crypto.blob_id(view[pos : pos + n]), after))
-        pos += n
+    held: Any = None
+    dir_fd = -1
+    try:
+        for d, name in files:
+            if pos + limit > len(view):
+                break
+            try:
+                if d is not held:
+                    if held is not None:
+                        dirs.release(held)
+                        held = None
+                    dir_fd = dirs.acquire(d)
+                    held = d
+                fd = open_for_backup(dir_fd, name)
+            except OSError as exc:
+                out.append(exc)
+                continue
+            try:
+                n = os.readv(fd, [view[pos : pos + limit]])
+                after = os.fstat(fd)
+                xattrs = read_xattrs_fd(fd)
+            except OSError as exc:
+                out.append(exc)
+                continue
+            finally:
+                os.close(fd)
+            if n >= limit:
+                out.append(None)
+                continue
+            out.append(SmallFile(pos, n, crypto.blob_id(view[pos : pos + n]), after, xattrs))
+            pos += n
+    finally:
+        if held is not None:
+            dirs.release(held)
     return out

@@ -62,27 +62,52 @@ def node_type(mode: int) -> str:
     return _TYPES.get(stat.S_IFMT(mode), "file")
 
 
-def read_xattrs(path: bytes) -> dict[bytes, bytes]:
-    """Extended attributes of ``path`` (not following symlinks); empty if unsupported."""
+def read_xattrs(dir_fd: int, name: bytes) -> dict[bytes, bytes]:
+    """Extended attributes of entry ``name`` in ``dir_fd`` (not following a symlink);
+    empty if unsupported.
+
+    Linux has no ``*xattrat`` call before 6.13 and none taking an ``O_PATH``
+    descriptor, so the entry is reached as ``/proc/self/fd/N/name``: a short path
+    whatever the depth, resolved from the directory's descriptor. It costs ~3 µs
+    more than a plain path, which is why regular files, the bulk of a tree, have
+    theirs read through the descriptor their content is read from
+    (:func:`read_xattrs_fd`).
+    """
+    return _xattrs(b"/proc/self/fd/%d/%s" % (dir_fd, name))
+
+
+def read_xattrs_fd(fd: int) -> dict[bytes, bytes]:
+    """Extended attributes of an open file (``flistxattr``: ~0.6 µs when none)."""
+    return _xattrs(fd)
+
+
+def _xattrs(ref: bytes | int) -> dict[bytes, bytes]:
+    # A descriptor is the file itself; a path is not followed if it is a symlink.
+    nofollow = {} if isinstance(ref, int) else {"follow_symlinks": False}
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = os.listxattr(ref, **nofollow)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT, errno.EPERM):
             return {}
         raise
     out: dict[bytes, bytes] = {}
-    for name in names:
+    for key in names:
         try:
-            out[name.encode("utf-8", "surrogateescape")] = os.getxattr(
-                path, name, follow_symlinks=False
-            )
+            out[key.encode("utf-8", "surrogateescape")] = os.getxattr(ref, key, **nofollow)
         except OSError:
             continue  # vanished or unreadable attribute: not worth failing the file
     return out
 
 
-def node_from_stat(name: bytes, path: bytes, st: os.stat_result) -> Node:
-    """A tree node for ``path`` from its lstat result (content filled in later)."""
+def node_from_stat(name: bytes, st: os.stat_result, dir_fd: int) -> Node:
+    """A tree node for entry ``name`` of directory ``dir_fd`` from its lstat result;
+    link target and xattrs are read relative to ``dir_fd``, so any depth works.
+
+    A regular file's content *and xattrs* are filled in later: read through its
+    descriptor with its content (:func:`read_xattrs_fd`), or taken from the parent
+    snapshot when the file is unchanged (its ctime, which every xattr change
+    updates, vouches for them).
+    """
     kind = node_type(st.st_mode)
     return Node(
         type=kind,
@@ -99,8 +124,8 @@ def node_from_stat(name: bytes, path: bytes, st: os.stat_result) -> Node:
         device=st.st_dev,
         links=st.st_nlink,
         size=st.st_size if kind == "file" else 0,
-        link_target=os.readlink(path) if kind == "symlink" else b"",
-        xattrs=read_xattrs(path) if kind != "symlink" else {},
+        link_target=os.readlink(name, dir_fd=dir_fd) if kind == "symlink" else b"",
+        xattrs=read_xattrs(dir_fd, name) if kind not in ("symlink", "file") else {},
         rdev=st.st_rdev if kind in ("chardev", "blockdev") else 0,
     )
 

@@ -3,11 +3,14 @@
 * **plan** walks the snapshot's trees, decides per file whether it must be written
   (resume: a file whose content already matches is skipped), creates directories and
   empty, correctly sized files, and maps every needed blob to the places it goes;
-* **download**: each pack is fetched once (ranged reads covering the blobs needed,
-  split to fit a shared-memory slot), on ``connections`` tasks;
-* **decode + write** happen in the worker processes straight from the slot: decrypt,
-  decompress, verify the blob ID, then ``pwrite`` into every file (and offset) that
-  needs the blob — plaintext never travels back through a pipe;
+* **download → decode + write → account** is a :class:`~cairn.pipeline.Pipeline`
+  (``_write_batches``) of the stages shared with ``check --read-data``
+  (:mod:`cairn.stages.fetch`): each pack is fetched once (ranged reads covering the
+  blobs needed, each range one shared-memory slot), on ``connections`` tasks that
+  do not wait for the decoding; the worker processes decode straight from the slot
+  — decrypt, decompress, verify the blob ID, then ``pwrite`` into every file (and
+  offset) that needs the blob, so plaintext never travels back through a pipe —
+  and release it; the sink turns what went wrong into per-entry errors;
 * **metadata** comes last: files, hardlinks, symlinks and special files, then
   directories deepest first (so a read-only directory is filled before it is locked).
 
@@ -29,30 +32,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import anyio.abc
 import structlog
 
-from cairn.backends.base import BackendError, object_name
+from cairn.backends.base import BackendError
+from cairn.pipeline import Pipeline, PipelineOptions, SlotPool, StageError, WorkerPool
 from cairn.pipeline.errors import RemoteError, WorkerCrashed
-from cairn.pipeline.shm import SlotPool
-from cairn.pipeline.workers import WorkerPool
 from cairn.repo.errors import ObjectNotFound, RepoError
 from cairn.repo.index import BlobLocation, Index
 from cairn.repo.tree import Node, Tree
 from cairn.stages import cpu
 from cairn.stages.dirfds import DIR_FLAGS, DirFds, open_dir_path, split
 from cairn.stages.excludes import ExcludeRules
+from cairn.stages.fetch import SLOT_SIZE, Batch, Fetched, batch_bytes, download, plan_ranges
 from cairn.stages.fsmeta import apply_metadata_at, apply_metadata_fd, create_special
 
 log = structlog.get_logger("cairn.restore")
-
-MiB = 1024 * 1024
-# A download never spans more than this; it must hold the largest encoded blob
-# (an incompressible 8 MiB chunk plus its envelope).
-SLOT_SIZE = 8 * MiB + 64 * 1024
-# Gaps between needed blobs smaller than this are downloaded rather than split
-# into two requests (a request costs more than reading 1 MiB locally or remotely).
-MERGE_GAP = 1 * MiB
 
 
 class RestoreTargetError(RepoError):
@@ -97,8 +91,14 @@ class _Entry:
 # Where a blob goes: (directory below the target, file name, offset, node when a
 # worker creates the file) — see cpu.Target.
 _Writes = dict[bytes, list[cpu.Target]]
-# A failure of the storage or of a worker that costs one download, not the restore.
-_BATCH_ERRORS = (BackendError, RepoError, WorkerCrashed, RemoteError)
+# Failures of the storage or of a worker that cost one download, not the restore.
+_DOWNLOAD_ERRORS = (BackendError,)
+_WORKER_ERRORS = (RepoError, WorkerCrashed, RemoteError)
+# What the decode stage hands the sink: the batch, then the worker's result
+# (bytes written, per-file problems, undecodable blobs) or the error that lost it.
+_Outcome = tuple[
+    Batch, tuple[int, list[cpu.Problem], list[tuple[bytes, str]]] | None, BaseException | None
+]
 
 
 class Restorer:
@@ -357,29 +357,6 @@ class Restorer:
 
     # -- downloading and writing ----------------------------------------------
 
-    def _batches(self, writes: _Writes) -> list[tuple[bytes, list[Any]]]:
-        """Group needed blobs per pack into downloads of at most one slot each."""
-        per_pack: dict[bytes, list[tuple[BlobLocation, bytes]]] = defaultdict(list)
-        for blob_id in writes:
-            loc = self.index.lookup(blob_id)
-            assert loc is not None
-            per_pack[loc.pack_id].append((loc, blob_id))
-        batches = []
-        for pack_id, blobs in per_pack.items():
-            blobs.sort(key=lambda b: b[0].offset)
-            current: list[tuple[BlobLocation, bytes]] = []
-            for loc, blob_id in blobs:
-                if current:
-                    start = current[0][0].offset
-                    gap = loc.offset - (current[-1][0].offset + current[-1][0].length)
-                    if loc.offset + loc.length - start > SLOT_SIZE or gap > MERGE_GAP:
-                        batches.append((pack_id, current))
-                        current = []
-                current.append((loc, blob_id))
-            if current:
-                batches.append((pack_id, current))
-        return batches
-
     async def _write_blobs(self, writes: _Writes) -> None:
         try:
             await self._write_batches(writes)
@@ -397,72 +374,99 @@ class Restorer:
                     pass
 
     async def _write_batches(self, writes: _Writes) -> None:
-        batches = self._batches(writes)
-        slots = SlotPool(SLOT_SIZE, 2 * self.opts.cpu_workers + self.opts.connections)
-        tx, rx = anyio.create_memory_object_stream[tuple[bytes, list[Any]]](len(batches) or 1)
-        for batch in batches:
-            tx.send_nowait(batch)
-        tx.close()
+        """The pipeline: plan → download → decode + write (workers) → account.
+
+        ``connections`` downloads run ahead of the ``2 x cpu_workers`` decode jobs
+        by the slots free: each download holds a slot until its decode job is done,
+        so memory is ``slots x SLOT_SIZE`` however large the restore.
+        """
+        locations = ((self.index.lookup(blob_id), blob_id) for blob_id in writes)
+        batches = plan_ranges(
+            (loc.pack_id, loc.offset, loc.length, (loc, blob_id))
+            for loc, blob_id in locations
+            if loc is not None
+        )
+        workers, connections = self.opts.cpu_workers, self.opts.connections
+        slots = SlotPool(SLOT_SIZE, 2 * workers + connections)
+        options = PipelineOptions(cpu_workers=workers, connections=connections)
         try:
-            async with (
-                WorkerPool(
-                    self.opts.cpu_workers,
-                    initializer=cpu.init_worker,
-                    initargs=(self.repo.crypto,),
-                ) as pool,
-                anyio.create_task_group() as tg,
-            ):
-                for _ in range(self.opts.connections):
-                    tg.start_soon(self._downloader, rx.clone(), slots, pool, writes)
-                rx.close()
+            async with WorkerPool(
+                workers, initializer=cpu.init_worker, initargs=(self.repo.crypto,)
+            ) as pool:
+
+                async def decode_and_write(fetched: Fetched) -> _Outcome:
+                    return await self._decode_and_write(pool, fetched, writes)
+
+                async def account(outcome: _Outcome) -> None:
+                    self._account(outcome, writes)
+
+                pipeline = (
+                    Pipeline("restore", options=options)
+                    .source("plan", batches, sizeof=batch_bytes)
+                    .map(
+                        "download",
+                        download(self.repo.backend, slots, _DOWNLOAD_ERRORS),
+                        concurrency=connections,
+                        sizeof=batch_bytes,
+                    )
+                    .map(
+                        "decode",
+                        decode_and_write,
+                        concurrency=2 * workers,
+                        sizeof=batch_bytes,
+                        release=Fetched.release,
+                    )
+                    .sink("account", account)
+                )
+                await pipeline.run()
+        except StageError as exc:
+            # What failed is the cause (a target error, a bug), not "a stage".
+            cause = exc.__cause__
+            if isinstance(cause, Exception):
+                raise cause from cause.__cause__
+            raise
         finally:
             slots.close()
 
-    async def _downloader(
-        self,
-        rx: anyio.abc.ObjectReceiveStream[tuple[bytes, list[Any]]],
-        slots: SlotPool,
-        pool: WorkerPool,
-        writes: _Writes,
-    ) -> None:
-        async with rx:
-            async for pack_id, blobs in rx:
-                start = blobs[0][0].offset
-                end = blobs[-1][0].offset + blobs[-1][0].length
-                name = object_name("data", pack_id.hex())
-                slot = await slots.acquire()
-                try:
-                    data = await self.repo.backend.load(name, start, end - start)
-                    slot.view[: len(data)] = data
-                    del data
-                    spans = [
-                        (loc.offset - start, loc.length, loc.type, blob_id, writes[blob_id])
-                        for loc, blob_id in blobs
-                    ]
-                    written, problems, bad_blobs = await pool.run(
-                        cpu.decode_and_write,
-                        slot.ref(end - start),
-                        self.opts.target,
-                        spans,
-                        self.opts.sparse,
-                    )
-                except _BATCH_ERRORS as exc:
-                    # This pack range is lost or damaged: fail the files that need it,
-                    # go on with the others.
-                    for _loc, blob_id in blobs:
-                        self._lost(pack_id, blob_id, writes, " ".join(str(exc).split()))
-                    continue
-                finally:
-                    slot.release()
-                self.stats.bytes_written += written
-                for dir_rel, file_name, problem, lost in problems:
-                    rel = dir_rel + b"/" + file_name
-                    if lost:
-                        self._fail(rel, problem)
-                    else:
-                        self._error(rel, problem)
-                for blob_id, problem in bad_blobs:
-                    self._lost(pack_id, blob_id, writes, problem)
+    async def _decode_and_write(
+        self, pool: WorkerPool, fetched: Fetched, writes: _Writes
+    ) -> _Outcome:
+        """The decode stage: one job in the pool decodes the downloaded range straight
+        from its slot and writes every blob where it goes."""
+        batch = fetched.batch
+        if fetched.error is not None:
+            return batch, None, fetched.error
+        spans = [
+            (loc.offset - batch.offset, loc.length, loc.type, blob_id, writes[blob_id])
+            for loc, blob_id in batch.blobs
+        ]
+        try:
+            result = await pool.run(
+                cpu.decode_and_write, fetched.ref(), self.opts.target, spans, self.opts.sparse
+            )
+        except _WORKER_ERRORS as exc:
+            return batch, None, exc
+        return batch, result, None
+
+    def _account(self, outcome: _Outcome, writes: _Writes) -> None:
+        """The sink: count what was written, turn problems into per-entry errors."""
+        batch, result, error = outcome
+        if error is not None or result is None:
+            # This pack range is lost or damaged: fail the files that need it, go on
+            # with the others.
+            for _loc, blob_id in batch.blobs:
+                self._lost(batch.pack_id, blob_id, writes, " ".join(str(error).split()))
+            return
+        written, problems, bad_blobs = result
+        self.stats.bytes_written += written
+        for dir_rel, file_name, problem, lost in problems:
+            rel = dir_rel + b"/" + file_name
+            if lost:
+                self._fail(rel, problem)
+            else:
+                self._error(rel, problem)
+        for blob_id, problem in bad_blobs:
+            self._lost(batch.pack_id, blob_id, writes, problem)
 
     def _lost(self, pack_id: bytes, blob_id: bytes, writes: _Writes, problem: str) -> None:
         why = f"data blob {blob_id.hex()} in pack {pack_id.hex()} could not be restored: {problem}"

@@ -10,6 +10,8 @@ from cairn.repo.tree import Node
 from cairn.stages.excludes import ExcludeRules
 from cairn.stages.fsmeta import node_from_stat
 
+LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
 
 @dataclass
 class ScanResult:
@@ -22,33 +24,43 @@ class ScanResult:
     excluded: int = 0
 
 
-def scan_dir(path: bytes, rules: ExcludeRules, root_device: int | None) -> ScanResult:
-    """List ``path`` and build a node for every entry that is not excluded."""
+def scan_dir(dir_fd: int, path: bytes, rules: ExcludeRules, root_device: int | None) -> ScanResult:
+    """List the directory open as ``dir_fd`` (absolute ``path``, for excludes and
+    messages) and build a node for every entry that is not excluded.
+
+    Everything is relative to ``dir_fd`` (an ``O_PATH`` descriptor; see
+    :mod:`cairn.stages.sourcedirs`): the listing opens ``.`` in it for reading,
+    which needs read permission on the directory as listing it by path did.
+    """
     result = ScanResult()
     try:
-        with os.scandir(path) as it:
-            entries = list(it)
+        list_fd = os.open(".", LIST_FLAGS, dir_fd=dir_fd)
+        try:
+            with os.scandir(list_fd) as it:
+                # scandir of a descriptor gives str names; the tree stores bytes.
+                entries = [os.fsencode(e.name) for e in it]
+        finally:
+            os.close(list_fd)
     except OSError as exc:
         result.warnings.append((path, exc.strerror or str(exc)))
         return result
-    names = {e.name for e in entries}
-    if rules.if_present and rules.excluded_dir_contents(path, names):
+    if rules.if_present and rules.excluded_dir_contents(path, set(entries)):
         result.excluded += len(entries)
         return result
-    for entry in entries:
-        name: bytes = entry.name
-        full = path.rstrip(b"/") + b"/" + name
+    prefix = path.rstrip(b"/") + b"/"
+    for name in entries:
+        full = prefix + name
         if rules.excluded_path(full):
             result.excluded += 1
             continue
         try:
-            st = entry.stat(follow_symlinks=False)
+            st = os.lstat(name, dir_fd=dir_fd)
             if stat.S_ISREG(st.st_mode) and rules.too_large(st.st_size):
                 result.excluded += 1
                 continue
             if root_device is not None and stat.S_ISDIR(st.st_mode) and st.st_dev != root_device:
                 result.mountpoints.add(name)
-            result.nodes.append(node_from_stat(name, full, st))
+            result.nodes.append(node_from_stat(name, st, dir_fd))
         except FileNotFoundError:
             result.warnings.append((full, "vanished before it could be read"))
         except OSError as exc:
@@ -57,8 +69,14 @@ def scan_dir(path: bytes, rules: ExcludeRules, root_device: int | None) -> ScanR
     return result
 
 
-def stat_path(path: bytes) -> Node:
-    """The node of one path given on the command line (its last component as name)."""
-    st = os.lstat(path)
-    name = os.path.basename(path.rstrip(b"/")) or b"/"
-    return node_from_stat(name, path, st)
+def stat_at(dir_fd: int, name: bytes) -> Node:
+    """The node of entry ``name`` in ``dir_fd`` (a component of a path given on the
+    command line)."""
+    return node_from_stat(name, os.lstat(name, dir_fd=dir_fd), dir_fd)
+
+
+def stat_at_following(dir_fd: int, name: bytes) -> Node:
+    """The node of what entry ``name`` in ``dir_fd`` points to: a symlink *above* a
+    path given on the command line is followed, as the kernel follows it for the
+    path (``/home -> /data/home`` and ``backup /home/me``)."""
+    return node_from_stat(name, os.stat(name, dir_fd=dir_fd), dir_fd)
