@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import structlog
 
 from cairn.backends.base import AlreadyExists, Backend, NotFound, ObjectTruncated, is_hex_id
 from cairn.backends.base import object_name as backend_name
@@ -38,6 +39,8 @@ from cairn.repo.snapshot import Snapshot, decode_snapshot, encode_snapshot
 from cairn.repo.tree import Tree, decode_tree
 
 # Backend directory → the kind sealed objects in it are bound to (their AD).
+log = structlog.get_logger("cairn.repository")
+
 _SEAL_KIND = {"snapshots": "snapshot", "index": "index", "locks": "lock"}
 # Sealed kinds the metadata cache keeps.
 _CACHED = ("snapshots", "index")
@@ -185,6 +188,7 @@ class Repository:
         # CLI unless --no-cache. None: every read goes to the backend.
         self.cache: MetadataCache | None = None
         self._pack_locks: dict[str, anyio.Lock] = {}
+        self._damaged_packs: set[str] = set()  # tree packs that failed their hash
         # Set while a repository lock is held (cairn.stages.locking): raises if the
         # lock was lost. Index files and snapshots are written only after it passes,
         # so a process whose lock was removed (and whose packs a prune may have
@@ -383,8 +387,17 @@ class Repository:
         if loc is None:
             raise ObjectNotFound(f"blob {blob_id.hex()} is not in the index")
         pack_id = loc.pack_id.hex()
-        if loc.type == TREE and self.cache is not None:
-            pack = await self.load_tree_pack(pack_id)
+        pack = None
+        if loc.type == TREE and self.cache is not None and pack_id not in self._damaged_packs:
+            try:
+                pack = await self.load_tree_pack(pack_id)
+            except CorruptedObject as exc:
+                # One bad byte fails the whole pack's hash, but every blob in it is
+                # authenticated on its own: read them one by one from now on, so the
+                # intact trees of a damaged pack stay readable (and nothing is cached).
+                log.warning("pack.damaged", pack=pack_id, error=str(exc))
+                self._damaged_packs.add(pack_id)
+        if pack is not None:
             stored = pack[loc.offset : loc.offset + loc.length]
             if len(stored) != loc.length:
                 raise CorruptedObject("pack", pack_id, "shorter than the index says")
