@@ -16,7 +16,15 @@ from .errors import (
     exit_code_for,
 )
 from .memory import HeldBytes
-from .metrics import PipelineSnapshot, StageSnapshot, format_stats, stats_rows
+from .metrics import (
+    PipelineSnapshot,
+    StageSnapshot,
+    bottleneck,
+    format_bottleneck,
+    format_stats,
+    stats_rows,
+    waiting_on_output,
+)
 from .options import PipelineOptions
 from .pipeline import Pipeline
 from .shm import Slot, SlotPool, SlotRef, SlotWriter
@@ -43,9 +51,12 @@ __all__ = [
     "Throttle",
     "WorkerCrashed",
     "WorkerPool",
+    "bottleneck",
     "exit_code_for",
+    "format_bottleneck",
     "format_stats",
     "open_engine",
     "stats_rows",
     "stop_on_signals",
+    "waiting_on_output",
 ]

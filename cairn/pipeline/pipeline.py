@@ -59,11 +59,18 @@ class Pipeline:
         return self
 
     def source(
-        self, name: str, items: AsyncIterable[Any] | Iterable[Any], *, sizeof: Sizeof | None = None
+        self,
+        name: str,
+        items: AsyncIterable[Any] | Iterable[Any],
+        *,
+        sizeof: Sizeof | None = None,
+        hint: str = "",
     ) -> Pipeline:
         """Feed the pipeline from an (async) iterable; an async generator may
-        acquire slots, so reading ahead is bounded like any other stage."""
-        return self._add(StageSpec(name, "source", items, sizeof=sizeof or sizeof_default))
+        acquire slots, so reading ahead is bounded like any other stage.
+        ``hint`` as in :meth:`map`."""
+        spec = StageSpec(name, "source", items, sizeof=sizeof or sizeof_default, hint=hint)
+        return self._add(spec)
 
     def map(
         self,
@@ -75,6 +82,8 @@ class Pipeline:
         sizeof: Sizeof | None = None,
         throttle: Throttle | None = None,
         release: Release | None = None,
+        hint: str = "",
+        throttle_hint: str = "",
     ) -> Pipeline:
         """An async stage: ``await fn(item)`` gives one output; an async
         generator ``fn`` gives zero or more. ``concurrency`` tasks run it;
@@ -84,9 +93,22 @@ class Pipeline:
         ``release(item)`` runs once the stage is done with an input item —
         after ``fn`` returns or raises, before its output is sent on — so an
         item that owns a resource (a shared-memory slot) gives it back in the
-        stage that finishes with it, however that ends."""
+        stage that finishes with it, however that ends.
+
+        ``hint`` names what to tune when this stage limits the run (a flag, for
+        the end-of-run bottleneck line); ``throttle_hint`` when a throttle held
+        it most of the time (see :func:`~cairn.pipeline.metrics.bottleneck`)."""
         spec = StageSpec(
-            name, "map", fn, concurrency, ordered, sizeof or sizeof_default, throttle, release
+            name,
+            "map",
+            fn,
+            concurrency,
+            ordered,
+            sizeof or sizeof_default,
+            throttle,
+            release,
+            hint,
+            throttle_hint,
         )
         return self._add(spec)
 
@@ -101,12 +123,14 @@ class Pipeline:
         ordered: bool = True,
         sizeof: Sizeof | None = None,
         release: Release | None = None,
+        hint: str = "",
     ) -> Pipeline:
         """A CPU stage: ``fn(*args(item))`` runs in ``pool`` (default args:
         ``(item,)``). Default: two jobs per worker, so a worker has its next
         job queued even when the parent is slow to hand results on (1, 2 and
         3 per worker measured alike in bench/engine.py). ``release`` as in
-        :meth:`map`: e.g. free the slot the job read from once it is done."""
+        :meth:`map`: e.g. free the slot the job read from once it is done;
+        ``hint`` as in :meth:`map` (typically the worker-count flag)."""
         to_args = args or (lambda item: (item,))
 
         async def call(item: Any) -> Any:
@@ -114,13 +138,22 @@ class Pipeline:
 
         width = concurrency or 2 * pool.workers
         return self.map(
-            name, call, concurrency=width, ordered=ordered, sizeof=sizeof, release=release
+            name,
+            call,
+            concurrency=width,
+            ordered=ordered,
+            sizeof=sizeof,
+            release=release,
+            hint=hint,
         )
 
-    def stage(self, name: str, fn: Callable[[Any, Any], Awaitable[None]]) -> Pipeline:
+    def stage(
+        self, name: str, fn: Callable[[Any, Any], Awaitable[None]], *, hint: str = ""
+    ) -> Pipeline:
         """A raw stage ``await fn(receive, send)`` for stateful work (e.g. packing
-        blobs until a pack is full); the engine closes both streams after it."""
-        return self._add(StageSpec(name, "raw", fn))
+        blobs until a pack is full); the engine closes both streams after it.
+        ``hint`` as in :meth:`map`."""
+        return self._add(StageSpec(name, "raw", fn, hint=hint))
 
     def sink(
         self,
@@ -131,12 +164,23 @@ class Pipeline:
         sizeof: Sizeof | None = None,
         throttle: Throttle | None = None,
         release: Release | None = None,
+        hint: str = "",
+        throttle_hint: str = "",
     ) -> Pipeline:
         """The consumer: ``await fn(item)`` for each final item. With
-        ``concurrency`` 1 it sees items in the order they arrive. ``release``
-        as in :meth:`map`."""
+        ``concurrency`` 1 it sees items in the order they arrive. ``release``,
+        ``hint`` and ``throttle_hint`` as in :meth:`map`."""
         spec = StageSpec(
-            name, "sink", fn, concurrency, False, sizeof or sizeof_default, throttle, release
+            name,
+            "sink",
+            fn,
+            concurrency,
+            False,
+            sizeof or sizeof_default,
+            throttle,
+            release,
+            hint,
+            throttle_hint,
         )
         return self._add(spec)
 
@@ -183,7 +227,7 @@ class Pipeline:
         self._running = []
         rx = self._start_source(tg, source, capacity)
         for spec in middle:
-            metrics = StageMetrics(spec.name, spec.concurrency)
+            metrics = _metrics(spec)
             self._running.append((metrics, rx))
             tx, next_rx = anyio.create_memory_object_stream[Any](capacity)
             if spec.kind == "raw":
@@ -192,14 +236,14 @@ class Pipeline:
                 stage = Stage(spec, metrics, self._clock)
                 tg.start_soon(stage.run_map, rx, tx, capacity, name=spec.name)
             rx = next_rx
-        metrics = StageMetrics(last.name, last.concurrency)
+        metrics = _metrics(last)
         self._running.append((metrics, rx))
         tg.start_soon(Stage(last, metrics, self._clock).run_map, rx, None, capacity)
 
     def _start_source(
         self, tg: anyio.abc.TaskGroup, spec: StageSpec, capacity: int
     ) -> MemoryObjectReceiveStream[Any]:
-        metrics = StageMetrics(spec.name, 1)
+        metrics = StageMetrics(spec.name, 1, spec.hint)
         self._running.append((metrics, None))
         tx, rx = anyio.create_memory_object_stream[Any](capacity)
         tg.start_soon(Stage(spec, metrics, self._clock).run_source, tx, name=spec.name)
@@ -212,6 +256,10 @@ class Pipeline:
                 callback(self.snapshot())
             except Exception as exc:
                 raise StageError("progress", None, exc) from exc
+
+
+def _metrics(spec: StageSpec) -> StageMetrics:
+    return StageMetrics(spec.name, spec.concurrency, spec.hint, spec.throttle_hint)
 
 
 async def _run_raw(spec: StageSpec, metrics: StageMetrics, rx: Any, tx: Any) -> None:

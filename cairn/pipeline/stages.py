@@ -17,7 +17,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import StageError
-from .metrics import StageMetrics
+from .metrics import StageMetrics, waits
 from .throttle import Throttle
 
 Clock = Callable[[], float]
@@ -38,6 +38,9 @@ class StageSpec:
     # Called with each input item once the stage is done with it (also when the
     # stage's function fails): hands back what the item owns, e.g. a shm slot.
     release: Callable[[Any], None] | None = None
+    # What to tune when this stage limits the run, and when its throttle does.
+    hint: str = ""
+    throttle_hint: str = ""
 
 
 class Stage:
@@ -73,7 +76,9 @@ class Stage:
     async def _send(self, tx: ObjectSendStream[Any], item: Any) -> None:
         self.metrics.items_out += 1
         self.metrics.bytes_in += self._size(item)
+        start = self.clock()
         await tx.send(item)
+        self.metrics.wait_out_seconds += self.clock() - start
 
     def _size(self, item: Any) -> int:
         sizeof = self.spec.sizeof
@@ -105,18 +110,27 @@ class Stage:
     ) -> None:
         emit = self._emitter(tx)
         async with rx:
-            async for item in rx:
+            while True:
+                start = self.clock()
+                try:
+                    item = await rx.receive()
+                except anyio.EndOfStream:
+                    break
+                finally:
+                    self.metrics.wait_in_seconds += self.clock() - start
                 await self.process(item, emit)
         if tx is not None:
             await tx.aclose()
 
     def _emitter(self, tx: ObjectSendStream[Any] | None) -> Emit:
-        metrics = self.metrics
+        metrics, clock = self.metrics, self.clock
 
         async def emit(out: Any) -> None:
             metrics.items_out += 1
             if tx is not None:
+                start = clock()
                 await tx.send(out)
+                metrics.wait_out_seconds += clock() - start
 
         return emit
 
@@ -136,17 +150,40 @@ class Stage:
         work_tx, work_rx = anyio.create_memory_object_stream[tuple[Any, Any]](0)
         # A plain function emits one output: 1 slot lets its task move on.
         capacity = max(1, capacity) if self.is_generator else 1
+        clock, metrics = self.clock, self.metrics
+        # A worker waiting for work waits on output while the dispatcher is stuck
+        # on a full order queue (the collector cannot hand on), else on input:
+        # `held` totals the dispatcher's time stuck, `since` marks a stretch in
+        # progress, so a worker's wait splits exactly between the two.
+        held, since = 0.0, None
+
+        def held_now() -> float:
+            return held + (clock() - since if since is not None else 0.0)
 
         async def dispatch() -> None:
+            nonlocal held, since
             async with rx, order_tx, work_tx:
                 async for item in rx:
                     sub_tx, sub_rx = anyio.create_memory_object_stream[Any](capacity)
-                    await order_tx.send(sub_rx)
+                    since = clock()
+                    try:
+                        await order_tx.send(sub_rx)
+                    finally:
+                        held, since = held_now(), None
                     await work_tx.send((item, sub_tx))
 
         async def work(work_rx: ObjectReceiveStream[tuple[Any, Any]]) -> None:
             async with work_rx:
-                async for item, sub_tx in work_rx:
+                while True:
+                    start, held_start = clock(), held_now()
+                    try:
+                        item, sub_tx = await work_rx.receive()
+                    except anyio.EndOfStream:
+                        break
+                    finally:
+                        on_output = held_now() - held_start
+                        metrics.wait_out_seconds += on_output
+                        metrics.wait_in_seconds += clock() - start - on_output
                     async with sub_tx:
                         await self.process(item, self._emitter(sub_tx))
 
@@ -173,24 +210,30 @@ class Stage:
         if self.is_generator:
             try:
                 if spec.throttle is not None and size:
+                    start = self.clock()
                     await spec.throttle.acquire(size)
+                    metrics.throttled_seconds += self.clock() - start
                 await self._process_generator(item, emit)
             finally:
                 self._release(item)
             return
         start = self.clock()
-        try:
-            if spec.throttle is not None and size:
-                await spec.throttle.acquire(size)
-                start = self.clock()
-            out = await spec.fn(item)
-        except Exception as exc:
-            raise StageError(spec.name, item, exc) from exc
-        finally:
-            metrics.busy_seconds += self.clock() - start
-            # Before the output is sent on: a full channel downstream must not
-            # keep this item's slot from the stages upstream.
-            self._release(item)
+        # Time the function spends held by a throttle or on a resource only a later
+        # stage frees is noted in `waited` and is not busy time.
+        with waits() as waited:
+            try:
+                if spec.throttle is not None and size:
+                    await spec.throttle.acquire(size)
+                out = await spec.fn(item)
+            except Exception as exc:
+                raise StageError(spec.name, item, exc) from exc
+            finally:
+                metrics.busy_seconds += self.clock() - start - waited.output - waited.throttled
+                metrics.wait_out_seconds += waited.output
+                metrics.throttled_seconds += waited.throttled
+                # Before the output is sent on: a full channel downstream must not
+                # keep this item's slot from the stages upstream.
+                self._release(item)
         if spec.kind != "sink":
             await emit(out)
 
@@ -200,17 +243,22 @@ class Stage:
 
     async def _process_generator(self, item: Any, emit: Emit) -> None:
         agen = self.spec.fn(item)
+        metrics = self.metrics
         try:
             while True:
                 start = self.clock()
-                try:
-                    out = await anext(agen)
-                except StopAsyncIteration:
-                    return
-                except Exception as exc:
-                    raise StageError(self.spec.name, item, exc) from exc
-                finally:
-                    self.metrics.busy_seconds += self.clock() - start
+                with waits() as waited:
+                    try:
+                        out = await anext(agen)
+                    except StopAsyncIteration:
+                        return
+                    except Exception as exc:
+                        raise StageError(self.spec.name, item, exc) from exc
+                    finally:
+                        elapsed = self.clock() - start
+                        metrics.busy_seconds += elapsed - waited.output - waited.throttled
+                        metrics.wait_out_seconds += waited.output
+                        metrics.throttled_seconds += waited.throttled
                 await emit(out)  # waiting on downstream is not busy time
         finally:
             await agen.aclose()
@@ -224,7 +272,11 @@ class CountingReceive(ObjectReceiveStream[Any]):
         self._metrics = metrics
 
     async def receive(self) -> Any:
-        item = await self._inner.receive()
+        start = anyio.current_time()
+        try:
+            item = await self._inner.receive()
+        finally:
+            self._metrics.wait_in_seconds += anyio.current_time() - start
         self._metrics.items_in += 1
         return item
 
@@ -241,7 +293,9 @@ class CountingSend(ObjectSendStream[Any]):
 
     async def send(self, item: Any) -> None:
         self._metrics.items_out += 1
+        start = anyio.current_time()
         await self._inner.send(item)
+        self._metrics.wait_out_seconds += anyio.current_time() - start
 
     async def aclose(self) -> None:
         await self._inner.aclose()

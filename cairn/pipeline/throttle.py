@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import anyio
 
+from .metrics import note_throttled
+
 Clock = Callable[[], float]
 
 #: Default burst, in seconds of traffic at the configured rate. Small, so that no
@@ -97,12 +99,17 @@ class Throttle:
         self._refill()
         self._reserved += nbytes
         position = self._reserved
-        while self._rate is not None and self._credit < position - _EPSILON:
-            wait = (position - self._credit) / self._rate
-            changed = self._changed
-            with anyio.move_on_after(wait):
-                await changed.wait()
-            self._refill()
+        start = self._last
+        try:
+            while self._rate is not None and self._credit < position - _EPSILON:
+                wait = (position - self._credit) / self._rate
+                changed = self._changed
+                with anyio.move_on_after(wait):
+                    await changed.wait()
+                self._refill()
+        finally:
+            # The stage running this (if any) counts the wait as throttled.
+            note_throttled(self._clock() - start)
         if self._rate is None:
             return
         await anyio.lowlevel.checkpoint_if_cancelled()
