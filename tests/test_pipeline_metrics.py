@@ -198,7 +198,9 @@ def test_bottleneck_is_the_busiest_stage_with_its_hint() -> None:
         stage("account", 1.0),
     )
     assert bottleneck(snap) == ("decode", "--cpu-workers")
-    assert format_bottleneck(snap).startswith("bottleneck: decode (busy 90%, throttled 0%)")
+    assert format_bottleneck(snap) == (
+        "bottleneck: decode (busy 90% of 4 tasks' time); tune: --cpu-workers"
+    )
 
 
 def test_bottleneck_download_busy() -> None:
@@ -216,6 +218,28 @@ def test_bottleneck_throttled_stage_names_the_throttle_hint() -> None:
         stage("decode", 5.0, "--cpu-workers"),
     )
     assert bottleneck(snap) == ("download", "--limit-x")
+    # One bucket serves every task: 4 tasks held 6 s in all of 10 is the limit
+    # too, though it is 15% of their task-time.
+    snap = snapshot(
+        stage(
+            "download",
+            1.0,
+            "--connections",
+            throttled_seconds=6.0,
+            throttle_hint="--limit-x",
+            concurrency=4,
+        ),
+        stage("decode", 5.0, "--cpu-workers"),
+    )
+    assert bottleneck(snap) == ("download", "--limit-x")
+    line = "bottleneck: download (held by a throttle 60% of the time); tune: --limit-x"
+    assert format_bottleneck(snap) == line
+    # Held briefly: the busy stage is what limits.
+    snap = snapshot(
+        stage("download", 1.0, "--connections", throttled_seconds=2.0, throttle_hint="--limit-x"),
+        stage("decode", 9.0, "--cpu-workers"),
+    )
+    assert bottleneck(snap) == ("decode", "--cpu-workers")
 
 
 def test_bottleneck_tie_goes_downstream() -> None:

@@ -11,6 +11,7 @@ import click
 
 from cairn.cli.common import open_repo, run_async
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK, print_error
+from cairn.cli.stagetable import echo_table, summary_fields
 from cairn.config.settings import Settings
 
 
@@ -69,7 +70,9 @@ def command(settings: Settings, read_data: bool, subset: Any, seed: int | None) 
         "packs_read": result.packs_read,
         "bytes_read": result.bytes_read,
         "seconds_elapsed": round(time.monotonic() - started, 3),
+        **summary_fields(result.pipeline),
     }
+    echo_table(settings, result.pipeline)
     if settings.json:
         click.echo(json.dumps(summary))
     elif not settings.quiet:

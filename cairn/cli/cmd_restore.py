@@ -13,6 +13,7 @@ import structlog
 from cairn.cli.common import open_repo, report_item_errors, run_async, snapshot_filter_options
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK
 from cairn.cli.progress import restore_status, track
+from cairn.cli.stagetable import echo_table, summary_fields
 from cairn.config.settings import Settings
 
 log = structlog.get_logger("cairn.restore")
@@ -84,7 +85,9 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
         "errors": len(stats.errors),
         "dry_run": options.dry_run,
         "seconds_elapsed": round(duration, 3),
+        **summary_fields(stats.pipeline),
     }
+    echo_table(settings, stats.pipeline)
     if settings.json:
         click.echo(json.dumps(summary))
     elif not settings.quiet:

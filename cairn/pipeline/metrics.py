@@ -226,26 +226,30 @@ def stats_rows(snapshot: PipelineSnapshot) -> list[dict[str, Any]]:
 def bottleneck(snapshot: PipelineSnapshot) -> tuple[str, str]:
     """``(stage, hint)``: the stage that limits the run and what to tune.
 
-    The stage with the largest share of its task-time busy or throttled (a tie
-    goes to the later stage: a slow stage keeps the ones before it waiting on
-    output, not busy). When that share is mostly throttle, the hint is the
-    stage's ``throttle_hint``, else its ``hint``. When no stage reaches
-    :data:`SATURATED`, none limits the run: the stage is named, the hint says so.
+    * Throttled: a stage whose tasks waited for a token bucket at least
+      :data:`SATURATED` of the elapsed time, and longer than they worked, is
+      held by the limit (one bucket serves all its tasks, so one waiting task
+      is enough): its ``throttle_hint``.
+    * Else the stage with the largest share of its task-time busy (a tie goes
+      to the later stage: a slow stage keeps those before it waiting on
+      output, not busy): its ``hint``. When that share is below
+      :data:`SATURATED`, no stage limits the run: it is named, and the hint
+      says so.
+
     ``("", "")`` for a pipeline without stages or time.
     """
     elapsed = snapshot.elapsed
-    best: StageSnapshot | None = None
-    best_load = 0.0
-    for s in snapshot.stages:
-        load = s.share(s.busy_seconds + s.throttled_seconds, elapsed)
-        if best is None or load >= best_load:
-            best, best_load = s, load
-    if best is None or elapsed <= 0:
+    if not snapshot.stages or elapsed <= 0:
         return "", ""
-    if best_load < SATURATED:
+    held = max(snapshot.stages, key=lambda s: s.throttled_seconds)
+    if held.throttled_seconds >= SATURATED * elapsed and held.throttled_seconds > held.busy_seconds:
+        return held.name, held.throttle_hint or "a rate limit"
+    best = snapshot.stages[0]
+    for s in snapshot.stages:
+        if s.utilization(elapsed) >= best.utilization(elapsed):
+            best = s
+    if best.utilization(elapsed) < SATURATED:
         return best.name, "none: no stage was busy half of the time"
-    if best.throttled_seconds > best.busy_seconds:
-        return best.name, best.throttle_hint or "a rate limit"
     return best.name, best.hint or "none"
 
 
@@ -255,9 +259,14 @@ def format_bottleneck(snapshot: PipelineSnapshot) -> str:
     if not stage:
         return "bottleneck: none (nothing ran)"
     s = snapshot.stage(stage)
-    busy = 100.0 * s.utilization(snapshot.elapsed)
-    throttled = 100.0 * s.share(s.throttled_seconds, snapshot.elapsed)
-    return f"bottleneck: {stage} (busy {busy:.0f}%, throttled {throttled:.0f}%); tune: {hint}"
+    elapsed = snapshot.elapsed
+    if hint == s.throttle_hint and s.throttled_seconds >= SATURATED * elapsed:
+        why = (
+            f"held by a throttle {100.0 * min(1.0, s.throttled_seconds / elapsed):.0f}% of the time"
+        )
+    else:
+        why = f"busy {100.0 * s.utilization(elapsed):.0f}% of {s.concurrency} tasks' time"
+    return f"bottleneck: {stage} ({why}); tune: {hint}"
 
 
 def format_stats(snapshot: PipelineSnapshot) -> str:

@@ -74,6 +74,8 @@ class Stage:
                     await self._send(tx, item)
 
     async def _send(self, tx: ObjectSendStream[Any], item: Any) -> None:
+        # A source's input is its iterable: what it takes from it, it sends on.
+        self.metrics.items_in += 1
         self.metrics.items_out += 1
         self.metrics.bytes_in += self._size(item)
         start = self.clock()

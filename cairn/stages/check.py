@@ -38,7 +38,14 @@ import anyio
 import structlog
 
 from cairn.backends.base import NotFound, ObjectTruncated, object_name
-from cairn.pipeline import Pipeline, PipelineOptions, SlotPool, StageError, WorkerPool
+from cairn.pipeline import (
+    Pipeline,
+    PipelineOptions,
+    PipelineSnapshot,
+    SlotPool,
+    StageError,
+    WorkerPool,
+)
 from cairn.repo.codec import BLOB_TYPE_NAMES, decode_blob
 from cairn.repo.crypto import storage_id
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
@@ -52,7 +59,18 @@ from cairn.repo.pack import (
     required_tail_length,
 )
 from cairn.stages import cpu
-from cairn.stages.fetch import Batch, Fetched, PackSizeChanged, batch_bytes, download, whole_pack
+from cairn.stages.fetch import (
+    CPU_HINT,
+    DOWNLOAD_HINT,
+    SINK_HINT,
+    THROTTLE_HINT,
+    Batch,
+    Fetched,
+    PackSizeChanged,
+    batch_bytes,
+    download,
+    whole_pack,
+)
 from cairn.stages.units import parse_size
 
 log = structlog.get_logger("cairn.check")
@@ -179,6 +197,8 @@ class CheckResult:
     index_files: int = 0
     packs_read: int = 0
     bytes_read: int = 0
+    # The --read-data pipeline's final counters (None when no pack was read).
+    pipeline: PipelineSnapshot | None = None
 
     @property
     def errors(self) -> list[Problem]:
@@ -518,6 +538,8 @@ class Checker:
                         download(self.backend, slots, (NotFound, ObjectTruncated)),
                         concurrency=min(count, connections),
                         sizeof=batch_bytes,
+                        hint=DOWNLOAD_HINT,
+                        throttle_hint=THROTTLE_HINT,
                     )
                     .map(
                         "verify",
@@ -525,10 +547,14 @@ class Checker:
                         concurrency=2 * workers,
                         sizeof=batch_bytes,
                         release=Fetched.release,
+                        hint=CPU_HINT,
                     )
-                    .sink("report", self._verified)
+                    .sink("report", self._verified, hint=SINK_HINT)
                 )
-                await pipeline.run()
+                try:
+                    await pipeline.run()
+                finally:
+                    self.result.pipeline = pipeline.snapshot(done=True)
         except StageError as exc:
             cause = exc.__cause__
             if isinstance(cause, Exception):

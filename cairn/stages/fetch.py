@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from cairn.backends.base import BackendError, ObjectTruncated, object_name
+from cairn.pipeline.metrics import waiting_on_output
 from cairn.pipeline.shm import Slot, SlotPool, SlotRef
 
 MiB = 1024 * 1024
@@ -119,6 +120,13 @@ def whole_pack(pack_id: bytes, size: int, blobs: list[Any]) -> Batch:
     return Batch(pack_id, 0, size, blobs, whole=True)
 
 
+# What to tune when a stage limits a restore or check (the bottleneck line).
+DOWNLOAD_HINT = "--connections (the backend is slow to answer)"
+THROTTLE_HINT = "--limit-download (the download limit holds it)"
+CPU_HINT = "--cpu-workers"
+SINK_HINT = "none: the main process's bookkeeping (report it)"
+
+
 def batch_bytes(item: Batch | Fetched) -> int:
     """Bytes a batch moves: the ``sizeof`` of the plan and download stages."""
     batch = item.batch if isinstance(item, Fetched) else item
@@ -130,12 +138,15 @@ def download(
 ) -> Callable[[Batch], Awaitable[Fetched]]:
     """The download stage over ``backend`` into ``slots``: ``fetch(batch)``.
 
-    Run it with as many tasks as backend connections. A load failing with one of
+    Run it with as many tasks as backend connections. Its wait for a free slot
+    counts as waiting on output in the stage's metrics. A load failing with one of
     ``errors`` yields a :class:`Fetched` carrying the error (and no slot).
     """
 
     async def fetch(batch: Batch) -> Fetched:
-        slot = await slots.acquire()
+        # A free slot waits for a later stage to finish with one: not download time.
+        with waiting_on_output():
+            slot = await slots.acquire()
         try:
             name = object_name("data", batch.pack_id.hex())
             if batch.whole:

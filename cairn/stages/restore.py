@@ -35,7 +35,14 @@ import anyio
 import structlog
 
 from cairn.backends.base import BackendError
-from cairn.pipeline import Pipeline, PipelineOptions, SlotPool, StageError, WorkerPool
+from cairn.pipeline import (
+    Pipeline,
+    PipelineOptions,
+    PipelineSnapshot,
+    SlotPool,
+    StageError,
+    WorkerPool,
+)
 from cairn.pipeline.errors import RemoteError, WorkerCrashed
 from cairn.repo.errors import ObjectNotFound, RepoError
 from cairn.repo.index import BlobLocation, Index
@@ -43,7 +50,17 @@ from cairn.repo.tree import Node, Tree
 from cairn.stages import cpu
 from cairn.stages.dirfds import DIR_FLAGS, DirFds, open_dir_path, split
 from cairn.stages.excludes import ExcludeRules
-from cairn.stages.fetch import SLOT_SIZE, Batch, Fetched, batch_bytes, download, plan_ranges
+from cairn.stages.fetch import (
+    DOWNLOAD_HINT,
+    SINK_HINT,
+    SLOT_SIZE,
+    THROTTLE_HINT,
+    Batch,
+    Fetched,
+    batch_bytes,
+    download,
+    plan_ranges,
+)
 from cairn.stages.fsmeta import apply_metadata_at, apply_metadata_fd, create_special
 
 log = structlog.get_logger("cairn.restore")
@@ -80,6 +97,8 @@ class RestoreStats:
     verified: int = 0
     # One (path, cause) per entry that could not be restored (or fully restored).
     errors: list[tuple[str, str]] = field(default_factory=list)
+    # The download pipeline's final counters (None when nothing was downloaded).
+    pipeline: PipelineSnapshot | None = None
 
 
 @dataclass
@@ -93,6 +112,9 @@ class _Entry:
 _Writes = dict[bytes, list[cpu.Target]]
 # Failures of the storage or of a worker that cost one download, not the restore.
 _DOWNLOAD_ERRORS = (BackendError,)
+# The decode stage's jobs also write the files: busy workers may be waiting on the
+# target's disk, which more workers do not speed up.
+DECODE_WRITE_HINT = "--cpu-workers (decode and write; a slow target disk shows here too)"
 _WORKER_ERRORS = (RepoError, WorkerCrashed, RemoteError)
 # What the decode stage hands the sink: the batch, then the worker's result
 # (bytes written, per-file problems, undecodable blobs) or the error that lost it.
@@ -408,6 +430,8 @@ class Restorer:
                         download(self.repo.backend, slots, _DOWNLOAD_ERRORS),
                         concurrency=connections,
                         sizeof=batch_bytes,
+                        hint=DOWNLOAD_HINT,
+                        throttle_hint=THROTTLE_HINT,
                     )
                     .map(
                         "decode",
@@ -415,10 +439,14 @@ class Restorer:
                         concurrency=2 * workers,
                         sizeof=batch_bytes,
                         release=Fetched.release,
+                        hint=DECODE_WRITE_HINT,
                     )
-                    .sink("account", account)
+                    .sink("account", account, hint=SINK_HINT)
                 )
-                await pipeline.run()
+                try:
+                    await pipeline.run()
+                finally:
+                    self.stats.pipeline = pipeline.snapshot(done=True)
         except StageError as exc:
             # What failed is the cause (a target error, a bug), not "a stage".
             cause = exc.__cause__
