@@ -1,0 +1,138 @@
+"""The per-stage table of restore and ``check --read-data``: ``-v`` prints it with a
+``bottleneck:`` line, ``--json`` puts its rows in the summary; run on a real local
+repository through the command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cli_helpers import Cairn
+from tests.maintenance_helpers import copy_repo, new_cairn
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Cairn:
+    tmp = tmp_path_factory.mktemp("stage-table")
+    c = new_cairn(tmp)
+    src = tmp / "src"
+    (src / "dir").mkdir(parents=True)
+    # Two 5 MiB files of random data: more than a download range (at most 8 MiB).
+    for i in range(2):
+        (src / f"big{i}.bin").write_bytes(os.urandom(5 * MiB))
+    for i in range(20):
+        (src / "dir" / f"small{i}.txt").write_text(f"small {i}\n")
+    c.run("backup", str(src), check=True)
+    return c
+
+
+@pytest.fixture
+def repo(template: Cairn, tmp_path: Path) -> Cairn:
+    return copy_repo(template, tmp_path)
+
+
+def _stages(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["stage"]: row for row in summary["stages"]}
+
+
+def _table(out: str, names: list[str]) -> list[str]:
+    """The table's heading and rows, checked to name the stages in order."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["stage", "tasks"])
+    rows = lines[start + 1 : start + 1 + len(names)]
+    assert [row.split()[0] for row in rows] == names
+    assert "wait in %" in lines[start] and "wait out %" in lines[start]
+    assert "busy %" in lines[start] and "throttled %" in lines[start]
+    return rows
+
+
+def test_restore_verbose_prints_the_table_and_bottleneck(repo: Cairn, tmp_path: Path) -> None:
+    r = repo.run("restore", "latest", "-t", str(tmp_path / "out"), "-v")
+    assert r.code == 0, r.out + r.err
+    _table(r.out, ["plan", "download", "decode", "account"])
+    lines = [line for line in r.out.splitlines() if line.startswith("bottleneck:")]
+    assert len(lines) == 1
+    stage = lines[0].split()[1]
+    assert stage in ("plan", "download", "decode", "account")
+    assert "tune: " in lines[0]
+
+
+def test_restore_json_summary_has_stages_and_bottleneck(repo: Cairn, tmp_path: Path) -> None:
+    r = repo.run("restore", "latest", "-t", str(tmp_path / "out"), "--json")
+    assert r.code == 0, r.out + r.err
+    summary = r.json_lines()[-1]
+    assert summary["message_type"] == "summary"
+    assert [row["stage"] for row in summary["stages"]] == ["plan", "download", "decode", "account"]
+    rows = _stages(summary)
+    ranges = rows["download"]["items"]
+    assert ranges >= 2  # 10 MiB: more than one range
+    # Each range planned is downloaded once, decoded once, accounted once.
+    assert rows["plan"]["out"] == ranges
+    assert rows["download"]["out"] == ranges
+    assert rows["decode"]["items"] == ranges == rows["decode"]["out"]
+    assert rows["account"]["items"] == ranges
+    # The ranges hold every stored byte of the two files (encrypted, so a bit more).
+    assert rows["download"]["bytes"] == rows["decode"]["bytes"] >= 10 * MiB
+    for row in summary["stages"]:
+        for key in ("busy_pct", "wait_in_pct", "wait_out_pct", "throttled_pct"):
+            assert 0 <= row[key] <= 100
+    assert summary["bottleneck"]["stage"] in rows
+    assert summary["bottleneck"]["hint"]
+    # Not in the -v table's form: --json prints only JSON lines.
+    assert not any(line.startswith("bottleneck:") for line in r.out.splitlines())
+
+
+def test_restore_under_a_download_limit_names_the_limit(repo: Cairn, tmp_path: Path) -> None:
+    # 10 MiB at 4 MiB/s: the download stage waits for the token bucket for seconds,
+    # while decoding 10 MiB takes a fraction of one.
+    r = repo.run(
+        "restore", "latest", "-t", str(tmp_path / "out"), "--json", "--limit-download", "4096"
+    )
+    assert r.code == 0, r.out + r.err
+    summary = r.json_lines()[-1]
+    assert summary["bottleneck"]["stage"] == "download"
+    assert "--limit-download" in summary["bottleneck"]["hint"]
+    assert _stages(summary)["download"]["throttled_pct"] > 0
+
+
+def test_restore_with_nothing_to_download(repo: Cairn, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    repo.run("restore", "latest", "-t", str(target), check=True)
+    # Everything already there: no pipeline runs, the fields say so.
+    r = repo.run("restore", "latest", "-t", str(target), "--json")
+    assert r.code == 0, r.out + r.err
+    summary = r.json_lines()[-1]
+    assert summary["files_skipped"] > 0
+    assert summary["stages"] == [] and summary["bottleneck"] is None
+    r = repo.run("restore", "latest", "-t", str(target), "-v")
+    assert not any(line.startswith("bottleneck:") for line in r.out.splitlines())
+
+
+def test_check_read_data_verbose_and_json(repo: Cairn) -> None:
+    r = repo.run("check", "--read-data", "-v")
+    assert r.code == 0, r.out + r.err
+    _table(r.out, ["plan", "download", "verify", "report"])
+    assert sum(line.startswith("bottleneck:") for line in r.out.splitlines()) == 1
+
+    r = repo.run("check", "--read-data", "--json")
+    assert r.code == 0, r.out + r.err
+    summary = r.json_lines()[-1]
+    rows = _stages(summary)
+    assert list(rows) == ["plan", "download", "verify", "report"]
+    # One download per pack read, each verified and reported once.
+    packs = summary["packs_read"]
+    assert packs >= 2
+    assert rows["plan"]["out"] == rows["download"]["items"] == packs
+    assert rows["verify"]["items"] == rows["report"]["items"] == packs
+    assert rows["download"]["bytes"] == summary["bytes_read"]
+    assert summary["bottleneck"]["stage"] in rows
+
+
+def test_check_without_read_data_has_no_stages(repo: Cairn) -> None:
+    summary = repo.run("check", "--json", check=True).json_lines()[-1]
+    assert summary["stages"] == [] and summary["bottleneck"] is None
