@@ -42,8 +42,9 @@ def free_port() -> int:
 
 
 def find_binary(name: str, how: str) -> str:
-    """``name`` on PATH or in this venv's bin; fail (not skip) with ``how`` otherwise."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    """``name`` in this venv's bin (the version pyproject pins) or on PATH; fail (not
+    skip) with ``how`` otherwise."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if not found:
         pytest.fail(f"{name} not found: {how}", pytrace=False)
     return found
