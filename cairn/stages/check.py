@@ -39,11 +39,9 @@ import structlog
 
 from cairn.backends.base import NotFound, ObjectTruncated, object_name
 from cairn.pipeline import (
-    Pipeline,
     PipelineOptions,
     PipelineSnapshot,
     SlotPool,
-    StageError,
     WorkerPool,
 )
 from cairn.repo.codec import BLOB_TYPE_NAMES, decode_blob
@@ -61,14 +59,11 @@ from cairn.repo.pack import (
 from cairn.stages import cpu
 from cairn.stages.fetch import (
     CPU_HINT,
-    DOWNLOAD_HINT,
-    SINK_HINT,
-    THROTTLE_HINT,
     Batch,
     Fetched,
     PackSizeChanged,
-    batch_bytes,
     download,
+    run_fetch_pipeline,
     whole_pack,
 )
 from cairn.stages.units import parse_size
@@ -530,38 +525,21 @@ class Checker:
                     )
                     return fetched.batch, result, None
 
-                pipeline = (
-                    Pipeline("check", options=options)
-                    .source("plan", batches, sizeof=batch_bytes)
-                    .map(
-                        "download",
-                        download(self.backend, slots, (NotFound, ObjectTruncated)),
-                        concurrency=min(count, connections),
-                        sizeof=batch_bytes,
-                        hint=DOWNLOAD_HINT,
-                        throttle_hint=THROTTLE_HINT,
-                    )
-                    .map(
-                        "verify",
-                        verify,
-                        concurrency=2 * workers,
-                        sizeof=batch_bytes,
-                        release=Fetched.release,
-                        hint=CPU_HINT,
-                    )
-                    .sink("report", self._verified, hint=SINK_HINT)
+                await run_fetch_pipeline(
+                    "check",
+                    batches,
+                    download(self.backend, slots, (NotFound, ObjectTruncated)),
+                    downloads=min(count, connections),
+                    work=("verify", verify, 2 * workers, CPU_HINT),
+                    sink=("report", self._verified),
+                    options=options,
+                    record=self._record_metrics,
                 )
-                try:
-                    await pipeline.run()
-                finally:
-                    self.result.pipeline = pipeline.snapshot(done=True)
-        except StageError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, Exception):
-                raise cause from cause.__cause__
-            raise
         finally:
             slots.close()
+
+    def _record_metrics(self, snapshot: PipelineSnapshot) -> None:
+        self.result.pipeline = snapshot
 
     async def _verified(self, outcome: _Verified) -> None:
         """The sink: report what the worker found, or why the pack was not read."""

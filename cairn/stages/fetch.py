@@ -22,11 +22,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from cairn.backends.base import BackendError, ObjectTruncated, object_name
+from cairn.pipeline import Pipeline, PipelineOptions, PipelineSnapshot, StageError
 from cairn.pipeline.metrics import waiting_on_output
 from cairn.pipeline.shm import Slot, SlotPool, SlotRef
+
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 # A ranged download never spans more than this; it must hold the largest encoded
@@ -169,3 +172,53 @@ def download(
         return Fetched(batch, slot)
 
     return fetch
+
+
+async def run_fetch_pipeline(
+    name: str,
+    batches: Iterable[Batch],
+    fetch: Callable[[Batch], Awaitable[Fetched]],
+    *,
+    downloads: int,
+    work: tuple[str, Callable[[Fetched], Awaitable[T]], int, str],
+    sink: tuple[str, Callable[[T], Awaitable[None]]],
+    options: PipelineOptions,
+    record: Callable[[PipelineSnapshot], None],
+) -> None:
+    """plan → download (``downloads`` tasks) → ``work`` (name, function, concurrency,
+    hint; it releases each item's slot) → ``sink``: the pipeline every pack reader
+    runs. ``record`` receives the final metrics, also on failure. What failed is
+    raised as itself (a target error, a bug), not as "a stage failed".
+    """
+    work_name, work_fn, work_tasks, work_hint = work
+    sink_name, sink_fn = sink
+    pipeline = (
+        Pipeline(name, options=options)
+        .source("plan", batches, sizeof=batch_bytes)
+        .map(
+            "download",
+            fetch,
+            concurrency=downloads,
+            sizeof=batch_bytes,
+            hint=DOWNLOAD_HINT,
+            throttle_hint=THROTTLE_HINT,
+        )
+        .map(
+            work_name,
+            work_fn,
+            concurrency=work_tasks,
+            sizeof=batch_bytes,
+            release=Fetched.release,
+            hint=work_hint,
+        )
+        .sink(sink_name, sink_fn, hint=SINK_HINT)
+    )
+    try:
+        await pipeline.run()
+    except StageError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, Exception):
+            raise cause from cause.__cause__
+        raise
+    finally:
+        record(pipeline.snapshot(done=True))

@@ -36,11 +36,9 @@ import structlog
 
 from cairn.backends.base import BackendError
 from cairn.pipeline import (
-    Pipeline,
     PipelineOptions,
     PipelineSnapshot,
     SlotPool,
-    StageError,
     WorkerPool,
 )
 from cairn.pipeline.errors import RemoteError, WorkerCrashed
@@ -51,15 +49,12 @@ from cairn.stages import cpu
 from cairn.stages.dirfds import DIR_FLAGS, DirFds, open_dir_path, split
 from cairn.stages.excludes import ExcludeRules
 from cairn.stages.fetch import (
-    DOWNLOAD_HINT,
-    SINK_HINT,
     SLOT_SIZE,
-    THROTTLE_HINT,
     Batch,
     Fetched,
-    batch_bytes,
     download,
     plan_ranges,
+    run_fetch_pipeline,
 )
 from cairn.stages.fsmeta import apply_metadata_at, apply_metadata_fd, create_special
 
@@ -422,39 +417,21 @@ class Restorer:
                 async def account(outcome: _Outcome) -> None:
                     self._account(outcome, writes)
 
-                pipeline = (
-                    Pipeline("restore", options=options)
-                    .source("plan", batches, sizeof=batch_bytes)
-                    .map(
-                        "download",
-                        download(self.repo.backend, slots, _DOWNLOAD_ERRORS),
-                        concurrency=connections,
-                        sizeof=batch_bytes,
-                        hint=DOWNLOAD_HINT,
-                        throttle_hint=THROTTLE_HINT,
-                    )
-                    .map(
-                        "decode",
-                        decode_and_write,
-                        concurrency=2 * workers,
-                        sizeof=batch_bytes,
-                        release=Fetched.release,
-                        hint=DECODE_WRITE_HINT,
-                    )
-                    .sink("account", account, hint=SINK_HINT)
+                await run_fetch_pipeline(
+                    "restore",
+                    batches,
+                    download(self.repo.backend, slots, _DOWNLOAD_ERRORS),
+                    downloads=connections,
+                    work=("decode", decode_and_write, 2 * workers, DECODE_WRITE_HINT),
+                    sink=("account", account),
+                    options=options,
+                    record=self._record_metrics,
                 )
-                try:
-                    await pipeline.run()
-                finally:
-                    self.stats.pipeline = pipeline.snapshot(done=True)
-        except StageError as exc:
-            # What failed is the cause (a target error, a bug), not "a stage".
-            cause = exc.__cause__
-            if isinstance(cause, Exception):
-                raise cause from cause.__cause__
-            raise
         finally:
             slots.close()
+
+    def _record_metrics(self, snapshot: PipelineSnapshot) -> None:
+        self.stats.pipeline = snapshot
 
     async def _decode_and_write(
         self, pool: WorkerPool, fetched: Fetched, writes: _Writes
