@@ -16,7 +16,7 @@ def command(settings: Settings) -> None:
     """Create a new repository at -r/--repo."""
     from cairn.repo.repository import init_repository
 
-    backend = open_backend(settings)
+    backend, _ = open_backend(settings)
     password = read_new_password(settings, what="password for the new repository")
 
     async def main() -> str:

@@ -9,6 +9,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -64,14 +65,23 @@ def username() -> str:
         return ""
 
 
-def open_backend(settings: Settings) -> Any:
-    """The storage backend for ``settings.repo``, wrapped as the settings ask.
+@dataclass(frozen=True)
+class Throttles:
+    """The token buckets inside a backend's wrapper stack (None: no limit), handed
+    back beside the backend so that a bandwidth schedule can move their rates."""
+
+    upload: Any = None
+    download: Any = None
+
+
+def open_backend(settings: Settings) -> tuple[Any, Throttles]:
+    """The storage backend for ``settings.repo``, wrapped as the settings ask, and
+    its throttles.
 
     The wrapper stack (retry with ``--retry-max-time``, ``--connections``,
     ``--limit-upload``/``--limit-download`` token buckets, logging) comes from
-    :func:`cairn.backends.wrap.wrap_backend`. The throttles are kept on the returned
-    backend as ``cairn_throttles`` so that :func:`open_repo` can drive them from a
-    bandwidth schedule.
+    :func:`cairn.backends.wrap.wrap_backend`; :func:`open_repo` drives the returned
+    throttles from a bandwidth schedule.
     """
     if not settings.repo:
         raise NoRepositoryGiven()
@@ -93,8 +103,7 @@ def open_backend(settings: Settings) -> Any:
         # Tests only: a fault spec that crashes or fails this run deterministically.
         faults=settings.env.get(FAULTS_ENV_VAR) or None,
     )
-    wrapped.cairn_throttles = {"upload": upload, "download": download}  # type: ignore[attr-defined]
-    return wrapped
+    return wrapped, Throttles(upload, download)
 
 
 def _throttle(cls: Any, kib: int | None, schedule: tuple[str, ...]) -> Any:
@@ -105,21 +114,21 @@ def _throttle(cls: Any, kib: int | None, schedule: tuple[str, ...]) -> Any:
 
 
 @asynccontextmanager
-async def _follow_schedules(settings: Settings, backend: Any) -> AsyncIterator[None]:
+async def _follow_schedules(settings: Settings, throttles: Throttles) -> AsyncIterator[None]:
     """While the body runs, move the throttles' rates at the schedules' boundaries.
 
     A ``--limit-upload``/``--limit-download`` flag beats the profile's schedule.
     """
     from cairn.config.schedule import follow_schedule
 
-    throttles = getattr(backend, "cairn_throttles", {})
     plans = []
     for direction in ("upload", "download"):
         schedule = getattr(settings, f"limit_{direction}_schedule")
         limit = getattr(settings, f"limit_{direction}")
         flag_wins = settings.sources.get(f"limit_{direction}") == "flag"
-        if schedule and not flag_wins and throttles.get(direction) is not None:
-            plans.append((direction, throttles[direction], schedule, limit))
+        throttle = getattr(throttles, direction)
+        if schedule and not flag_wins and throttle is not None:
+            plans.append((direction, throttle, schedule, limit))
     if not plans:
         yield
         return
@@ -154,7 +163,7 @@ async def open_repo(settings: Settings) -> AsyncIterator[Any]:
     from cairn.repo.cache import open_cache
     from cairn.repo.repository import open_repository
 
-    backend = open_backend(settings)
+    backend, throttles = open_backend(settings)
     try:
         password = read_password(settings)
         repo = await open_repository(backend, password)
@@ -168,7 +177,7 @@ async def open_repo(settings: Settings) -> AsyncIterator[Any]:
         structlog.get_logger("cairn.cli").info(
             "repository.opened", backend=type(_innermost(backend)).__name__
         )
-        async with _follow_schedules(settings, backend):
+        async with _follow_schedules(settings, throttles):
             yield repo
     finally:
         with anyio.CancelScope(shield=True):
