@@ -150,3 +150,30 @@ def test_config_show_and_malformed_file_via_cli(tmp_path: Path) -> None:
     assert result.err.strip() == (
         f"cairn: config file {bad}, line 18: profile 'x': unknown key 'bogus'"
     )
+
+
+def test_profile_schedule_drives_the_running_throttle(tmp_path: Path) -> None:
+    """The schedule reaches the token bucket inside the backend's wrapper stack: the
+    rate in force is logged when the command starts (a window covering every minute)."""
+    c = Cairn(tmp_path / "repo", tmp_path / "pw")
+    (tmp_path / "pw").write_text("pw\n")
+    assert c.run("init", "--insecure-kdf").code == 0
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x" * 1000)
+    path = _write(
+        tmp_path,
+        f'[profiles.p]\nrepository = "{tmp_path / "repo"}"\n'
+        f'password_file = "{tmp_path / "pw"}"\n'
+        'limit_upload_schedule = ["00:00-23:59=777", "*=778"]\n',
+    )
+    args = ("--config", str(path), "--profile", "p", "--log-format", "json", "--log-level", "info")
+    result = c.run("backup", str(tmp_path / "src"), *args, base=False)
+    assert result.code == 0, result.err
+    events = [json.loads(line) for line in result.err.splitlines() if line.startswith("{")]
+    changes = [e for e in events if e.get("event") == "throttle.rate_changed"]
+    assert changes and changes[0]["direction"] == "upload"
+    assert changes[0]["kib_per_second"] in (777, 778)
+    # A --limit-upload flag beats the profile's schedule: no schedule runs.
+    result = c.run("backup", str(tmp_path / "src"), *args, "--limit-upload", "5000", base=False)
+    assert result.code == 0, result.err
+    assert "throttle.rate_changed" not in result.err
