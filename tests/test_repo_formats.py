@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 from cairn.repo import schema
 from cairn.repo.codec import decode_blob, encode_blob, seal, unseal
 from cairn.repo.config import Config, decode_config, encode_config
-from cairn.repo.crypto import MasterKey
+from cairn.repo.crypto import MasterKey, storage_id
 from cairn.repo.errors import CorruptedObject, UnsupportedVersion
 from cairn.repo.index import Index, IndexFile, decode_index, encode_index
 from cairn.repo.lock import STALE_AFTER_NS, Lock, decode_lock, encode_lock, is_stale
@@ -23,6 +25,7 @@ from cairn.repo.pack import (
     TREE,
     PackEntry,
     PackWriter,
+    SpooledPack,
     initial_tail_length,
     parse_pack_header,
     required_tail_length,
@@ -99,6 +102,38 @@ def test_pack_round_trip(contents: list[bytes], blob_type: int) -> None:
         assert entry.raw_length == len(data)
         stored = pack[entry.offset : entry.offset + entry.length]
         assert decode_blob(CRYPTO, blob_type, entry.id, stored) == data
+
+
+@relaxed
+@given(contents=st.lists(st.binary(max_size=5000), min_size=1, max_size=12))
+def test_spooled_pack_is_the_same_format(contents: list[bytes]) -> None:
+    """A pack spooled to a temporary file: its ID names its bytes, its header parses,
+    every blob decodes; the file has no name and is gone once closed."""
+    with tempfile.TemporaryDirectory() as spool:
+        writer = PackWriter(DATA, spool_dir=spool)
+        for data in contents:
+            blob_id = CRYPTO.blob_id(data)
+            writer.add(DATA, blob_id, encode_blob(CRYPTO, DATA, blob_id, data), len(data))
+        with writer.finish_spooled(CRYPTO) as pack:
+            assert isinstance(pack, SpooledPack)
+            assert os.listdir(spool) == []  # unlinked from the start
+            stored = bytes(pack.view)
+            assert len(stored) == pack.size
+            assert storage_id(stored) == pack.pack_id
+            assert parse_pack_header(CRYPTO, stored, len(stored), pack.pack_id) == pack.entries
+            for entry, data in zip(pack.entries, contents, strict=True):
+                blob = stored[entry.offset : entry.offset + entry.length]
+                assert decode_blob(CRYPTO, DATA, entry.id, blob) == data
+        with pytest.raises(ValueError):
+            pack.view  # noqa: B018 - closed
+
+
+def test_spooled_writer_errors_name_the_directory(tmp_path: Path) -> None:
+    writer = PackWriter(TREE, spool_dir=str(tmp_path / "missing"))
+    with pytest.raises(OSError, match=r"temporary pack file in .*missing: "):
+        writer.add(TREE, bytes(32), b"x" * 40, 1)
+    with pytest.raises(ValueError):
+        PackWriter(DATA).finish_spooled(CRYPTO)
 
 
 def test_pack_header_needs_more_than_the_first_guess() -> None:

@@ -12,8 +12,12 @@ without data.
 
 from __future__ import annotations
 
+import mmap
 import struct
-from typing import NamedTuple
+import tempfile
+from typing import IO, NamedTuple
+
+import blake3
 
 from cairn.repo import schema
 from cairn.repo.codec import seal, unseal
@@ -43,16 +47,62 @@ class PackEntry(NamedTuple):
     raw_length: int
 
 
-class PackWriter:
-    """Accumulates already-encoded blobs of one type into a pack in memory."""
+class SpooledPack:
+    """A finished pack in an unlinked temporary file: hand ``view`` to the backend,
+    then ``close``. The file's pages are page cache, not the process's memory, until
+    ``view`` is read (a map of the file, made on first use)."""
 
-    def __init__(self, blob_type: int) -> None:
+    def __init__(self, file: IO[bytes], size: int, pack_id: str, entries: list[PackEntry]):
+        self._file: IO[bytes] | None = file
+        self._map: mmap.mmap | None = None
+        self.size = size
+        self.pack_id = pack_id
+        self.entries = entries
+
+    @property
+    def view(self) -> memoryview:
+        if self._file is None:
+            raise ValueError("the pack is closed")
+        if self._map is None:
+            self._map = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ)
+        return memoryview(self._map)
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # a view is still referenced: the map goes when it does
+            self._map = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> SpooledPack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PackWriter:
+    """Accumulates already-encoded blobs of one type into a pack.
+
+    In memory by default; with ``spool_dir``, in an unlinked temporary file there
+    (as restic does), so a pack waiting for an upload holds no memory — see
+    :meth:`finish_spooled`.
+    """
+
+    def __init__(self, blob_type: int, spool_dir: str | None = None) -> None:
         if blob_type not in BLOB_TYPES:
             raise ValueError(f"unknown blob type {blob_type}")
         self.blob_type = blob_type
         self._parts: list[bytes] = []
         self._entries: list[PackEntry] = []
         self._size = 0
+        self._spool_dir = spool_dir
+        self._file: IO[bytes] | None = None
+        self._hash = blake3.blake3()
 
     @property
     def size(self) -> int:
@@ -69,19 +119,69 @@ class PackWriter:
         if len(blob_id) != 32:
             raise ValueError("a blob ID is 32 bytes")
         self._entries.append(PackEntry(blob_type, blob_id, self._size, len(stored), raw_length))
-        self._parts.append(stored)
+        if self._spool_dir is None:
+            self._parts.append(stored)
+        else:
+            self._spool(stored)
         self._size += len(stored)
 
-    def finish(self, crypto: Crypto) -> tuple[bytes, str, list[PackEntry]]:
-        """The pack bytes, its ID (hex storage ID) and its entries."""
+    def _spool(self, data: bytes | memoryview) -> None:
+        if self._file is None:
+            self._file = _temporary_file(self._spool_dir)
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise _spool_error(exc, self._spool_dir) from exc
+        self._hash.update(data)
+
+    def _header(self, crypto: Crypto) -> list[bytes]:
         if not self._entries:
             raise ValueError("an empty pack is never written")
         header = seal(crypto, "packheader", schema.pack([list(e) for e in self._entries]))
-        self._parts.append(header)
-        self._parts.append(_LENGTH.pack(len(header)))
+        return [header, _LENGTH.pack(len(header))]
+
+    def finish(self, crypto: Crypto) -> tuple[bytes, str, list[PackEntry]]:
+        """The pack bytes, its ID (hex storage ID) and its entries."""
+        if self._spool_dir is not None:
+            with self.finish_spooled(crypto) as pack:
+                return bytes(pack.view), pack.pack_id, pack.entries
+        self._parts.extend(self._header(crypto))
         data = b"".join(self._parts)
         self._parts = []
         return data, storage_id(data), self._entries
+
+    def finish_spooled(self, crypto: Crypto) -> SpooledPack:
+        """The finished pack in its temporary file (a spooling writer only).
+
+        Its ID is the BLAKE3 of the bytes as they were written, so it names exactly
+        what the file holds.
+        """
+        if self._spool_dir is None:
+            raise ValueError("finish_spooled needs a writer made with spool_dir")
+        for part in self._header(crypto):
+            self._spool(part)
+        assert self._file is not None
+        file, self._file = self._file, None
+        try:
+            file.flush()
+            size = file.tell()
+        except OSError as exc:
+            file.close()
+            raise _spool_error(exc, self._spool_dir) from exc
+        return SpooledPack(file, size, self._hash.hexdigest(), self._entries)
+
+
+def _temporary_file(directory: str | None) -> IO[bytes]:
+    try:
+        return tempfile.TemporaryFile(dir=directory, prefix="cairn-pack-")
+    except OSError as exc:
+        raise _spool_error(exc, directory) from exc
+
+
+def _spool_error(exc: OSError, directory: str | None) -> OSError:
+    """The error names the directory (a full $TMPDIR must say where it is)."""
+    where = directory or tempfile.gettempdir()
+    return OSError(exc.errno, f"temporary pack file in {where}: {exc.strerror}")
 
 
 def initial_tail_length(pack_size: int) -> int:
