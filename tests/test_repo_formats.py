@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cairn.repo import schema
-from cairn.repo.codec import decode_blob, encode_blob, seal, unseal
+from cairn.repo.codec import decode_blob, encode_blob, encode_blob_into, seal, unseal
 from cairn.repo.config import Config, decode_config, encode_config
 from cairn.repo.crypto import MasterKey, storage_id
 from cairn.repo.errors import CorruptedObject, UnsupportedVersion
@@ -134,6 +134,23 @@ def test_spooled_writer_errors_name_the_directory(tmp_path: Path) -> None:
         writer.add(TREE, bytes(32), b"x" * 40, 1)
     with pytest.raises(ValueError):
         PackWriter(DATA).finish_spooled(CRYPTO)
+
+
+@relaxed
+@given(data=st.binary(max_size=5000), level=st.sampled_from([0, 3]), slack=st.integers(0, 64))
+def test_blob_encoded_into_a_buffer_decodes(data: bytes, level: int, slack: int) -> None:
+    """encode_blob_into writes what encode_blob returns (up to the random salt/nonce):
+    the same length, decoding to the same data; a buffer too small is refused."""
+    blob_id = CRYPTO.blob_id(data)
+    expected = len(encode_blob(CRYPTO, DATA, blob_id, data, level))
+    buf = bytearray(expected + slack)
+    size = encode_blob_into(CRYPTO, DATA, blob_id, data, memoryview(buf), level)
+    assert size == expected
+    assert decode_blob(CRYPTO, DATA, blob_id, bytes(buf[:size])) == data
+    with pytest.raises(CorruptedObject):
+        decode_blob(CRYPTO, TREE, blob_id, bytes(buf[:size]))  # the type is bound
+    with pytest.raises(ValueError):
+        encode_blob_into(CRYPTO, DATA, blob_id, data, memoryview(bytearray(size - 1)), level)
 
 
 def test_pack_header_needs_more_than_the_first_guess() -> None:

@@ -35,6 +35,12 @@ R = TypeVar("R")
 _STOP_GRACE = 2.0
 # Starts a message handing slot memory to a worker (a job is a pickle: b"\x80...").
 _ATTACH = b"attach:"
+# glibc serves allocations from this size up with their own mmap, returned to the
+# system on free. Its default threshold rises after the first large free, so a
+# worker's heap would keep each job's largest buffers (8 MiB chunks, compressed
+# and decoded) for the rest of the run: ~17 MiB per worker, measured. 4 MiB keeps
+# the common 1 MiB chunks on the heap (256 KiB cost 30-50% more CPU in page faults).
+_MMAP_THRESHOLD = 4 * 1024 * 1024
 
 
 def _worker_main(
@@ -50,6 +56,7 @@ def _worker_main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Log events ride back to the parent with each reply (see worklog.py).
     worklog.capture(log_level)
+    _fix_mmap_threshold()
     try:
         if initializer is not None:
             initializer(*initargs)
@@ -73,6 +80,18 @@ def _worker_main(
             # The parent stopped (an interrupt) while the job ran: nobody wants
             # the reply, and a traceback here would only clutter the terminal.
             return
+
+
+def _fix_mmap_threshold() -> None:
+    """Big buffers go back to the system when freed (glibc's ``M_MMAP_THRESHOLD``)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, _MMAP_THRESHOLD)  # M_MMAP_THRESHOLD; a fixed value stays
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
 
 
 def _run_job(message: bytes) -> bytes:

@@ -126,6 +126,20 @@ def encode_blob(
     return crypto.encrypt(_pack_body(data, level), blob_ad(blob_type, blob_id))
 
 
+def encode_blob_into(
+    crypto: Crypto,
+    blob_type: int,
+    blob_id: bytes,
+    data: bytes | bytearray | memoryview,
+    out: memoryview,
+    level: int = DEFAULT_LEVEL,
+) -> int:
+    """As :func:`encode_blob`, into ``out``; returns the stored length. Two
+    allocations fewer per blob, which a worker's heap would otherwise keep."""
+    _check_blob_args(blob_type, blob_id)
+    return crypto.encrypt_into(_pack_body(data, level), blob_ad(blob_type, blob_id), out)
+
+
 def decode_blob(
     crypto: Crypto, blob_type: int, blob_id: bytes, stored: bytes | bytearray | memoryview
 ) -> bytes:

@@ -192,6 +192,22 @@ class Crypto:
         header = bytes((ENVELOPE_VERSION,)) + salt + nonce
         return header + aead.encrypt(nonce, plaintext, header[:1] + ad)
 
+    def encrypt_into(
+        self, plaintext: bytes | bytearray | memoryview, ad: bytes, out: memoryview
+    ) -> int:
+        """As :meth:`encrypt`, written into ``out`` (at least ``len(plaintext) +
+        OVERHEAD`` bytes) instead of new bytes; returns the length written."""
+        salt, aead = self._session_key()
+        nonce = os.urandom(NONCE_SIZE)
+        end = HEADER_SIZE + len(plaintext) + TAG_SIZE
+        if len(out) < end:
+            raise ValueError("output buffer too small for the encrypted object")
+        out[0] = ENVELOPE_VERSION
+        out[1 : 1 + SALT_SIZE] = salt
+        out[1 + SALT_SIZE : HEADER_SIZE] = nonce
+        aead.encrypt_into(nonce, plaintext, bytes((ENVELOPE_VERSION,)) + ad, out[HEADER_SIZE:end])
+        return end
+
     def decrypt(self, stored: bytes | bytearray | memoryview, ad: bytes) -> bytes:
         """Authenticate and decrypt; raise ``CorruptedObject`` on any failure.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from cairn.repo.codec import decode_blob, encode_blob
+from cairn.repo.codec import decode_blob, encode_blob, encode_blob_into
 from cairn.repo.crypto import Crypto
 from cairn.repo.pack import DATA
 from cairn.repo.tree import Node
@@ -192,11 +192,9 @@ def encode_into(
     pos = 0
     placed = []
     for offset, length, blob_id in spans:
-        stored = encode_blob(crypto, DATA, blob_id, src[offset : offset + length], level)
-        end = pos + len(stored)
-        if end > len(dst):
-            raise ValueError("output slot too small for the encoded blobs")
-        dst[pos:end] = stored
-        placed.append((pos, len(stored)))
-        pos = end
+        size = encode_blob_into(
+            crypto, DATA, blob_id, src[offset : offset + length], dst[pos:], level
+        )
+        placed.append((pos, size))
+        pos += size
     return placed
