@@ -355,23 +355,25 @@ class Repository:
     # --- keys ------------------------------------------------------------------------
 
     async def list_keys(self) -> list[dict[str, Any]]:
-        """Metadata of every key file, with ``id``, ``kind`` (``password`` or
+        """Metadata of every key file (``key_info``), sorted by ID."""
+        return [await self.key_info(key_id) for key_id in await self.list_ids("keys")]
+
+    async def key_info(self, key_id: str) -> dict[str, Any]:
+        """One key file's metadata, with ``id``, ``kind`` (``password`` or
         ``recovery``) and ``current`` (the key in use); recovery keys also list their
-        recipients and whether their MAC verifies under this repository's key."""
-        out = []
-        for key_id in await self.list_ids("keys"):
-            data = await self.backend.load(backend_name("keys", key_id))
-            kind = "password"
-            try:
-                kind = key_kind(data, key_id)
-                if kind == KIND_RECOVERY:
-                    info = recovery_info(data, key_id, self._master)
-                else:
-                    info = keyfile_info(data, key_id)
-            except CorruptedObject as exc:
-                info = {"error": str(exc)}
-            out.append({"id": key_id, "kind": kind, "current": key_id == self.key_id, **info})
-        return out
+        recipients and whether their MAC verifies under this repository's key; a
+        damaged file has ``error`` instead."""
+        data = await self.backend.load(backend_name("keys", key_id))
+        kind = "password"
+        try:
+            kind = key_kind(data, key_id)
+            if kind == KIND_RECOVERY:
+                info = recovery_info(data, key_id, self._master)
+            else:
+                info = keyfile_info(data, key_id)
+        except CorruptedObject as exc:
+            info = {"error": str(exc)}
+        return {"id": key_id, "kind": kind, "current": key_id == self.key_id, **info}
 
     async def add_recovery_key(
         self,
