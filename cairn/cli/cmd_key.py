@@ -32,6 +32,12 @@ def command() -> None:
       cairn key add --recipients-file team.txt    # age recipients file, SSH keys too
       cairn key list                              # recovery keys and fingerprints
       cairn key recover --identity key.txt --new-password-file new.txt
+
+    Identities: age-keygen files, unencrypted OpenSSH ed25519/RSA private keys, and
+    age plugin identities (AGE-PLUGIN-…: age-plugin-NAME must be on PATH; pyrage's
+    plugin support). A wrong identity exits 12. To rotate a recovery key, add the
+    new one, then `key remove` the old one: copies of the old file taken earlier
+    still open with the old identity (docs/format.md, section 5.1).
     """
 
 

@@ -233,6 +233,9 @@ def exit_code_of(steps: list[Step]) -> int:
 def command(settings: Settings, profile: str, metrics_file: str | None) -> int:
     """Run PROFILE's job: backup, then forget/prune by its policy, then check.
 
+    With recovery_recipients in the profile, first make sure the repository key is
+    escrowed to them (see `cairn key --help`).
+
     Exit code: 0 when every step succeeded, 3 when the backup could not read
     some files and nothing else failed, otherwise the first failing step's code.
     """
