@@ -237,6 +237,11 @@ def test_key_list_text_and_json_and_remove(tmp_path: Path) -> None:
     c.run("key", "add", "--recipient", recipient, check=True)
     assert len([k for k in c.run("key", "list", "--json").json() if k["kind"] == "recovery"]) == 2
 
+    shown = c.run("--json", "cat", "key", recovery["id"][:10], check=True).json()
+    assert shown["kind"] == "recovery" and shown["recipients"] == recovery["recipients"]
+    both = c.run("key", "add", "--recipient", recipient, "--new-password-file", "x")
+    assert both.code == 1 and "exclude each other" in both.err
+
     removed = c.run("key", "remove", recovery["id"][:10], check=True)
     assert recovery["id"][:8] in removed.out
     assert recovery["id"] not in {k["id"] for k in c.run("key", "list", "--json").json()}
