@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from cairn.repo.recovery import (
     unwrap_recovery_keyfile,
 )
 from cairn.repo.repository import open_repository
+from tests.age_plugin_toy import MESSAGE
 from tests.cli_helpers import Cairn
 
 PASSWORD = "correct horse battery staple"
@@ -380,6 +382,52 @@ def test_reference_age_tool_reads_the_payload(tmp_path: Path) -> None:
     data = (Path(c.repo) / "keys" / recovery["id"]).read_bytes()
     opened = unwrap_recovery_keyfile(data, parse_identities(identity.read_bytes(), "id"))
     assert opened == (MasterKey(master), True)
+
+
+# --- age plugins (pyrage's plugin support, with a toy plugin speaking the protocol) ----
+
+
+def toy_plugin(tmp_path: Path) -> tuple[dict[str, str], Path, str]:
+    """``age-plugin-cairntest`` on a PATH: that PATH, an identity file and its recipient."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "age-plugin-cairntest"
+    toy = Path(__file__).with_name("age_plugin_toy.py")
+    script.write_text(
+        f"#!{sys.executable}\nimport runpy\nrunpy.run_path({str(toy)!r}, run_name='__main__')\n"
+    )
+    script.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    identity, recipient = subprocess.run(
+        [str(script), "--generate"], check=True, capture_output=True, text=True
+    ).stdout.split()
+    assert identity.startswith("AGE-PLUGIN-CAIRNTEST-1") and recipient.startswith("age1cairntest1")
+    path = tmp_path / "plugin-identity.txt"
+    path.write_text(f"# a plugin identity\n{identity}\n")
+    return env, path, recipient
+
+
+def test_plugin_recipient_and_identity(tmp_path: Path) -> None:
+    env, identity, recipient = toy_plugin(tmp_path)
+    password = tmp_path / "password"
+    password.write_text(PASSWORD + "\n")
+    c = Cairn(tmp_path / "repo", password)
+    init = c.run("init", "--recipient", recipient, env=env, check=True)
+    assert MESSAGE in init.err  # the plugin's message reached the user
+    keys = c.run("key", "list", "--json", check=True).json()
+    [recovery] = [k for k in keys if k["kind"] == "recovery"]
+    assert recovery["recipients"] == [
+        {"type": "plugin", "recipient": recipient, "fingerprint": recipient}
+    ]
+    _drop_password_keys(c)
+    new_password = tmp_path / "new"
+    new_password.write_text("new\n")
+    args = ("key", "recover", "--identity", str(identity), "--new-password-file", str(new_password))
+    missing = c.run(*args, env={"PATH": "/usr/bin:/bin"})
+    assert missing.code == 1 and "age-plugin-cairntest" in missing.err
+    assert len(missing.err.strip().splitlines()) == 1
+    c.run(*args, env=env, check=True)
+    assert Cairn(c.repo, new_password).run("snapshots", check=True).code == 0
 
 
 # --- profiles and `cairn run` ---------------------------------------------------------

@@ -98,13 +98,27 @@ def profile_recipients(settings: Any) -> list[Any]:
     return out
 
 
+def _never_raises(func: F) -> F:
+    """pyrage turns an exception in a callback into a Rust panic: answer None instead."""
+
+    def wrapper(*args: Any) -> Any:
+        try:
+            return func(*args)
+        except (Exception, KeyboardInterrupt):
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
 class TerminalCallbacks:
     """age plugin callbacks (``age-plugin-yubikey`` asks for a PIN, a touch …): on the
     terminal when there is one, declined otherwise."""
 
+    @_never_raises
     def display_message(self, message: str) -> None:
         print(message, file=sys.stderr)
 
+    @_never_raises
     def confirm(self, message: str, yes_string: str, no_string: str | None) -> bool | None:
         if not sys.stdin.isatty():
             return None
@@ -112,9 +126,11 @@ class TerminalCallbacks:
         answer = input(f"{message} [{choices}]: ").strip()
         return answer == yes_string if no_string else True
 
+    @_never_raises
     def request_public_string(self, description: str) -> str | None:
         return input(f"{description}: ") if sys.stdin.isatty() else None
 
+    @_never_raises
     def request_passphrase(self, description: str) -> str | None:
         return getpass.getpass(f"{description}: ") if sys.stdin.isatty() else None
 

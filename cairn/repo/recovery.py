@@ -147,6 +147,12 @@ def parse_recipient(text: str) -> Recipient:
     )
 
 
+def _one_line(exc: Exception) -> str:
+    """rage's message on one line, without the Unicode isolates it wraps names in."""
+    text = str(exc).replace("\u2068", "").replace("\u2069", "")
+    return " ".join(text.split())
+
+
 def _short(text: str) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -184,9 +190,7 @@ def _age_recipients(recipients: Sequence[Recipient], callbacks: Any) -> list[Any
         try:
             out.append(pyrage.plugin.RecipientPluginV1(name, members, [], callbacks))
         except pyrage.EncryptError as exc:
-            raise BadRecipient(
-                f"age plugin {name!r}: {exc} (is age-plugin-{name} on PATH?)"
-            ) from None
+            raise BadRecipient(f"age plugin {name!r}: {_one_line(exc)}") from None
     return out
 
 
@@ -228,7 +232,7 @@ def parse_identities(data: bytes, source: str, callbacks: Any = None) -> list[An
             return [pyrage.ssh.Identity.from_buffer(data)]
         except pyrage.IdentityError as exc:
             raise BadIdentity(
-                f"identity file {source}: not a usable SSH private key: {exc}"
+                f"identity file {source}: not a usable SSH private key: {_one_line(exc)}"
             ) from None
     try:
         text = data.decode("utf-8")
@@ -249,7 +253,7 @@ def parse_identities(data: bytes, source: str, callbacks: Any = None) -> list[An
                 plugins.setdefault(ident.plugin(), []).append(ident)
                 continue
         except pyrage.IdentityError as exc:
-            raise BadIdentity(f"identity file {source}, line {number}: {exc}") from None
+            raise BadIdentity(f"identity file {source}, line {number}: {_one_line(exc)}") from None
         raise BadIdentity(
             f"identity file {source}, line {number}: not an age identity "
             "(AGE-SECRET-KEY-1…, AGE-PLUGIN-…) nor an OpenSSH private key"
@@ -261,8 +265,7 @@ def parse_identities(data: bytes, source: str, callbacks: Any = None) -> list[An
             )
         except pyrage.DecryptError as exc:
             raise BadIdentity(
-                f"identity file {source}: age plugin {name!r}: {exc} "
-                f"(is age-plugin-{name} on PATH?)"
+                f"identity file {source}: age plugin {name!r}: {_one_line(exc)}"
             ) from None
     if not identities:
         raise BadIdentity(f"identity file {source}: no identity in it")
@@ -307,7 +310,12 @@ def make_recovery_keyfile(
         raise BadRecipient(f"at most {MAX_RECIPIENTS} recipients per recovery key")
     texts = list(dict.fromkeys(r.text for r in recipients))  # in order, without repeats
     unique = [next(r for r in recipients if r.text == t) for t in texts]
-    age_bytes = pyrage.encrypt(master.raw, _age_recipients(unique, callbacks or QuietCallbacks()))
+    try:
+        age_bytes = pyrage.encrypt(
+            master.raw, _age_recipients(unique, callbacks or QuietCallbacks())
+        )
+    except pyrage.EncryptError as exc:  # a plugin failed to wrap
+        raise BadRecipient(f"age: {_one_line(exc)}") from None
     when = (created or datetime.now(UTC)).astimezone(UTC)
     header: dict[str, Any] = {
         "version": RECOVERY_VERSION,
@@ -433,7 +441,7 @@ def unwrap_recovery_keyfile(
     except pyrage.DecryptError as exc:
         if "no matching keys" in str(exc).lower():
             return None
-        raise CorruptedObject("recovery key file", name, f"age: {exc}") from None
+        raise CorruptedObject("recovery key file", name, f"age: {_one_line(exc)}") from None
     if len(raw) != MASTER_KEY_SIZE:
         raise CorruptedObject("recovery key file", name, "its age payload is not a master key")
     master = MasterKey(raw)
