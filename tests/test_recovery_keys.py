@@ -11,6 +11,8 @@ import base64
 import functools
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +38,7 @@ from cairn.repo.recovery import (
 )
 from cairn.repo.repository import open_repository
 from tests.age_plugin_toy import MESSAGE
-from tests.cli_helpers import Cairn
+from tests.cli_helpers import CAIRN, Cairn
 
 PASSWORD = "correct horse battery staple"
 
@@ -209,6 +211,51 @@ def test_ssh_ed25519_recipient(tmp_path: Path) -> None:
         check=True,
     )  # fmt: skip
     assert Cairn(c.repo, new_password).run("snapshots", check=True).code == 0
+
+
+def _run_on_terminal(args: list[str], env: dict[str, str], answers: list[str]) -> tuple[int, str]:
+    """Run cairn with a pseudo-terminal as its controlling terminal, answering each
+    password prompt with the next answer; its exit code and what it wrote."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a session leader whose terminal is the pty
+        os.execve(CAIRN[0], [*CAIRN, *args], env)
+    output, sent = b"", 0
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 120)
+            if not ready:
+                os.kill(pid, 9)
+                raise AssertionError(f"no progress on the terminal: {output!r}")
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+            if sent < len(answers) and output.count(b"password") > sent:
+                os.write(fd, answers[sent].encode() + b"\n")
+                sent += 1
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def test_recover_asks_the_new_password_twice_on_a_terminal(tmp_path: Path) -> None:
+    identity, recipient = age_keygen(tmp_path, "escrow")
+    c = _init(tmp_path, "--recipient", recipient)
+    _drop_password_keys(c)
+    args = ["-r", str(c.repo), "--insecure-kdf", "key", "recover", "--identity", str(identity)]
+    code, out = _run_on_terminal(args, c.env, ["typed twice", "typed twice"])
+    assert code == 0, out
+    assert "enter new password again" in out and "saved new key as" in out
+    typed = tmp_path / "typed"
+    typed.write_text("typed twice\n")
+    assert Cairn(c.repo, typed).run("snapshots", check=True).code == 0
+
+    code, out = _run_on_terminal(args, c.env, ["one", "another"])
+    assert code == 1 and "passwords do not match" in out
 
 
 def test_key_list_text_and_json_and_remove(tmp_path: Path) -> None:
