@@ -24,15 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cairn.backends.local import LocalBackend
+from cairn.repo.age import BadIdentity, parse_identities, parse_recipient
 from cairn.repo.crypto import MasterKey
 from cairn.repo.errors import CorruptedObject, UnsupportedVersion
 from cairn.repo.recovery import (
-    BadIdentity,
     decode_recovery_keyfile,
     key_kind,
     make_recovery_keyfile,
-    parse_identities,
-    parse_recipient,
     recovery_info,
     unwrap_recovery_keyfile,
 )

@@ -20,7 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _parse_recipients(
     ctx: click.Context, param: click.Parameter, values: Sequence[str]
 ) -> list[Any]:
-    from cairn.repo.recovery import BadRecipient, parse_recipient
+    from cairn.repo.age import BadRecipient, parse_recipient
 
     out = []
     for value in values:
@@ -34,7 +34,7 @@ def _parse_recipients(
 def _parse_recipient_files(
     ctx: click.Context, param: click.Parameter, values: Sequence[str]
 ) -> list[Any]:
-    from cairn.repo.recovery import BadRecipient
+    from cairn.repo.age import BadRecipient
 
     out = []
     for path in values:
@@ -47,7 +47,7 @@ def _parse_recipient_files(
 
 def read_recipients_file(path: str) -> list[Any]:
     """The recipients in an age recipients file; ``BadRecipient`` naming file and line."""
-    from cairn.repo.recovery import BadRecipient, parse_recipients_file
+    from cairn.repo.age import BadRecipient, parse_recipients_file
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -86,7 +86,7 @@ def recipient_options(func: F) -> F:
 def profile_recipients(settings: Any) -> list[Any]:
     """The selected profile's ``recovery_recipients`` and ``recovery_recipients_file``
     (the profile's values were checked when it was read; the file is read now)."""
-    from cairn.repo.recovery import parse_recipient
+    from cairn.repo.age import parse_recipient
 
     job = settings.job
     if job is None:
@@ -137,7 +137,7 @@ class TerminalCallbacks:
 
 def read_identities(path: str) -> list[Any]:
     """The age identities in ``path`` (``-``: standard input); one-line errors."""
-    from cairn.repo.recovery import BadIdentity, parse_identities
+    from cairn.repo.age import BadIdentity, parse_identities
 
     if path == "-":
         data, source = sys.stdin.buffer.read(), "(standard input)"

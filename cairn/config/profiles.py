@@ -188,7 +188,7 @@ def _check_url(text: str) -> None:
 
 
 def _check_recipients(values: list[str]) -> None:
-    from cairn.repo.recovery import parse_recipient
+    from cairn.repo.age import parse_recipient
 
     for value in values:
         parse_recipient(value)  # BadRecipient is a ValueError naming the recipient

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import struct
 from collections.abc import Iterable, Sequence
@@ -29,6 +28,16 @@ from typing import Any
 import blake3
 import pyrage
 
+from cairn.repo.age import (
+    AGE_MAGIC,
+    BadRecipient,
+    QuietCallbacks,
+    Recipient,
+    age_recipients,
+    one_line,
+    parse_recipient,
+    short,
+)
 from cairn.repo.crypto import MASTER_KEY_SIZE, MasterKey, derive_subkey
 from cairn.repo.errors import CorruptedObject, RepoError, UnsupportedVersion
 from cairn.repo.schema import Reader
@@ -47,27 +56,6 @@ MAC_SIZE = 32
 MAX_RECIPIENTS = 64
 MAX_AGE_BYTES = 256 * 1024
 _MAX_RECIPIENT_CHARS = 2048  # an ssh-rsa 4096 public key is ~730 characters
-
-_AGE_MAGIC = b"age-encryption.org/"
-_AGE_ARMOR = b"-----BEGIN AGE ENCRYPTED FILE-----"
-_SSH_PRIVATE = (b"-----BEGIN OPENSSH PRIVATE KEY-----", b"-----BEGIN RSA PRIVATE KEY-----")
-_SSH_TYPES = ("ssh-ed25519", "ssh-rsa")
-
-
-class BadRecipient(ValueError):
-    """A recipient string (or a line of a recipients file) is not a recipient.
-
-    The CLI reports it as a usage error naming the option; met later (an age plugin
-    missing at encryption time) it is a one-line error, exit 1.
-    """
-
-    exit_code = 1
-
-
-class BadIdentity(RepoError):
-    """An identity file cannot be read as age identities (one line, exit 1)."""
-
-    exit_code = 1
 
 
 class IdentityMismatch(RepoError):
@@ -91,188 +79,6 @@ class NoRecoveryKey(RepoError):
             f"{location}: the repository has no recovery key, so no identity can open it "
             "(add one with `cairn key add --recipient`)"
         )
-
-
-# --- recipients ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Recipient:
-    """One recipient: its canonical text (what the file stores), type and fingerprint."""
-
-    text: str
-    type: str  # "x25519", "ssh-ed25519", "ssh-rsa", or "plugin" (an age plugin's)
-    fingerprint: str
-
-    def as_json(self) -> dict[str, str]:
-        return {"type": self.type, "recipient": self.text, "fingerprint": self.fingerprint}
-
-
-def ssh_fingerprint(blob_b64: str) -> str:
-    """OpenSSH's fingerprint of a public key (``ssh-keygen -l``): SHA256 of the key blob."""
-    digest = hashlib.sha256(base64.b64decode(blob_b64)).digest()
-    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
-def parse_recipient(text: str) -> Recipient:
-    """A recipient from its age text; ``BadRecipient`` naming it when it is none.
-
-    SSH keys keep only ``type key`` (the comment, often ``user@host``, is not stored).
-    X25519 and plugin recipients are their own fingerprint (age has no other).
-    """
-    text = text.strip()
-    fields = text.split()
-    if len(fields) >= 2 and fields[0] in _SSH_TYPES:
-        canonical = f"{fields[0]} {fields[1]}"
-        try:
-            pyrage.ssh.Recipient.from_str(canonical)
-            fingerprint = ssh_fingerprint(fields[1])
-        except (pyrage.RecipientError, binascii.Error, ValueError):
-            raise BadRecipient(f"not a valid {fields[0]} public key: {_short(text)!r}") from None
-        return Recipient(canonical, fields[0], fingerprint)
-    if len(fields) == 1 and text.lower().startswith("age1"):
-        try:
-            return Recipient(str(pyrage.x25519.Recipient.from_str(text)), "x25519", text)
-        except pyrage.RecipientError:
-            pass
-        try:
-            plugin = pyrage.plugin.Recipient.from_str(text)
-        except pyrage.RecipientError:
-            pass
-        else:
-            return Recipient(str(plugin), "plugin", str(plugin))
-    raise BadRecipient(
-        f"not an age recipient (age1…) or SSH public key (ssh-ed25519, ssh-rsa): "
-        f"{_short(text)!r}"
-    )
-
-
-def _one_line(exc: Exception) -> str:
-    """rage's message on one line, without the Unicode isolates it wraps names in."""
-    text = str(exc).replace("\u2068", "").replace("\u2069", "")
-    return " ".join(text.split())
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def parse_recipients_file(text: str, source: str) -> list[Recipient]:
-    """Recipients in age's recipients-file format: one per line, ``#`` comments and
-    blank lines ignored; a bad line is ``BadRecipient`` naming the file and line."""
-    out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            out.append(parse_recipient(line))
-        except BadRecipient as exc:
-            raise BadRecipient(f"{source}, line {number}: {exc}") from None
-    if not out:
-        raise BadRecipient(f"{source}: no recipient in the file")
-    return out
-
-
-def _age_recipients(recipients: Sequence[Recipient], callbacks: Any) -> list[Any]:
-    """The pyrage objects to encrypt to (plugin recipients grouped by plugin)."""
-    out: list[Any] = []
-    plugins: dict[str, list[Any]] = {}
-    for r in recipients:
-        if r.type == "x25519":
-            out.append(pyrage.x25519.Recipient.from_str(r.text))
-        elif r.type == "plugin":
-            p = pyrage.plugin.Recipient.from_str(r.text)
-            plugins.setdefault(p.plugin(), []).append(p)
-        else:
-            out.append(pyrage.ssh.Recipient.from_str(r.text))
-    for name, members in plugins.items():
-        try:
-            out.append(pyrage.plugin.RecipientPluginV1(name, members, [], callbacks))
-        except pyrage.EncryptError as exc:
-            raise BadRecipient(f"age plugin {name!r}: {_one_line(exc)}") from None
-    return out
-
-
-# --- identities ----------------------------------------------------------------------
-
-
-class QuietCallbacks:
-    """age plugin callbacks for a session without a terminal: messages go nowhere
-    useful, and requests for input are declined."""
-
-    def display_message(self, message: str) -> None:
-        pass
-
-    def confirm(self, message: str, yes_string: str, no_string: str | None) -> bool | None:
-        return None
-
-    def request_public_string(self, description: str) -> str | None:
-        return None
-
-    def request_passphrase(self, description: str) -> str | None:
-        return None
-
-
-def parse_identities(data: bytes, source: str, callbacks: Any = None) -> list[Any]:
-    """The age identities in an identity file (``age-keygen`` output, an OpenSSH
-    private key, or ``AGE-PLUGIN-…`` lines from ``age-plugin-yubikey``).
-
-    ``BadIdentity`` (one line) when the file holds something else; passphrase-protected
-    files are refused with a hint (decrypt them with ``age -d`` first).
-    """
-    stripped = data.lstrip()
-    if stripped.startswith(_AGE_MAGIC) or stripped.startswith(_AGE_ARMOR):
-        raise BadIdentity(
-            f"identity file {source} is itself encrypted with age; decrypt it first "
-            f"(age -d {source} | cairn key recover --identity -)"
-        )
-    if stripped.startswith(_SSH_PRIVATE):
-        try:
-            return [pyrage.ssh.Identity.from_buffer(data)]
-        except pyrage.IdentityError as exc:
-            raise BadIdentity(
-                f"identity file {source}: not a usable SSH private key: {_one_line(exc)}"
-            ) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadIdentity(f"identity file {source}: not an age identity file (not text)") from None
-    identities: list[Any] = []
-    plugins: dict[str, list[Any]] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            if line.startswith("AGE-SECRET-KEY-1"):
-                identities.append(pyrage.x25519.Identity.from_str(line))
-                continue
-            if line.startswith("AGE-PLUGIN-"):
-                ident = pyrage.plugin.Identity.from_str(line)
-                plugins.setdefault(ident.plugin(), []).append(ident)
-                continue
-        except pyrage.IdentityError as exc:
-            raise BadIdentity(f"identity file {source}, line {number}: {_one_line(exc)}") from None
-        raise BadIdentity(
-            f"identity file {source}, line {number}: not an age identity "
-            "(AGE-SECRET-KEY-1…, AGE-PLUGIN-…) nor an OpenSSH private key"
-        )
-    for name, members in plugins.items():
-        try:
-            identities.append(
-                pyrage.plugin.IdentityPluginV1(name, members, callbacks or QuietCallbacks())
-            )
-        except pyrage.DecryptError as exc:
-            raise BadIdentity(
-                f"identity file {source}: age plugin {name!r}: {_one_line(exc)}"
-            ) from None
-    if not identities:
-        raise BadIdentity(f"identity file {source}: no identity in it")
-    return identities
-
-
-# --- the file ------------------------------------------------------------------------
 
 
 def _mac_input(header: dict[str, Any], recipients: Sequence[str], age_bytes: bytes) -> bytes:
@@ -312,10 +118,10 @@ def make_recovery_keyfile(
     unique = [next(r for r in recipients if r.text == t) for t in texts]
     try:
         age_bytes = pyrage.encrypt(
-            master.raw, _age_recipients(unique, callbacks or QuietCallbacks())
+            master.raw, age_recipients(unique, callbacks or QuietCallbacks())
         )
     except pyrage.EncryptError as exc:  # a plugin failed to wrap
-        raise BadRecipient(f"age: {_one_line(exc)}") from None
+        raise BadRecipient(f"age: {one_line(exc)}") from None
     when = (created or datetime.now(UTC)).astimezone(UTC)
     header: dict[str, Any] = {
         "version": RECOVERY_VERSION,
@@ -401,12 +207,12 @@ def decode_recovery_keyfile(data: bytes, name: str = "") -> RecoveryKeyFile:
         except BadRecipient as exc:
             r.fail(f"bad recipient: {exc}")
         if recipient.text != text:
-            r.fail(f"recipient {_short(text)!r} is not in canonical form")
+            r.fail(f"recipient {short(text)!r} is not in canonical form")
         recipients.append(recipient)
     if len({x.text for x in recipients}) != len(recipients):
         r.fail("a recipient is listed twice")
     age_bytes = _b64(r, "age", MAX_AGE_BYTES)
-    if not age_bytes.startswith(_AGE_MAGIC):
+    if not age_bytes.startswith(AGE_MAGIC):
         r.fail("field 'age' is not an age file")
     mac = _b64(r, "mac", MAC_SIZE)
     if len(mac) != MAC_SIZE:
@@ -441,7 +247,7 @@ def unwrap_recovery_keyfile(
     except pyrage.DecryptError as exc:
         if "no matching keys" in str(exc).lower():
             return None
-        raise CorruptedObject("recovery key file", name, f"age: {_one_line(exc)}") from None
+        raise CorruptedObject("recovery key file", name, f"age: {one_line(exc)}") from None
     if len(raw) != MASTER_KEY_SIZE:
         raise CorruptedObject("recovery key file", name, "its age payload is not a master key")
     master = MasterKey(raw)
