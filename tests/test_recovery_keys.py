@@ -204,6 +204,14 @@ def test_ssh_ed25519_recipient(tmp_path: Path) -> None:
     _drop_password_keys(c)
     new_password = tmp_path / "new"
     new_password.write_text("new\n")
+    # A passphrase-protected SSH key cannot be used as it is: one line says so.
+    locked = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)],
+                   check=True)  # fmt: skip
+    result = c.run("key", "recover", "--identity", str(locked), "--new-password-file",
+                   str(new_password))  # fmt: skip
+    assert result.code == 1 and "decrypted first" in result.err
+    assert len(result.err.strip().splitlines()) == 1
     c.run(
         "key", "recover", "--identity", str(private), "--new-password-file", str(new_password),
         check=True,

@@ -160,7 +160,8 @@ def _add_recovery_key(
             {"message_type": "key_added", "id": key_id, "kind": "recovery", "existing": existed}
         )
     elif existed:
-        click.echo(f"recovery key {key_id[:8]} already escrows to these recipients")
+        if not settings.quiet:  # `cairn run` says it every night: -q keeps cron quiet
+            click.echo(f"recovery key {key_id[:8]} already escrows to these recipients")
     else:
         count = len({r.text for r in recipients})
         click.echo(f"saved new recovery key as {key_id[:8]} ({count} recipient(s))")
