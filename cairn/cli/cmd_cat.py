@@ -56,7 +56,6 @@ def _looks_binary(value: bytes) -> bool:
 async def _cat(repo: Any, kind: str, object_id: str | None) -> Any:
     from cairn.backends.base import object_name
     from cairn.repo.index import decode_index
-    from cairn.repo.keyfile import keyfile_info
     from cairn.repo.lock import decode_lock
     from cairn.repo.pack import initial_tail_length, parse_pack_header, required_tail_length
     from cairn.repo.snapshot import decode_snapshot
@@ -68,7 +67,7 @@ async def _cat(repo: Any, kind: str, object_id: str | None) -> Any:
         raise click.UsageError(f"cat {kind} needs an ID")
     if kind in ("key", "keys"):
         full = await repo.find_id("keys", object_id)
-        return keyfile_info(await repo.backend.load(object_name("keys", full)), full)
+        return await repo.key_info(full)
     if kind == "snapshot":
         if object_id == "latest":
             from cairn.stages.snapshots import find_snapshot

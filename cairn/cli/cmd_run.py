@@ -48,6 +48,7 @@ class Step:
     name: str
     args: list[str]
     exit_code: int | None = None  # None: skipped
+    command: str | None = None  # the cairn command it runs; None: the step's name
     error: str | None = None
     note: str | None = None
     seconds: float = 0.0
@@ -124,9 +125,27 @@ def _check_args(job: Profile) -> list[str]:
     return ["--read-data-subset", subset] if subset else []
 
 
+def _recovery_args(job: Profile) -> list[str] | None:
+    """``key add --if-missing`` arguments escrowing the key to the profile's recovery
+    recipients, or None when it names none."""
+    args: list[str] = []
+    for recipient in job.get("recovery_recipients") or []:
+        args += ["--recipient", recipient]
+    if job.get("recovery_recipients_file"):
+        args += ["--recipients-file", job.get("recovery_recipients_file")]
+    return ["add", "--if-missing", *args] if args else None
+
+
 def plan(job: Profile) -> list[Step]:
-    """The steps a profile asks for, in order (skipped ones carry a note)."""
-    steps = [Step("backup", _backup_args(job))]
+    """The steps a profile asks for, in order (skipped ones carry a note).
+
+    A profile with recovery recipients first makes sure the repository has a recovery
+    key for exactly them (a fleet's hosts pick up a new escrow on their next run); its
+    failure does not stop the backup, but it fails the run.
+    """
+    recovery = _recovery_args(job)
+    steps = [Step("recovery-key", recovery, command="key")] if recovery else []
+    steps.append(Step("backup", _backup_args(job)))
     forget = _forget_args(job)
     if not job.get("forget", True):
         steps.append(Step("forget", [], note="disabled in the profile (forget = false)"))
@@ -154,7 +173,7 @@ def _load_command(name: str) -> click.Command | None:
 
 def run_step(settings: Settings, step: Step) -> None:
     """Invoke the step's command in-process; record its exit code, error and meta."""
-    command = _load_command(step.name)
+    command = _load_command(step.command or step.name)
     if command is None:
         step.note = f"'cairn {step.name}' is not available in this build"
         log.warning("run.step_skipped", step=step.name, reason=step.note)
@@ -162,7 +181,7 @@ def run_step(settings: Settings, step: Step) -> None:
     logsetup.RUN_CONTEXT["step"] = step.name
     started = time.monotonic()
     try:
-        ctx = command.make_context(step.name, list(step.args), obj=settings)
+        ctx = command.make_context(step.command or step.name, list(step.args), obj=settings)
         with ctx:
             result = command.invoke(ctx)
         step.meta = dict(ctx.meta)
@@ -214,6 +233,9 @@ def exit_code_of(steps: list[Step]) -> int:
 def command(settings: Settings, profile: str, metrics_file: str | None) -> int:
     """Run PROFILE's job: backup, then forget/prune by its policy, then check.
 
+    With recovery_recipients in the profile, first make sure the repository key is
+    escrowed to them (see `cairn key --help`).
+
     Exit code: 0 when every step succeeded, 3 when the backup could not read
     some files and nothing else failed, otherwise the first failing step's code.
     """
@@ -230,12 +252,13 @@ def command(settings: Settings, profile: str, metrics_file: str | None) -> int:
     started_wall = time.time()
     started = time.monotonic()
     steps = plan(job)
+    backup = next(s for s in steps if s.name == "backup")
     log.info("run.started", steps=[s.name for s in steps if s.note is None])
     for step in steps:
         if step.note is not None:
             log.info("run.step_skipped", step=step.name, reason=step.note)
             continue
-        if step.name != "backup" and steps[0].status == "failed":
+        if step.name in ("forget", "check") and backup.status == "failed":
             step.note = "backup failed"
             log.info("run.step_skipped", step=step.name, reason=step.note)
             continue

@@ -158,15 +158,21 @@ def kdf_params(settings: Settings) -> Any:
 
 
 @asynccontextmanager
-async def open_repo(settings: Settings) -> AsyncIterator[Any]:
-    """Open the repository named by the settings; close the backend afterwards."""
+async def open_repo(settings: Settings, identities: Any = None) -> AsyncIterator[Any]:
+    """Open the repository named by the settings; close the backend afterwards.
+
+    With ``identities`` (age identities, ``key recover``) a recovery key opens it and
+    no password is asked for.
+    """
     from cairn.repo.cache import open_cache
-    from cairn.repo.repository import open_repository
+    from cairn.repo.repository import open_repository, open_repository_with_identities
 
     backend, throttles = open_backend(settings)
     try:
-        password = read_password(settings)
-        repo = await open_repository(backend, password)
+        if identities is not None:
+            repo = await open_repository_with_identities(backend, identities)
+        else:
+            repo = await open_repository(backend, read_password(settings))
         repo.cache = open_cache(
             repo.config.id,
             cache_dir=settings.cache_dir,

@@ -153,6 +153,8 @@ JOB_KEYS: dict[str, str] = {
     "ping_url_failure": "str",
     "ping_method": "str",
     "ping_timeout": "num",
+    "recovery_recipients": "strs",
+    "recovery_recipients_file": "str",
 }
 
 _CHOICES = {
@@ -185,6 +187,13 @@ def _check_url(text: str) -> None:
     url.port  # noqa: B018 - raises ValueError on a port that is not a number
 
 
+def _check_recipients(values: list[str]) -> None:
+    from cairn.repo.age import parse_recipient
+
+    for value in values:
+        parse_recipient(value)  # BadRecipient is a ValueError naming the recipient
+
+
 def _value_checks() -> dict[str, Callable[[Any], object]]:
     """Parsers of string values, the ones the commands use (imported on demand): each
     raises ``ValueError`` with a message for the user."""
@@ -203,6 +212,7 @@ def _value_checks() -> dict[str, Callable[[Any], object]]:
         "check_subset": parse_subset,
         "ping_url_success": _check_url,
         "ping_url_failure": _check_url,
+        "recovery_recipients": _check_recipients,
     }
 
 

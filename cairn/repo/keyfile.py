@@ -115,7 +115,11 @@ def make_keyfile(
     }
     wrapping_key = _derive(password, salt, params)
     wrapped = AESGCM(wrapping_key).encrypt(nonce, master.raw, _header_ad(header, params, salt))
+    # "kind" tells password key files from recovery key files (cairn.repo.recovery);
+    # it is not in the AD, so key files written before it existed still open.
     doc = {
+        "version": header["version"],
+        "kind": "password",
         **header,
         "kdf": {
             "name": KDF_NAME,
@@ -158,6 +162,8 @@ def _parse(data: bytes, name: str) -> _Parsed:
     version = r.get_int("version")
     if version != KEYFILE_VERSION:
         raise UnsupportedVersion("key file", name, f"key file version {version} is not supported")
+    if r.get_str("kind", "password") != "password":
+        r.fail("not a password key file")
     header = {
         "version": version,
         "created": r.get_str("created"),

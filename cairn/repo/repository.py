@@ -35,6 +35,17 @@ from cairn.repo.errors import (
 from cairn.repo.index import Index, IndexFile, decode_index, encode_index
 from cairn.repo.keyfile import KdfParams, keyfile_info, make_keyfile, unwrap_keyfile
 from cairn.repo.pack import TREE, PackEntry, PackWriter
+from cairn.repo.recovery import (
+    KIND_RECOVERY,
+    IdentityMismatch,
+    NoRecoveryKey,
+    Recipient,
+    key_kind,
+    make_recovery_keyfile,
+    recipient_set,
+    recovery_info,
+    unwrap_recovery_keyfile,
+)
 from cairn.repo.snapshot import Snapshot, decode_snapshot, encode_snapshot
 from cairn.repo.tree import Tree, decode_tree
 
@@ -62,8 +73,11 @@ async def init_repository(
     username: str,
     kdf_params: KdfParams | None = None,
     config: Config | None = None,
+    recipients: Sequence[Recipient] = (),
+    callbacks: Any = None,
 ) -> Repository:
-    """Create a repository: layout, first key file, then config (its presence = exists)."""
+    """Create a repository: layout, first key file, the recovery key file when
+    ``recipients`` are given, then config (its presence = the repository exists)."""
     try:
         await backend.stat("config")
     except NotFound:
@@ -85,6 +99,8 @@ async def init_repository(
     )
     key_id = storage_id(keyfile)
     await backend.save(backend_name("keys", key_id), keyfile)
+    if recipients:
+        await _save_recovery_key(backend, master, recipients, hostname, username, callbacks)
     config = config or Config()
     crypto = master.crypto()
     await backend.save("config", seal(crypto, "config", encode_config(config)))
@@ -125,31 +141,74 @@ def _refuse_foreign_directory(backend: Backend) -> None:
             raise DirectoryNotEmpty(root, entry)
 
 
-async def _try_key(backend: Backend, key_id: str, password: str | bytes) -> MasterKey | None:
+async def _save_recovery_key(
+    backend: Backend,
+    master: MasterKey,
+    recipients: Sequence[Recipient],
+    hostname: str,
+    username: str,
+    callbacks: Any,
+) -> str:
+    keyfile = await anyio.to_thread.run_sync(
+        lambda: make_recovery_keyfile(
+            master, recipients, hostname=hostname, username=username, callbacks=callbacks
+        )
+    )
+    key_id = storage_id(keyfile)
+    await backend.save(backend_name("keys", key_id), keyfile)
+    log.info("key.recovery_added", key=key_id, recipients=len(recipients))
+    return key_id
+
+
+async def _load_key(backend: Backend, key_id: str) -> bytes | None:
     try:
-        data = await backend.load(backend_name("keys", key_id))
-        return await anyio.to_thread.run_sync(unwrap_keyfile, data, password, key_id)
-    except (WrongPassword, NotFound):
-        # Not this key, or removed while we listed; a damaged one raises CorruptedObject.
+        return await backend.load(backend_name("keys", key_id))
+    except NotFound:  # removed while we listed
         return None
 
 
-async def open_repository(backend: Backend, password: str | bytes) -> Repository:
-    """Open with whichever key file the password unlocks."""
+async def _try_key(data: bytes, key_id: str, password: str | bytes) -> MasterKey | None:
+    """The master key if ``password`` opens this password key file, else None."""
     try:
-        config_bytes = await backend.load("config")
-    except NotFound:
-        raise RepositoryNotFound(backend.location) from None
+        return await anyio.to_thread.run_sync(unwrap_keyfile, data, password, key_id)
+    except WrongPassword:
+        return None  # not this key; a damaged one raises CorruptedObject
+
+
+async def _key_ids(backend: Backend) -> list[str]:
     key_ids = sorted([n.rsplit("/", 1)[-1] async for n, _size in backend.list("keys/")])
     if not key_ids:
         raise RepoError(f"{backend.location}: the repository has no key files")
+    return key_ids
+
+
+async def _load_config(backend: Backend) -> bytes:
+    try:
+        return await backend.load("config")
+    except NotFound:
+        raise RepositoryNotFound(backend.location) from None
+
+
+async def open_repository(backend: Backend, password: str | bytes) -> Repository:
+    """Open with whichever password key file the password unlocks."""
+    config_bytes = await _load_config(backend)
+    key_ids = await _key_ids(backend)
     damaged: list[str] = []
     config_error: CorruptedObject | None = None
+    recovery_only = True
     for key_id in key_ids:
+        data = await _load_key(backend, key_id)
+        if data is None:
+            continue
         try:
-            master = await _try_key(backend, key_id, password)
+            # A recovery key file never opens with a password: no age, no Argon2.
+            if key_kind(data, key_id) == KIND_RECOVERY:
+                continue
+            recovery_only = False
+            master = await _try_key(data, key_id, password)
         except CorruptedObject as exc:
             # A corrupt key must not lock the user out if another one opens.
+            recovery_only = False
             damaged.append(f"keys/{key_id} ({exc.problem})")
             continue
         if master is None:
@@ -171,7 +230,52 @@ async def open_repository(backend: Backend, password: str | bytes) -> Repository
             "no key of the repository opens with this password; damaged key files: "
             + ", ".join(damaged)
         )
+    if recovery_only:
+        raise WrongPassword(
+            "the repository has no password key, only recovery keys: "
+            "add one with `cairn key recover --identity FILE`"
+        )
     raise WrongPassword()
+
+
+async def open_repository_with_identities(
+    backend: Backend, identities: Sequence[Any]
+) -> Repository:
+    """Open with a recovery key file that one of the age ``identities`` unlocks.
+
+    The recovered master key must open the (authenticated) config: a recovery key
+    file forged by someone who only knows the recipients' public keys cannot pass.
+    """
+    config_bytes = await _load_config(backend)
+    damaged: list[str] = []
+    found = 0
+    for key_id in await _key_ids(backend):
+        data = await _load_key(backend, key_id)
+        try:
+            if data is None or key_kind(data, key_id) != KIND_RECOVERY:
+                continue
+            found += 1
+            opened = await anyio.to_thread.run_sync(
+                unwrap_recovery_keyfile, data, identities, key_id
+            )
+        except CorruptedObject as exc:
+            damaged.append(f"keys/{key_id} ({exc.problem})")
+            continue
+        if opened is None:
+            continue
+        master, verified = opened
+        try:
+            config = decode_config(unseal(master.crypto(), "config", config_bytes))
+        except CorruptedObject:
+            damaged.append(f"keys/{key_id} (it holds a key that does not open this repository)")
+            continue
+        if not verified:
+            log.warning("key.recovery_mac_mismatch", key=key_id)
+        return Repository(backend, master, config, key_id)
+    if not found and not damaged:
+        raise NoRecoveryKey(backend.location)
+    detail = f"; damaged recovery key files: {', '.join(damaged)}" if damaged else ""
+    raise IdentityMismatch(detail)
 
 
 class Repository:
@@ -251,16 +355,48 @@ class Repository:
     # --- keys ------------------------------------------------------------------------
 
     async def list_keys(self) -> list[dict[str, Any]]:
-        """Metadata of every key file, with ``id`` and ``current`` (the key in use)."""
-        out = []
-        for key_id in await self.list_ids("keys"):
-            data = await self.backend.load(backend_name("keys", key_id))
-            try:
+        """Metadata of every key file (``key_info``), sorted by ID."""
+        return [await self.key_info(key_id) for key_id in await self.list_ids("keys")]
+
+    async def key_info(self, key_id: str) -> dict[str, Any]:
+        """One key file's metadata, with ``id``, ``kind`` (``password`` or
+        ``recovery``) and ``current`` (the key in use); recovery keys also list their
+        recipients and whether their MAC verifies under this repository's key; a
+        damaged file has ``error`` instead."""
+        data = await self.backend.load(backend_name("keys", key_id))
+        kind = "password"
+        try:
+            kind = key_kind(data, key_id)
+            if kind == KIND_RECOVERY:
+                info = recovery_info(data, key_id, self._master)
+            else:
                 info = keyfile_info(data, key_id)
-            except CorruptedObject as exc:
-                info = {"error": str(exc)}
-            out.append({"id": key_id, "current": key_id == self.key_id, **info})
-        return out
+        except CorruptedObject as exc:
+            info = {"error": str(exc)}
+        return {"id": key_id, "kind": kind, "current": key_id == self.key_id, **info}
+
+    async def add_recovery_key(
+        self,
+        recipients: Sequence[Recipient],
+        *,
+        hostname: str,
+        username: str,
+        callbacks: Any = None,
+    ) -> str:
+        """Add a recovery key file escrowing the master key to ``recipients``."""
+        return await _save_recovery_key(
+            self.backend, self._master, recipients, hostname, username, callbacks
+        )
+
+    async def find_recovery_key(self, recipients: Sequence[Recipient]) -> str | None:
+        """The ID of a verified recovery key for exactly these recipients, if any."""
+        wanted = recipient_set(recipients)
+        for key in await self.list_keys():
+            if key["kind"] != KIND_RECOVERY or not key.get("verified"):
+                continue
+            if frozenset(r["recipient"] for r in key["recipients"]) == wanted:
+                return str(key["id"])
+        return None
 
     async def add_key(
         self,
