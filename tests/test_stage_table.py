@@ -1,6 +1,6 @@
-"""The per-stage table of restore and ``check --read-data``: ``-v`` prints it with a
-``bottleneck:`` line, ``--json`` puts its rows in the summary; run on a real local
-repository through the command line."""
+"""The per-stage table of restore, ``check --read-data`` and prune's repack: ``-v``
+prints it with a ``bottleneck:`` line, ``--json`` puts its rows in the summary; run on a real
+local repository through the command line."""
 
 from __future__ import annotations
 
@@ -136,3 +136,46 @@ def test_check_read_data_verbose_and_json(repo: Cairn) -> None:
 def test_check_without_read_data_has_no_stages(repo: Cairn) -> None:
     summary = repo.run("check", "--json", check=True).json_lines()[-1]
     assert summary["stages"] == [] and summary["bottleneck"] is None
+
+
+@pytest.fixture
+def pruneable(repo: Cairn, tmp_path: Path) -> Cairn:
+    """Two more snapshots of a directory whose second big file changed between them;
+    all but the last forgotten. The data pack holding both versions of the second
+    file and the unchanged first is partly used, so prune repacks it."""
+    src = tmp_path / "src2"
+    src.mkdir()
+    for i in range(2):
+        (src / f"big{i}.bin").write_bytes(os.urandom(5 * MiB))
+    repo.run("backup", str(src), check=True)
+    (src / "big1.bin").write_bytes(os.urandom(5 * MiB))
+    repo.run("backup", str(src), check=True)
+    repo.run("forget", "--keep-last", "1", check=True)
+    return repo
+
+
+REPACK_STAGES = ["plan", "download", "verify", "pack"]
+
+
+def test_prune_json_summary_has_stages_and_bottleneck(pruneable: Cairn) -> None:
+    out = pruneable.run("prune", "--max-unused", "0", "--json", check=True).json()
+    assert out["packs_repack"] >= 1
+    assert [row["stage"] for row in out["stages"]] == REPACK_STAGES
+    rows = _stages(out)
+    ranges = rows["download"]["items"]
+    assert ranges >= 1 and rows["plan"]["out"] == ranges == rows["verify"]["items"]
+    # Each kept blob is verified once and packed once: among them the unchanged
+    # 5 MiB file, stored as it was (random data: a bit more than 5 MiB).
+    assert rows["verify"]["out"] == rows["pack"]["items"] >= 1
+    assert rows["download"]["bytes"] >= rows["pack"]["bytes"] >= 5 * MiB
+    assert out["bottleneck"]["stage"] in rows and out["bottleneck"]["hint"]
+    # Nothing left to repack: no pipeline ran.
+    again = pruneable.run("prune", "--max-unused", "0", "--json", check=True).json()
+    assert again["stages"] == [] and again["bottleneck"] is None
+
+
+def test_prune_verbose_prints_the_table(pruneable: Cairn) -> None:
+    r = pruneable.run("prune", "--max-unused", "0", "-v")
+    assert r.code == 0, r.out + r.err
+    _table(r.out, REPACK_STAGES)
+    assert sum(line.startswith("bottleneck:") for line in r.out.splitlines()) == 1

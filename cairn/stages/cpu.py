@@ -11,6 +11,7 @@ import os
 
 from cairn.repo.codec import decode_blob, encode_blob
 from cairn.repo.crypto import Crypto
+from cairn.repo.errors import CorruptedObject
 from cairn.repo.pack import DATA
 from cairn.repo.tree import Node
 from cairn.stages.dirfds import DirFds, open_dir_path
@@ -46,13 +47,20 @@ def encode_small(items: list[tuple[bytes, bytes]], level: int) -> list[bytes]:
     return [encode_blob(crypto, DATA, blob_id, data, level) for blob_id, data in items]
 
 
-def decode_spans(view: memoryview, spans: list[tuple[int, int, int, bytes]]) -> list[bytes]:
-    """Decrypt, decompress and verify blobs at ``(offset, length, type, id)`` in a slot."""
+def verify_spans(
+    view: memoryview, spans: list[tuple[int, int, int, bytes]]
+) -> list[tuple[bytes, str]]:
+    """Decode (decrypt, decompress, check the ID of) the blobs at ``(offset, length,
+    type, id)`` in a slot; return the ones that fail as ``(blob ID, why)``. Nothing
+    bulky travels back: the caller keeps using the stored bytes in the slot."""
     crypto = _worker_crypto()
-    return [
-        decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
-        for offset, length, blob_type, blob_id in spans
-    ]
+    bad = []
+    for offset, length, blob_type, blob_id in spans:
+        try:
+            decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
+        except CorruptedObject as exc:
+            bad.append((blob_id, str(exc)))
+    return bad
 
 
 # A place a decoded blob goes: (directory below the target, file name, offset in the

@@ -17,20 +17,38 @@ Execute, in an order that keeps the repository consistent if interrupted anywher
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import structlog
 
 from cairn.backends.base import NotFound, object_name
-from cairn.repo.codec import decode_blob
+from cairn.pipeline import (
+    Pipeline,
+    PipelineOptions,
+    PipelineSnapshot,
+    SlotPool,
+    StageError,
+    WorkerPool,
+)
 from cairn.repo.errors import CorruptedObject, ObjectNotFound, RepoError
 from cairn.repo.index import Index, IndexFile, decode_index, encode_index
 from cairn.repo.pack import DATA, TREE, PackEntry, PackWriter
 from cairn.repo.tree import Tree
+from cairn.stages import cpu
+from cairn.stages.fetch import (
+    CPU_HINT,
+    DOWNLOAD_HINT,
+    SLOT_SIZE,
+    THROTTLE_HINT,
+    Batch,
+    Fetched,
+    batch_bytes,
+    download,
+    plan_ranges,
+)
 from cairn.stages.snapshots import load_snapshots
 from cairn.stages.units import parse_size
 
@@ -69,6 +87,7 @@ class PruneOptions:
     max_repack_size: int | None = None
     dry_run: bool = False
     connections: int = 4
+    cpu_workers: int = 2
     pack_size: int = 16 * 1024 * 1024
 
 
@@ -128,6 +147,8 @@ class PruneResult:
     bytes_deleted: int = 0
     index_written: list[str] = field(default_factory=list)
     index_deleted: int = 0
+    # The repack pipeline's final counters (None when nothing was repacked).
+    pipeline: PipelineSnapshot | None = None
 
 
 async def used_blobs(repo: Any, index: Index, roots: Sequence[tuple[str, bytes]]) -> set[bytes]:
@@ -266,8 +287,68 @@ def _choose_actions(plan: PrunePlan, options: PruneOptions) -> None:
         remaining -= info.unused_bytes
 
 
-class _Repacker:
-    """Copies verified blobs into new packs of their type and uploads them."""
+@dataclass(frozen=True)
+class EncodedBlob:
+    """A verified blob on its way into a new pack: its stored bytes, as found."""
+
+    blob_type: int
+    blob_id: bytes
+    data: bytes | memoryview
+    raw_length: int
+    release: Callable[[], None] | None = None
+
+
+class _SlotShare:
+    """The blobs of one downloaded range share its slot: the last one done frees it."""
+
+    def __init__(self, fetched: Fetched, count: int) -> None:
+        self.fetched = fetched
+        self.count = count
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count <= 0:
+            self.fetched.release()
+
+
+def _verify_stage(pool: WorkerPool) -> Callable[[Fetched], AsyncIterator[EncodedBlob]]:
+    """The verify stage: a worker job decodes every kept blob of a range from its
+    slot (decrypt, decompress, check the ID); the stored bytes then go on as they
+    are, as views of the slot, which the last of them to be packed frees."""
+
+    async def verify(fetched: Fetched) -> AsyncIterator[EncodedBlob]:
+        batch = fetched.batch
+        entries: list[PackEntry] = batch.blobs
+        spans = [(e.offset - batch.offset, e.length, e.type, e.id) for e in entries]
+        try:
+            bad = await pool.run(cpu.verify_spans, fetched.ref(), spans)
+        except BaseException:
+            fetched.release()
+            raise
+        if bad:
+            fetched.release()
+            _blob_id, why = bad[0]
+            raise PruneRefused(f"{why} (in pack {batch.pack_id.hex()}); nothing was deleted")
+        share = _SlotShare(fetched, len(entries))
+        view = fetched.slot.view if fetched.slot is not None else memoryview(b"")
+        for (offset, length, _type, _id), e in zip(spans, entries, strict=True):
+            data = view[offset : offset + length]
+            yield EncodedBlob(e.type, e.id, data, e.raw_length, share.release)
+
+    return verify
+
+
+def repack_batches(plan: PrunePlan) -> list[Batch]:
+    """The ranges of kept blobs in the packs to repack, each pack read front to back."""
+    return plan_ranges(
+        (bytes.fromhex(info.id), e.offset, e.length, e)
+        for info in plan.with_action("repack")
+        for e in info.used
+    )
+
+
+class _PackSink:
+    """Verified blobs into new packs of their type, uploaded as they fill."""
 
     def __init__(self, repo: Any, pack_size: int, result: PruneResult) -> None:
         self.repo = repo
@@ -276,30 +357,18 @@ class _Repacker:
         self.writers = {DATA: PackWriter(DATA), TREE: PackWriter(TREE)}
         self.written: set[bytes] = set()
         self.new_packs: list[tuple[bytes, list[PackEntry]]] = []
-        self.lock = anyio.Lock()
 
-    async def repack(self, info: PackInfo) -> None:
-        data = await self.repo.backend.load(object_name("data", info.id))
-        crypto = self.repo.crypto
-        blobs = [(e, data[e.offset : e.offset + e.length]) for e in info.used]
-
-        def verify() -> None:
-            for e, stored in blobs:
-                try:
-                    decode_blob(crypto, e.type, e.id, stored)
-                except CorruptedObject as exc:
-                    raise PruneRefused(f"{exc} (in pack {info.id}); nothing was deleted") from None
-
-        await anyio.to_thread.run_sync(verify)
-        async with self.lock:
-            for e, stored in blobs:
-                if e.id in self.written:
-                    continue
-                self.written.add(e.id)
-                writer = self.writers[e.type]
-                writer.add(e.type, e.id, stored, e.raw_length)
-                if writer.size >= self.pack_size:
-                    await self.flush(e.type)
+    async def add(self, blob: EncodedBlob) -> None:
+        data = bytes(blob.data)
+        if blob.release is not None:
+            blob.release()
+        if blob.blob_id in self.written:
+            return
+        self.written.add(blob.blob_id)
+        writer = self.writers[blob.blob_type]
+        writer.add(blob.blob_type, blob.blob_id, data, blob.raw_length)
+        if writer.size >= self.pack_size:
+            await self.flush(blob.blob_type)
 
     async def flush(self, blob_type: int) -> None:
         writer = self.writers[blob_type]
@@ -314,25 +383,75 @@ class _Repacker:
         log.debug("prune.pack_written", pack=pack_id, bytes=len(data), blobs=len(entries))
 
 
+async def repack(
+    repo: Any, plan: PrunePlan, options: PruneOptions, result: PruneResult
+) -> list[tuple[bytes, list[PackEntry]]]:
+    """The repack pipeline: plan → download → verify (workers) → pack; the new packs.
+
+    Downloads run ahead of the verify jobs by the slots free; a slot is freed once
+    every blob it holds has been copied into a pack, so memory is the slot pool
+    plus the packs being filled.
+    """
+    batches = repack_batches(plan)
+    if not batches:
+        return []
+    workers, connections = options.cpu_workers, options.connections
+    slots = SlotPool(SLOT_SIZE, 2 * workers + connections)
+    sink = _PackSink(repo, options.pack_size, result)
+    try:
+        async with WorkerPool(
+            workers, initializer=cpu.init_worker, initargs=(repo.crypto,)
+        ) as pool:
+            pipeline = (
+                Pipeline(
+                    "prune", options=PipelineOptions(cpu_workers=workers, connections=connections)
+                )
+                .source("plan", batches, sizeof=batch_bytes)
+                .map(
+                    "download",
+                    download(repo.backend, slots, ()),
+                    concurrency=connections,
+                    sizeof=batch_bytes,
+                    hint=DOWNLOAD_HINT,
+                    throttle_hint=THROTTLE_HINT,
+                )
+                .map(
+                    "verify",
+                    _verify_stage(pool),
+                    concurrency=2 * workers,
+                    sizeof=batch_bytes,
+                    hint=CPU_HINT,
+                )
+                .sink("pack", sink.add, sizeof=_blob_bytes)
+            )
+            try:
+                await pipeline.run()
+            except StageError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, Exception):
+                    raise cause from cause.__cause__
+                raise
+            finally:
+                result.pipeline = pipeline.snapshot(done=True)
+        await sink.flush(DATA)
+        await sink.flush(TREE)
+    finally:
+        slots.close()
+    return sink.new_packs
+
+
+def _blob_bytes(blob: EncodedBlob) -> int:
+    return len(blob.data)
+
+
 async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> PruneResult:
     """Carry out ``plan`` in the crash-safe order of the module docstring."""
     result = PruneResult()
     if not plan.changes:
         return result
-    repacker = _Repacker(repo, options.pack_size, result)
-    limiter = anyio.CapacityLimiter(max(1, options.connections))
-
-    async def repack_one(info: PackInfo) -> None:
-        async with limiter:
-            await repacker.repack(info)
-
-    async with anyio.create_task_group() as tg:
-        for info in plan.with_action("repack"):
-            tg.start_soon(repack_one, info)
-    await repacker.flush(DATA)
-    await repacker.flush(TREE)
+    new_packs = await repack(repo, plan, options, result)
     kept = [(bytes.fromhex(p.id), p.entries) for p in plan.with_action("keep")]
-    result.index_written = await write_index_files(repo, kept + repacker.new_packs, plan.index_ids)
+    result.index_written = await write_index_files(repo, kept + new_packs, plan.index_ids)
     for index_id in plan.index_ids:
         await _remove(repo, object_name("index", index_id))
         result.index_deleted += 1
