@@ -17,6 +17,7 @@ from cairn.repo.repository import open_repository
 from cairn.stages.check import Checker, CheckOptions, CheckResult
 from cairn.stages.prune import (
     PruneOptions,
+    PruneResult,
     execute_prune,
     max_unused_limit,
     parse_size,
@@ -167,8 +168,48 @@ def test_repack_refuses_a_corrupt_blob_and_deletes_nothing(template: Cairn, tmp_
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.err, r.err
     assert f"in pack {victim.id}" in lines[0] and "nothing was deleted" in lines[0]
-    # Nothing removed; new packs it may have written are unindexed leftovers.
-    assert packs <= set(pack_files(c.repo)) and set(objects(c.repo, "index")) == index
+    # Nothing removed (new packs written before the damage was found are indexed
+    # beside the old ones: the next prune sorts them out).
+    assert packs <= set(pack_files(c.repo)) and index <= set(objects(c.repo, "index"))
+    # The damage found is the only damage there is.
+    r = c.run("check", "--read-data")
+    errors = [line for line in r.out.splitlines() if line.startswith("error")]
+    assert r.code == 1 and errors and all(victim.id in line for line in errors), r.out
+
+
+async def _prune_result(root: Path, faults: str = "") -> PruneResult:
+    backend = FaultyBackend(LocalBackend(root), faults)
+    try:
+        repo = await open_repository(backend, PASSWORD)
+        options = PruneOptions(max_unused="0")
+        return await execute_prune(repo, await plan_prune(repo, options), options)
+    finally:
+        await backend.aclose()
+
+
+def test_rerun_keeps_the_packs_an_interrupted_repack_indexed(
+    template: Cairn, tmp_path: Path
+) -> None:
+    reference = tmp_path / "reference"
+    shutil.copytree(template.repo, reference)
+    clean = anyio.run(_prune_result, reference)
+    assert clean.packs_written >= 1 and len(clean.index_written) == 2
+    root = tmp_path / "interrupted"
+    shutil.copytree(template.repo, root)
+    # The new packs and their index file are stored; the index superseding the old
+    # one is not: every repacked blob is now in an old and in a new pack. (Saves are
+    # counted over all names: the new packs, their index, then the failing one.)
+    with pytest.raises(BackendError):
+        anyio.run(_prune_result, root, f"save:index/#{clean.packs_written + 2}=error")
+    result = anyio.run(_check, root)
+    assert not result.errors and any("stored in packs" in p.message for p in result.problems)
+    # The rerun keeps the new packs (all in use) and deletes the old ones: nothing
+    # is repacked twice.
+    rerun = anyio.run(_prune_result, root)
+    assert rerun.packs_written == 0 and rerun.packs_deleted == clean.packs_deleted
+    result = anyio.run(_check, root, True)
+    assert not result.problems, [p.line() for p in result.problems]
+    assert repo_size(root, "data") == repo_size(reference, "data")
 
 
 def test_forget_prune_restores_identical(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811

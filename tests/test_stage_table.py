@@ -154,7 +154,7 @@ def pruneable(repo: Cairn, tmp_path: Path) -> Cairn:
     return repo
 
 
-REPACK_STAGES = ["plan", "download", "verify", "pack"]
+REPACK_STAGES = ["plan", "download", "verify", "pack", "upload", "index"]
 
 
 def test_prune_json_summary_has_stages_and_bottleneck(pruneable: Cairn) -> None:
@@ -167,7 +167,10 @@ def test_prune_json_summary_has_stages_and_bottleneck(pruneable: Cairn) -> None:
     # Each kept blob is verified once and packed once: among them the unchanged
     # 5 MiB file, stored as it was (random data: a bit more than 5 MiB).
     assert rows["verify"]["out"] == rows["pack"]["items"] >= 1
-    assert rows["download"]["bytes"] >= rows["pack"]["bytes"] >= 5 * MiB
+    assert rows["download"]["bytes"] >= rows["upload"]["bytes"] >= 5 * MiB
+    # Each new pack uploaded once and passed to the index stage once.
+    assert rows["pack"]["out"] == rows["upload"]["items"] == out["packs_written"] >= 1
+    assert rows["index"]["items"] == out["packs_written"]
     assert out["bottleneck"]["stage"] in rows and out["bottleneck"]["hint"]
     # Nothing left to repack: no pipeline ran.
     again = pruneable.run("prune", "--max-unused", "0", "--json", check=True).json()

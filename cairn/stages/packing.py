@@ -92,6 +92,7 @@ class SaverStats:
     data_added: int = 0  # plaintext bytes of new data blobs
     data_added_packed: int = 0  # stored (compressed, encrypted) bytes of new blobs
     packs: int = 0
+    pack_bytes: int = 0  # bytes of the packs uploaded (blobs, headers)
     index_files: list[str] = field(default_factory=list)
 
 
@@ -226,6 +227,7 @@ class Packer:
             seconds=round(time.monotonic() - started, 4),
         )
         self.stats.packs += 1
+        self.stats.pack_bytes += len(data)
         # Noted here, not in the index stage: a pack that reached the backend is
         # indexed by finish() even if the run fails before "index" sees it.
         self._unindexed.append((bytes.fromhex(pack_id), entries))

@@ -7,10 +7,15 @@ partly used packs, most wasteful first, until the unused space left is within
 
 Execute, in an order that keeps the repository consistent if interrupted anywhere:
 
-1. write the new packs (used blobs of repacked packs, copied verbatim after their
-   IDs were verified) — an interruption leaves unindexed packs, harmless;
-2. write the new index files; only the last one lists every old index file in
-   ``supersedes``, so until it lands the old index stays in force;
+1. repack (:func:`repack`, a pipeline ending in the shared packing stages): the
+   used blobs of repacked packs, copied as stored after their IDs were verified,
+   into new packs, each indexed after it is uploaded (an index file every
+   ``PACKS_PER_INDEX`` packs, the rest at the end, also when the run fails). An
+   interruption leaves new packs unindexed (harmless; the next prune deletes them)
+   or indexed beside the old ones (the blobs are then stored twice, and the next
+   prune keeps the new packs and deletes the old);
+2. write index files for the packs kept as they are; only the last one lists every
+   old index file in ``supersedes``, so until it lands the old index stays in force;
 3. delete the old index files (already superseded);
 4. delete the old packs (no longer indexed).
 """
@@ -35,7 +40,7 @@ from cairn.pipeline import (
 )
 from cairn.repo.errors import CorruptedObject, ObjectNotFound, RepoError
 from cairn.repo.index import Index, IndexFile, decode_index, encode_index
-from cairn.repo.pack import DATA, TREE, PackEntry, PackWriter
+from cairn.repo.pack import PackEntry
 from cairn.repo.tree import Tree
 from cairn.stages import cpu
 from cairn.stages.fetch import (
@@ -49,13 +54,11 @@ from cairn.stages.fetch import (
     download,
     plan_ranges,
 )
+from cairn.stages.packing import PACKS_PER_INDEX, EncodedBlob, Packer
 from cairn.stages.snapshots import load_snapshots
 from cairn.stages.units import parse_size
 
 log = structlog.get_logger("cairn.prune")
-
-# Packs per written index file, as the backup saver does.
-PACKS_PER_INDEX = 64
 
 
 class PruneRefused(RepoError):
@@ -241,7 +244,18 @@ async def plan_prune(repo: Any, options: PruneOptions) -> PrunePlan:
 
 
 def _assign_used(plan: PrunePlan, used: set[bytes], copies: dict[bytes, list[str]]) -> None:
-    """Count each used blob once, in the first present pack holding it."""
+    """Count each used blob once, in one present pack holding it.
+
+    Of several copies, one in a pack all of whose blobs are in use wins: after an
+    interrupted prune, that is its new pack beside the partly used one it was to
+    replace, so the rerun keeps the new pack and deletes the old one instead of
+    repacking it again. Otherwise the first copy wins.
+    """
+    full = {
+        p
+        for p, info in plan.packs.items()
+        if info.action != "missing" and all(e.id in used for e in info.entries)
+    }
     chosen: dict[bytes, str] = {}
     for blob_id in used:
         present = [p for p in copies[blob_id] if plan.packs[p].action != "missing"]
@@ -250,7 +264,7 @@ def _assign_used(plan: PrunePlan, used: set[bytes], copies: dict[bytes, list[str
                 f"blob {blob_id.hex()} is in use but its pack {copies[blob_id][0]} is missing; "
                 "run `cairn check`, then `cairn repair`"
             )
-        chosen[blob_id] = present[0]
+        chosen[blob_id] = next((p for p in present if p in full), present[0])
     for info in plan.packs.values():
         for e in info.entries:
             if chosen.get(e.id) == info.id:
@@ -287,17 +301,6 @@ def _choose_actions(plan: PrunePlan, options: PruneOptions) -> None:
         remaining -= info.unused_bytes
 
 
-@dataclass(frozen=True)
-class EncodedBlob:
-    """A verified blob on its way into a new pack: its stored bytes, as found."""
-
-    blob_type: int
-    blob_id: bytes
-    data: bytes | memoryview
-    raw_length: int
-    release: Callable[[], None] | None = None
-
-
 class _SlotShare:
     """The blobs of one downloaded range share its slot: the last one done frees it."""
 
@@ -311,7 +314,9 @@ class _SlotShare:
             self.fetched.release()
 
 
-def _verify_stage(pool: WorkerPool) -> Callable[[Fetched], AsyncIterator[EncodedBlob]]:
+def _verify_stage(
+    pool: WorkerPool, packer: Packer
+) -> Callable[[Fetched], AsyncIterator[EncodedBlob]]:
     """The verify stage: a worker job decodes every kept blob of a range from its
     slot (decrypt, decompress, check the ID); the stored bytes then go on as they
     are, as views of the slot, which the last of them to be packed frees."""
@@ -329,9 +334,13 @@ def _verify_stage(pool: WorkerPool) -> Callable[[Fetched], AsyncIterator[Encoded
             fetched.release()
             _blob_id, why = bad[0]
             raise PruneRefused(f"{why} (in pack {batch.pack_id.hex()}); nothing was deleted")
-        share = _SlotShare(fetched, len(entries))
+        # Each blob goes into one new pack (the plan counts each used blob once).
+        todo = [(span, e) for span, e in zip(spans, entries, strict=True) if packer.claim(e.id)]
+        share = _SlotShare(fetched, len(todo))
+        if not todo:
+            share.release()
         view = fetched.slot.view if fetched.slot is not None else memoryview(b"")
-        for (offset, length, _type, _id), e in zip(spans, entries, strict=True):
+        for (offset, length, _type, _id), e in todo:
             data = view[offset : offset + length]
             yield EncodedBlob(e.type, e.id, data, e.raw_length, share.release)
 
@@ -347,65 +356,31 @@ def repack_batches(plan: PrunePlan) -> list[Batch]:
     )
 
 
-class _PackSink:
-    """Verified blobs into new packs of their type, uploaded as they fill."""
-
-    def __init__(self, repo: Any, pack_size: int, result: PruneResult) -> None:
-        self.repo = repo
-        self.pack_size = pack_size
-        self.result = result
-        self.writers = {DATA: PackWriter(DATA), TREE: PackWriter(TREE)}
-        self.written: set[bytes] = set()
-        self.new_packs: list[tuple[bytes, list[PackEntry]]] = []
-
-    async def add(self, blob: EncodedBlob) -> None:
-        data = bytes(blob.data)
-        if blob.release is not None:
-            blob.release()
-        if blob.blob_id in self.written:
-            return
-        self.written.add(blob.blob_id)
-        writer = self.writers[blob.blob_type]
-        writer.add(blob.blob_type, blob.blob_id, data, blob.raw_length)
-        if writer.size >= self.pack_size:
-            await self.flush(blob.blob_type)
-
-    async def flush(self, blob_type: int) -> None:
-        writer = self.writers[blob_type]
-        if not len(writer):
-            return
-        self.writers[blob_type] = PackWriter(blob_type)
-        data, pack_id, entries = writer.finish(self.repo.crypto)
-        await self.repo.backend.save(object_name("data", pack_id), data)
-        self.new_packs.append((bytes.fromhex(pack_id), entries))
-        self.result.packs_written += 1
-        self.result.bytes_written += len(data)
-        log.debug("prune.pack_written", pack=pack_id, bytes=len(data), blobs=len(entries))
-
-
 async def repack(
     repo: Any, plan: PrunePlan, options: PruneOptions, result: PruneResult
 ) -> list[tuple[bytes, list[PackEntry]]]:
-    """The repack pipeline: plan → download → verify (workers) → pack; the new packs.
+    """The repack pipeline; the new packs (already indexed, by index files that
+    supersede nothing)::
+
+        plan → download → verify (workers) → pack → upload → index
 
     Downloads run ahead of the verify jobs by the slots free; a slot is freed once
     every blob it holds has been copied into a pack, so memory is the slot pool
-    plus the packs being filled.
+    plus the packs being filled and uploaded (see docs/architecture.md, "Prune").
     """
     batches = repack_batches(plan)
     if not batches:
         return []
     workers, connections = options.cpu_workers, options.connections
     slots = SlotPool(SLOT_SIZE, 2 * workers + connections)
-    sink = _PackSink(repo, options.pack_size, result)
+    packer = Packer(repo, Index(), pack_size=options.pack_size, connections=connections)
+    options_ = PipelineOptions(cpu_workers=workers, connections=connections)
     try:
         async with WorkerPool(
             workers, initializer=cpu.init_worker, initargs=(repo.crypto,)
         ) as pool:
-            pipeline = (
-                Pipeline(
-                    "prune", options=PipelineOptions(cpu_workers=workers, connections=connections)
-                )
+            pipeline = packer.add_to(
+                Pipeline("prune", options=options_)
                 .source("plan", batches, sizeof=batch_bytes)
                 .map(
                     "download",
@@ -417,12 +392,11 @@ async def repack(
                 )
                 .map(
                     "verify",
-                    _verify_stage(pool),
+                    _verify_stage(pool, packer),
                     concurrency=2 * workers,
                     sizeof=batch_bytes,
                     hint=CPU_HINT,
                 )
-                .sink("pack", sink.add, sizeof=_blob_bytes)
             )
             try:
                 await pipeline.run()
@@ -432,16 +406,20 @@ async def repack(
                     raise cause from cause.__cause__
                 raise
             finally:
+                # The packs uploaded are indexed also when the run failed: a rerun
+                # keeps them (see _assign_used) instead of repacking again.
+                await packer.finish()
                 result.pipeline = pipeline.snapshot(done=True)
-        await sink.flush(DATA)
-        await sink.flush(TREE)
+                result.packs_written = packer.stats.packs
+                result.bytes_written = packer.stats.pack_bytes
+                result.index_written.extend(packer.stats.index_files)
     finally:
         slots.close()
-    return sink.new_packs
-
-
-def _blob_bytes(blob: EncodedBlob) -> int:
-    return len(blob.data)
+    new: dict[bytes, list[PackEntry]] = {}
+    for blob_id, loc in packer.index.blobs():
+        entry = PackEntry(loc.type, blob_id, loc.offset, loc.length, loc.raw_length)
+        new.setdefault(loc.pack_id, []).append(entry)
+    return list(new.items())
 
 
 async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> PruneResult:
@@ -451,7 +429,9 @@ async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> Pr
         return result
     new_packs = await repack(repo, plan, options, result)
     kept = [(bytes.fromhex(p.id), p.entries) for p in plan.with_action("keep")]
-    result.index_written = await write_index_files(repo, kept + new_packs, plan.index_ids)
+    result.index_written += await write_index_files(repo, kept, plan.index_ids)
+    for new_id, entries in new_packs:
+        repo.index.add_pack(new_id, entries)
     for index_id in plan.index_ids:
         await _remove(repo, object_name("index", index_id))
         result.index_deleted += 1
