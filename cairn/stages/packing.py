@@ -41,7 +41,7 @@ blobs and packs held (see docs/architecture.md, "Memory bound").
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +49,7 @@ import anyio
 import structlog
 
 from cairn.backends.base import object_name
-from cairn.pipeline import Pipeline
+from cairn.pipeline import Pipeline, StageError
 from cairn.pipeline.memory import HeldBytes
 from cairn.repo.index import Index, IndexFile, encode_index
 from cairn.repo.pack import DATA, TREE, PackEntry, PackWriter
@@ -269,3 +269,35 @@ class Packer:
 
 def _pack_bytes(item: PackWriter) -> int:
     return item.size
+
+
+async def store_blobs(
+    repo: Repository,
+    blobs: Iterable[EncodedBlob],
+    *,
+    pack_size: int | None = None,
+    connections: int = 1,
+) -> tuple[list[tuple[bytes, list[PackEntry]]], list[str]]:
+    """Pack, upload and index ``blobs`` (already encoded) with the same stages as
+    every pipeline (``pack`` → ``upload`` → ``index``, then :meth:`Packer.finish`):
+    for small writes such as the trees ``repair snapshots`` rewrites. Packs are of
+    the repository's pack size unless ``pack_size`` says otherwise; the repository's
+    loaded index (if any) learns them. Returns the new packs with their entries and
+    the IDs of the index files written."""
+    size = pack_size or repo.config.pack_size
+    packer = Packer(repo, Index(), pack_size=size, connections=connections)
+    pipeline = packer.add_to(Pipeline("store").source("blobs", blobs, sizeof=blob_bytes))
+    try:
+        await pipeline.run()
+    except StageError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, Exception):
+            raise cause from cause.__cause__
+        raise
+    finally:
+        await packer.finish()
+    packs = packer.index.pack_entries()
+    if repo.index is not None:
+        for pack_id, entries in packs:
+            repo.index.add_pack(pack_id, entries)
+    return packs, packer.stats.index_files

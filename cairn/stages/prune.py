@@ -415,11 +415,7 @@ async def repack(
                 result.index_written.extend(packer.stats.index_files)
     finally:
         slots.close()
-    new: dict[bytes, list[PackEntry]] = {}
-    for blob_id, loc in packer.index.blobs():
-        entry = PackEntry(loc.type, blob_id, loc.offset, loc.length, loc.raw_length)
-        new.setdefault(loc.pack_id, []).append(entry)
-    return list(new.items())
+    return packer.index.pack_entries()
 
 
 async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> PruneResult:
