@@ -175,7 +175,7 @@ async def test_backup_memory_stays_within_the_bound_on_a_slow_link(tmp_path: Pat
 
     await archiver.run()
 
-    assert archiver.saver.stats.data_added == total  # all of it went through
+    assert archiver.packer.stats.data_added == total  # all of it went through
     assert backend.saved >= total
     assert archiver.held.current == 0, "bytes counted as held were never released"
     assert 0 < archiver.held.peak <= bound, (archiver.held.peak, bound)

@@ -205,7 +205,7 @@ async def _backup(
         async with track(settings, "backup", lambda: backup_status(archiver)):
             root = await archiver.run()
         stats = archiver.stats
-        saver = archiver.saver.stats
+        saver = archiver.packer.stats
         duration = time.time() - started
         summary: dict[str, Any] = {
             "files_new": stats.files_new,
