@@ -36,7 +36,7 @@ from cairn.stages.units import parse_size
 
 log = structlog.get_logger("cairn.prune")
 
-# Packs per written index file, as the backup saver does.
+# Packs per written index file, as the packing stages do.
 PACKS_PER_INDEX = 64
 
 
