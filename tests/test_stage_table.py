@@ -186,11 +186,14 @@ def test_backup_json_summary_has_stages_and_bottleneck(repo: Cairn, tmp_path: Pa
 
 
 def test_backup_under_an_upload_limit_names_the_limit(repo: Cairn, tmp_path: Path) -> None:
-    # 6 MiB of random data at 2 MiB/s: the upload stage waits for the token
-    # bucket for seconds; reading and encoding 6 MiB take a fraction of one.
+    # 6 MiB of random data at 2 MiB/s: the token bucket holds the run for seconds;
+    # reading and encoding 6 MiB take a fraction of one. A local backend is charged
+    # per whole pack, so "pack" pays before handing a pack over (no upload task
+    # holds a pack while it waits): the limit shows there.
     r = repo.run("--limit-upload", "2048", "backup", str(_source(tmp_path)), "--json")
     assert r.code == 0, r.out + r.err
     summary = r.json_lines()[-1]
-    assert summary["bottleneck"]["stage"] == "upload"
+    assert summary["bottleneck"]["stage"] == "pack"
     assert "--limit-upload" in summary["bottleneck"]["hint"]
-    assert _stages(summary)["upload"]["throttled_pct"] > 0
+    rows = _stages(summary)
+    assert rows["pack"]["throttled_pct"] > 0 and rows["upload"]["throttled_pct"] == 0

@@ -49,6 +49,7 @@ import anyio
 import structlog
 
 from cairn.backends.base import object_name
+from cairn.backends.throttle import UPLOAD_PREPAID, charge, prepaid_upload_limiter
 from cairn.pipeline import Pipeline
 from cairn.pipeline.memory import HeldBytes
 from cairn.repo.index import Index, IndexFile, encode_index
@@ -60,6 +61,8 @@ log = structlog.get_logger("cairn.packing")
 # Packs per index file: restic writes an index about every 50 packs too; it bounds
 # how much an interrupted run has to re-upload.
 PACKS_PER_INDEX = 64
+# Bytes a pack's header adds per blob (charged with the blobs when prepaying).
+PACK_OVERHEAD = 64
 
 # What to tune when a stage of the packing limits the run (the bottleneck line).
 PACK_HINT = "none: packing runs in the main process (report it)"
@@ -132,6 +135,12 @@ class Packer:
         # 0: a full pack is handed to an uploader directly (see the module doc).
         self._upload_capacity = upload_capacity
         self._throttle_hint = throttle_hint
+        # With an upload limit charged per whole object (backends that do not pace
+        # their uploads), "pack" pays for a full pack before handing it over: the
+        # pack then waits for the limit in pack's hand, not in one upload task per
+        # connection, so only one full pack waits in memory (the wire sees the
+        # same bytes at the same rate; see backends/throttle.py).
+        self._prepay = None if dry_run else prepaid_upload_limiter(repo.backend)
         self._claimed: set[bytes] = set()
         # Joining a pack briefly needs its bytes twice: one join at a time.
         self._join_lock = anyio.Lock()
@@ -152,7 +161,7 @@ class Packer:
     def add_to(self, pipeline: Pipeline) -> Pipeline:
         """Append the stages ``pack``, ``upload`` and ``index`` to ``pipeline``."""
         return (
-            pipeline.stage("pack", self._pack, hint=PACK_HINT)
+            pipeline.stage("pack", self._pack, hint=PACK_HINT, throttle_hint=self._throttle_hint)
             .map(
                 "upload",
                 self._upload,
@@ -177,7 +186,7 @@ class Packer:
                     self._add(writer, blob)
                     if writer.size >= self._pack_size:
                         writers[blob.blob_type] = PackWriter(blob.blob_type)
-                        await send.send(writer)
+                        await self._hand_over(writer, send)
             finally:
                 # Copied (or the run is ending): the owner may reuse the bytes.
                 for blob in blobs:
@@ -185,7 +194,12 @@ class Packer:
                         blob.release()
         for writer in writers.values():
             if len(writer):
-                await send.send(writer)
+                await self._hand_over(writer, send)
+
+    async def _hand_over(self, writer: PackWriter, send: Any) -> None:
+        if self._prepay is not None:
+            await charge(self._prepay, writer.size + PACK_OVERHEAD * len(writer))
+        await send.send(writer)
 
     def _add(self, writer: PackWriter, blob: EncodedBlob) -> None:
         data = bytes(blob.data) if isinstance(blob.data, memoryview) else blob.data
@@ -234,7 +248,11 @@ class Packer:
     async def _save(self, blob_type: int, pack_id: str, data: bytes) -> None:
         if self._dry_run:
             return
-        await self._backend.save(object_name("data", pack_id), data)
+        token = UPLOAD_PREPAID.set(self._prepay is not None)
+        try:
+            await self._backend.save(object_name("data", pack_id), data)
+        finally:
+            UPLOAD_PREPAID.reset(token)
         cache = self._repo.cache
         if cache is not None and blob_type == TREE:
             # The next backup's parent-tree load then needs no download.
