@@ -48,20 +48,31 @@ UPLOAD_PACER: ContextVar[RateLimiter | None] = ContextVar("cairn_upload_pacer", 
 UPLOAD_PREPAID: ContextVar[bool] = ContextVar("cairn_upload_prepaid", default=False)
 
 
+def _throttled(backend: Backend) -> ThrottledBackend | None:
+    layer: object | None = backend
+    while layer is not None:
+        if isinstance(layer, ThrottledBackend):
+            return layer
+        layer = getattr(layer, "inner", None)
+    return None
+
+
+def upload_limiter(backend: Backend) -> RateLimiter | None:
+    """The upload limiter of the ThrottledBackend in ``backend``'s wrapper stack."""
+    layer = _throttled(backend)
+    return layer.upload if layer is not None else None
+
+
 def prepaid_upload_limiter(backend: Backend) -> RateLimiter | None:
     """The upload limiter of the ThrottledBackend in ``backend``'s wrapper stack, when
     it charges each object whole before sending it (the backend does not pace its
     uploads): a caller may then charge it earlier, while the object does not exist
     yet, and save with :data:`UPLOAD_PREPAID` set — the same bytes on the wire at the
     same rate, without objects held in memory while they wait for the limiter."""
-    layer: object | None = backend
-    while layer is not None:
-        if isinstance(layer, ThrottledBackend):
-            if layer.upload is None or getattr(layer.inner, "paces_uploads", False):
-                return None
-            return layer.upload
-        layer = getattr(layer, "inner", None)
-    return None
+    layer = _throttled(backend)
+    if layer is None or getattr(layer.inner, "paces_uploads", False):
+        return None
+    return layer.upload
 
 
 async def paced_pieces(data: bytes | memoryview, limiter: RateLimiter) -> AsyncIterator[bytes]:

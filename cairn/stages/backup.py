@@ -36,6 +36,7 @@ import anyio.abc
 import structlog
 from anyio.abc import ObjectSendStream
 
+from cairn.backends.throttle import upload_limiter
 from cairn.pipeline import (
     Inlet,
     Pipeline,
@@ -222,6 +223,10 @@ class Archiver:
             held=self.held,
         )
         self.root_tree: bytes | None = None
+        # An upload limit set when the run starts (a schedule may lift it later:
+        # the run then goes on with the smaller slot pools).
+        limiter = upload_limiter(repo.backend)
+        self._upload_limited = bool(getattr(limiter, "rate", None))
         self._trees = TreeCache(repo, index)
         self._pool: WorkerPool | None = None
         # The worker pool starts on the first blob that needs encoding: a backup
@@ -248,13 +253,19 @@ class Archiver:
     @property
     def in_slots(self) -> int:
         """Input slots: one being filled per reader, two queued per worker, and some
-        slack so a reader never waits while a worker finishes."""
+        slack so a reader never waits while a worker finishes. Behind an upload
+        limit the link sets the pace, not the disk or the CPU: one per reader and
+        one per worker keep it busy, and a slow link holds no more memory than that."""
+        if self._upload_limited:
+            return self.opts.cpu_workers + self.opts.read_concurrency
         return 2 * self.opts.cpu_workers + self.opts.read_concurrency + 2
 
     @property
     def out_slots(self) -> int:
         """Output slots: one per job in flight and one per job whose blobs are
-        being handed to the packer."""
+        being handed to the packer (behind an upload limit, one per worker)."""
+        if self._upload_limited:
+            return self.opts.cpu_workers
         return 2 * self.opts.cpu_workers
 
     def memory_bound(self) -> tuple[int, int]:
