@@ -168,11 +168,11 @@ class _Gate:
         self.charged += nbytes
 
 
-async def test_a_full_pack_waits_for_the_upload_limit_in_packs_hand(tmp_path: Path) -> None:
+async def test_blobs_wait_for_the_upload_limit_in_pack_not_in_upload_tasks(tmp_path: Path) -> None:
     # Behind an upload limit charged per whole object (a local backend), "pack"
-    # pays for each full pack before handing it over: while the limit holds,
-    # no upload task holds a pack — one full pack waits, one fills. Each byte is
-    # charged once (the save does not charge it again).
+    # pays for each blob before it adds it: while the limit holds, no upload
+    # task holds a pack and nothing waits in a pack. Each byte is charged once
+    # (the save does not charge it again).
     repo, _ = await _repo(tmp_path / "repo")
     gate = _Gate()
     repo.backend = ThrottledBackend(repo.backend, upload=gate)
@@ -185,9 +185,8 @@ async def test_a_full_pack_waits_for_the_upload_limit_in_packs_hand(tmp_path: Pa
         upload_items = pipe.snapshot().stage("upload").items_in
         gate.open.set()
     await packer.finish()
-    one_pack = 30 * KiB + 11 * KiB
     assert upload_items == 0
-    assert held <= 2 * one_pack, held
+    assert held == 0, held
     stored = sum(p.stat().st_size for p in _packs(tmp_path / "repo"))
     assert stored * 0.98 <= gate.charged <= stored * 1.02
 

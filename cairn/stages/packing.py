@@ -61,7 +61,7 @@ log = structlog.get_logger("cairn.packing")
 # Packs per index file: restic writes an index about every 50 packs too; it bounds
 # how much an interrupted run has to re-upload.
 PACKS_PER_INDEX = 64
-# Bytes a pack's header adds per blob (charged with the blobs when prepaying).
+# Bytes a pack's header adds per blob (charged with each blob when prepaying).
 PACK_OVERHEAD = 64
 
 # What to tune when a stage of the packing limits the run (the bottleneck line).
@@ -136,10 +136,11 @@ class Packer:
         self._upload_capacity = upload_capacity
         self._throttle_hint = throttle_hint
         # With an upload limit charged per whole object (backends that do not pace
-        # their uploads), "pack" pays for a full pack before handing it over: the
-        # pack then waits for the limit in pack's hand, not in one upload task per
-        # connection, so only one full pack waits in memory (the wire sees the
-        # same bytes at the same rate; see backends/throttle.py).
+        # their uploads), "pack" pays for each blob as it adds it: a full pack is
+        # paid for and goes straight up, instead of waiting for the limit in one
+        # upload task per connection, and the bucket is used while the next pack
+        # fills (the wire sees the same bytes at the same rate, each pack in one
+        # burst as before; see backends/throttle.py).
         self._prepay = None if dry_run else prepaid_upload_limiter(repo.backend)
         self._claimed: set[bytes] = set()
         # Joining a pack briefly needs its bytes twice: one join at a time.
@@ -182,6 +183,8 @@ class Packer:
             blobs = [item] if isinstance(item, EncodedBlob) else list(item)
             try:
                 for blob in blobs:
+                    if self._prepay is not None:
+                        await charge(self._prepay, len(blob.data) + PACK_OVERHEAD)
                     writer = writers[blob.blob_type]
                     self._add(writer, blob)
                     if writer.size >= self._pack_size:
@@ -197,8 +200,6 @@ class Packer:
                 await self._hand_over(writer, send)
 
     async def _hand_over(self, writer: PackWriter, send: Any) -> None:
-        if self._prepay is not None:
-            await charge(self._prepay, writer.size + PACK_OVERHEAD * len(writer))
         await send.send(writer)
 
     def _add(self, writer: PackWriter, blob: EncodedBlob) -> None:
