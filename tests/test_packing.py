@@ -13,6 +13,7 @@ import pytest
 
 from cairn.backends.faulty import FaultyBackend, parse_faults
 from cairn.backends.local import LocalBackend
+from cairn.backends.throttle import ThrottledBackend
 from cairn.pipeline import Pipeline, PipelineOptions, StageError
 from cairn.repo.cache import MetadataCache
 from cairn.repo.codec import encode_blob
@@ -153,3 +154,48 @@ async def test_full_packs_do_not_queue_behind_a_busy_uploader(tmp_path: Path) ->
     assert packer.stats.packs >= 10
     assert packer.stats.packs < packing.PACKS_PER_INDEX  # one index file, at finish
     assert len(packer.stats.index_files) == 1
+
+
+class _Gate:
+    """An upload limiter that admits nothing until opened; counts what it admits."""
+
+    def __init__(self) -> None:
+        self.open = anyio.Event()
+        self.charged = 0
+
+    async def acquire(self, nbytes: int) -> None:
+        await self.open.wait()
+        self.charged += nbytes
+
+
+async def test_blobs_wait_for_the_upload_limit_in_pack_not_in_upload_tasks(tmp_path: Path) -> None:
+    # Behind an upload limit charged per whole object (a local backend), "pack"
+    # pays for each blob before it adds it: while the limit holds, no upload
+    # task holds a pack and nothing waits in a pack. Each byte is charged once
+    # (the save does not charge it again).
+    repo, _ = await _repo(tmp_path / "repo")
+    gate = _Gate()
+    repo.backend = ThrottledBackend(repo.backend, upload=gate)
+    packer = Packer(repo, Index(), pack_size=30 * KiB, connections=3)
+    pipe = packer.add_to(Pipeline("t").source("src", list(_blobs(repo, 40))))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pipe.run)
+        await anyio.wait_all_tasks_blocked()
+        held = packer.held.current
+        upload_items = pipe.snapshot().stage("upload").items_in
+        gate.open.set()
+    await packer.finish()
+    assert upload_items == 0
+    assert held == 0, held
+    stored = sum(p.stat().st_size for p in _packs(tmp_path / "repo"))
+    assert stored * 0.98 <= gate.charged <= stored * 1.02
+
+
+async def test_dry_run_is_not_held_by_the_upload_limit(tmp_path: Path) -> None:
+    repo, _ = await _repo(tmp_path / "repo")
+    gate = _Gate()  # never opens: a dry run must not wait for it
+    repo.backend = ThrottledBackend(repo.backend, upload=gate)
+    packer = Packer(repo, Index(), pack_size=30 * KiB, connections=2, dry_run=True)
+    with anyio.fail_after(10):
+        await packer.add_to(Pipeline("t").source("src", list(_blobs(repo, 10)))).run()
+    assert packer.stats.packs >= 3 and gate.charged == 0

@@ -3,6 +3,7 @@ any backend operation leaves a repository ``check`` passes."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,34 @@ def test_rerun_keeps_the_packs_an_interrupted_repack_indexed(
     result = anyio.run(_check, root, True)
     assert not result.problems, [p.line() for p in result.problems]
     assert repo_size(root, "data") == repo_size(reference, "data")
+
+
+async def _prune_slowly(root: Path) -> PruneResult:
+    """Prune into packs of one blob each, uploaded one at a time, each slowly."""
+    backend = FaultyBackend(LocalBackend(root), "save:data/=delay:0.02")
+    try:
+        repo = await open_repository(backend, PASSWORD)
+        options = PruneOptions(max_unused="0", pack_size=16 * 1024, connections=1, cpu_workers=1)
+        return await execute_prune(repo, await plan_prune(repo, options), options)
+    finally:
+        await backend.aclose()
+
+
+def test_repack_memory_is_bounded_behind_a_slow_backend(tmp_path: Path) -> None:
+    c = new_cairn(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(80):
+        (src / f"f{i:02}").write_bytes(os.urandom(20_000))  # one blob each
+    c.run("backup", str(src), check=True)
+    for i in range(0, 80, 2):
+        (src / f"f{i:02}").write_bytes(os.urandom(20_000))
+    c.run("backup", str(src), check=True)
+    c.run("forget", "--keep-last", "1", check=True)
+    result = anyio.run(_prune_slowly, Path(c.repo))
+    # 40 kept blobs (800 kB) repacked one per pack: several times the bound.
+    assert result.packs_written >= 40 and result.bytes_written > 4 * result.held_bound
+    assert 0 < result.held_peak <= result.held_bound
 
 
 def test_forget_prune_restores_identical(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811

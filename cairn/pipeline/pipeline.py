@@ -15,6 +15,7 @@ from .metrics import (
     StageMetrics,
     sizeof_default,
     waiting_on_output,
+    waits,
 )
 from .options import PipelineOptions
 from .stages import Clock, CountingReceive, CountingSend, Producer, Stage, StageSpec
@@ -171,12 +172,16 @@ class Pipeline:
         fn: Callable[[Any, Any], Awaitable[None]],
         *,
         hint: str = "",
+        throttle_hint: str = "",
         capacity: int | None = None,
     ) -> Pipeline:
         """A raw stage ``await fn(receive, send)`` for stateful work (e.g. packing
         blobs until a pack is full); the engine closes both streams after it.
-        ``hint`` and ``capacity`` as in :meth:`map`."""
-        return self._add(StageSpec(name, "raw", fn, hint=hint, capacity=capacity))
+        Its busy time is what it spent not waiting on either stream, a throttle
+        or inside ``waiting_on_output()``. ``hint``, ``throttle_hint`` and
+        ``capacity`` as in :meth:`map`."""
+        spec = StageSpec(name, "raw", fn, hint=hint, throttle_hint=throttle_hint, capacity=capacity)
+        return self._add(spec)
 
     def inlet(self, stage: str, *, until: str) -> Inlet:
         """A fan-in: a handle that feeds items into ``stage``'s input from outside
@@ -353,13 +358,17 @@ async def _run_raw(spec: StageSpec, metrics: StageMetrics, rx: Any, tx: Any) -> 
     start = anyio.current_time()
     waited = metrics.wait_in_seconds + metrics.wait_out_seconds
     async with rx, tx:
-        try:
-            await spec.fn(CountingReceive(rx, metrics), CountingSend(tx, metrics))
-        except Exception as exc:
-            raise StageError(spec.name, None, exc) from exc
-        finally:
-            waited = metrics.wait_in_seconds + metrics.wait_out_seconds - waited
-            metrics.busy_seconds += anyio.current_time() - start - waited
+        with waits() as noted:
+            try:
+                await spec.fn(CountingReceive(rx, metrics), CountingSend(tx, metrics))
+            except Exception as exc:
+                raise StageError(spec.name, None, exc) from exc
+            finally:
+                metrics.wait_out_seconds += noted.output
+                metrics.throttled_seconds += noted.throttled
+                waited = metrics.wait_in_seconds + metrics.wait_out_seconds - waited
+                elapsed = anyio.current_time() - start
+                metrics.busy_seconds += max(0.0, elapsed - waited - noted.throttled)
 
 
 async def _discard(item: Any) -> None:

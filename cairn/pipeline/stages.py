@@ -89,8 +89,9 @@ class Stage:
         except Exception as exc:
             raise StageError(self.spec.name, None, exc) from exc
         finally:
+            # Several tasks of the producer may wait at once: never below zero.
             elapsed = self.clock() - start
-            self.metrics.busy_seconds += elapsed - send.waited
+            self.metrics.busy_seconds += max(0.0, elapsed - send.waited)
 
     async def _send(self, tx: ObjectSendStream[Any], item: Any) -> None:
         # A source's input is its iterable: what it takes from it, it sends on.

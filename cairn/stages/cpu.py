@@ -32,21 +32,6 @@ def _worker_crypto() -> Crypto:
     return _crypto
 
 
-def encode_spans(view: memoryview, spans: list[tuple[int, int, bytes]], level: int) -> list[bytes]:
-    """Compress and encrypt the data blobs at ``(offset, length, id)`` in a slot."""
-    crypto = _worker_crypto()
-    return [
-        encode_blob(crypto, DATA, blob_id, view[offset : offset + length], level)
-        for offset, length, blob_id in spans
-    ]
-
-
-def encode_small(items: list[tuple[bytes, bytes]], level: int) -> list[bytes]:
-    """Compress and encrypt a batch of small data blobs given as ``(id, data)``."""
-    crypto = _worker_crypto()
-    return [encode_blob(crypto, DATA, blob_id, data, level) for blob_id, data in items]
-
-
 def verify_spans(
     view: memoryview, spans: list[tuple[int, int, int, bytes]]
 ) -> list[tuple[bytes, str]]:

@@ -49,6 +49,7 @@ import anyio
 import structlog
 
 from cairn.backends.base import object_name
+from cairn.backends.throttle import UPLOAD_PREPAID, charge, prepaid_upload_limiter
 from cairn.pipeline import Pipeline, StageError
 from cairn.pipeline.memory import HeldBytes
 from cairn.repo.index import Index, IndexFile, encode_index
@@ -60,6 +61,8 @@ log = structlog.get_logger("cairn.packing")
 # Packs per index file: restic writes an index about every 50 packs too; it bounds
 # how much an interrupted run has to re-upload.
 PACKS_PER_INDEX = 64
+# Bytes a pack's header adds per blob (charged with each blob when prepaying).
+PACK_OVERHEAD = 64
 
 # What to tune when a stage of the packing limits the run (the bottleneck line).
 PACK_HINT = "none: packing runs in the main process (report it)"
@@ -133,6 +136,13 @@ class Packer:
         # 0: a full pack is handed to an uploader directly (see the module doc).
         self._upload_capacity = upload_capacity
         self._throttle_hint = throttle_hint
+        # With an upload limit charged per whole object (backends that do not pace
+        # their uploads), "pack" pays for each blob as it adds it: a full pack is
+        # paid for and goes straight up, instead of waiting for the limit in one
+        # upload task per connection, and the bucket is used while the next pack
+        # fills (the wire sees the same bytes at the same rate, each pack in one
+        # burst as before; see backends/throttle.py).
+        self._prepay = None if dry_run else prepaid_upload_limiter(repo.backend)
         self._claimed: set[bytes] = set()
         # Joining a pack briefly needs its bytes twice: one join at a time.
         self._join_lock = anyio.Lock()
@@ -153,7 +163,7 @@ class Packer:
     def add_to(self, pipeline: Pipeline) -> Pipeline:
         """Append the stages ``pack``, ``upload`` and ``index`` to ``pipeline``."""
         return (
-            pipeline.stage("pack", self._pack, hint=PACK_HINT)
+            pipeline.stage("pack", self._pack, hint=PACK_HINT, throttle_hint=self._throttle_hint)
             .map(
                 "upload",
                 self._upload,
@@ -174,11 +184,13 @@ class Packer:
             blobs = [item] if isinstance(item, EncodedBlob) else list(item)
             try:
                 for blob in blobs:
+                    if self._prepay is not None:
+                        await charge(self._prepay, len(blob.data) + PACK_OVERHEAD)
                     writer = writers[blob.blob_type]
                     self._add(writer, blob)
                     if writer.size >= self._pack_size:
                         writers[blob.blob_type] = PackWriter(blob.blob_type)
-                        await send.send(writer)
+                        await self._hand_over(writer, send)
             finally:
                 # Copied (or the run is ending): the owner may reuse the bytes.
                 for blob in blobs:
@@ -186,7 +198,10 @@ class Packer:
                         blob.release()
         for writer in writers.values():
             if len(writer):
-                await send.send(writer)
+                await self._hand_over(writer, send)
+
+    async def _hand_over(self, writer: PackWriter, send: Any) -> None:
+        await send.send(writer)
 
     def _add(self, writer: PackWriter, blob: EncodedBlob) -> None:
         data = bytes(blob.data) if isinstance(blob.data, memoryview) else blob.data
@@ -236,7 +251,11 @@ class Packer:
     async def _save(self, blob_type: int, pack_id: str, data: bytes) -> None:
         if self._dry_run:
             return
-        await self._backend.save(object_name("data", pack_id), data)
+        token = UPLOAD_PREPAID.set(self._prepay is not None)
+        try:
+            await self._backend.save(object_name("data", pack_id), data)
+        finally:
+            UPLOAD_PREPAID.reset(token)
         cache = self._repo.cache
         if cache is not None and blob_type == TREE:
             # The next backup's parent-tree load then needs no download.

@@ -152,6 +152,10 @@ class PruneResult:
     index_deleted: int = 0
     # The repack pipeline's final counters (None when nothing was repacked).
     pipeline: PipelineSnapshot | None = None
+    # Bytes of blobs and packs the packing stages held at most, and the bound that
+    # holds by construction (docs/architecture.md, "Prune").
+    held_peak: int = 0
+    held_bound: int = 0
 
 
 async def used_blobs(repo: Any, index: Index, roots: Sequence[tuple[str, bytes]]) -> set[bytes]:
@@ -413,9 +417,19 @@ async def repack(
                 result.packs_written = packer.stats.packs
                 result.bytes_written = packer.stats.pack_bytes
                 result.index_written.extend(packer.stats.index_files)
+                result.held_peak = packer.held.peak
+                result.held_bound = held_bound(options, batches)
     finally:
         slots.close()
     return packer.index.pack_entries()
+
+
+def held_bound(options: PruneOptions, batches: list[Batch]) -> int:
+    """The most bytes the packing stages hold in a repack of ``batches``: packs
+    uploading, one being joined, one waiting for an uploader, one data and one
+    tree pack filling — each at most one blob over the pack size."""
+    largest = max((e.length for b in batches for e in b.blobs), default=0)
+    return (options.connections + 4) * (options.pack_size + largest)
 
 
 async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> PruneResult:
@@ -441,6 +455,8 @@ async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> Pr
         packs_written=result.packs_written,
         packs_deleted=result.packs_deleted,
         bytes_deleted=result.bytes_deleted,
+        held_peak=result.held_peak,
+        held_bound=result.held_bound,
     )
     return result
 
