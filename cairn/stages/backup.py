@@ -81,6 +81,22 @@ WALK_CONCURRENCY = 3
 # Small files read per thread hop.
 SMALL_READ_FILES = 64
 
+# Behind an upload limit below this (bytes/s), one worker encodes faster than the
+# link takes the data (source text at ~230 MB/s, incompressible data far faster:
+# bench/ENGINE.md), so a second one would only add a process (~25 MiB) and its
+# slots (~16 MiB) to what a throttled backup holds.
+ONE_WORKER_BELOW = 64 * MiB
+
+
+def default_cpu_workers(cores: int, upload_limit: int | None, scheduled: bool) -> int:
+    """Workers when ``--cpu-workers`` is not given: one per core, or one behind a
+    fixed upload limit (bytes/s) below :data:`ONE_WORKER_BELOW` (not with a
+    bandwidth schedule, which may lift the limit during the run)."""
+    if upload_limit and upload_limit < ONE_WORKER_BELOW and not scheduled:
+        return 1
+    return cores
+
+
 # What to tune when a stage limits a backup (the bottleneck line).
 WALK_HINT = "none: scanning directories (a slow or remote filesystem?)"
 READ_HINT = "--read-concurrency"
