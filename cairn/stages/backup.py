@@ -51,6 +51,7 @@ from cairn.pipeline.workers import WorkerPool
 from cairn.repo.codec import encode_blob
 from cairn.repo.index import Index
 from cairn.repo.pack import DATA, TREE
+from cairn.repo.repository import Repository
 from cairn.repo.tree import Node, Tree, encode_tree
 from cairn.stages import cpu
 from cairn.stages.chunker import (
@@ -212,9 +213,17 @@ class _EncodeJob:
 
 
 class Archiver:
-    """Runs one backup; ``run`` returns the root tree ID."""
+    """Runs one backup as a Pipeline (see the module docstring); ``run`` returns
+    the root tree ID. ``stats``, ``packer.stats``, ``held`` and :meth:`snapshot`
+    are its public counters."""
 
-    def __init__(self, repo: Any, index: Index, options: BackupOptions, parent_tree: bytes | None):
+    def __init__(
+        self,
+        repo: Repository,
+        index: Index,
+        options: BackupOptions,
+        parent_tree: bytes | None,
+    ) -> None:
         self.repo = repo
         self.crypto = repo.crypto
         self.index = index
