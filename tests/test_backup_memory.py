@@ -20,7 +20,7 @@ from cairn.repo.config import Config
 from cairn.repo.index import Index
 from cairn.repo.keyfile import KdfParams
 from cairn.repo.repository import init_repository
-from cairn.stages.backup import Archiver, BackupOptions
+from cairn.stages.backup import Archiver, BackupOptions, default_cpu_workers
 from tests.cli_helpers import CAIRN, Cairn
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
 
@@ -194,3 +194,11 @@ async def test_backup_memory_stays_within_the_bound_on_a_slow_link(
     assert saved >= total
     assert archiver.held.current == 0, "bytes counted as held were never released"
     assert 0 < archiver.held.peak <= bound, (archiver.held.peak, bound)
+
+
+def test_one_worker_behind_a_fixed_upload_limit() -> None:
+    assert default_cpu_workers(4, None, False) == 4
+    assert default_cpu_workers(4, 5000 * KiB, False) == 1
+    # A schedule may lift the limit mid-run; a fast limit needs the cores.
+    assert default_cpu_workers(4, 5000 * KiB, True) == 4
+    assert default_cpu_workers(4, 200 * MiB, False) == 4

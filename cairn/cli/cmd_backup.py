@@ -98,7 +98,7 @@ def _human(n: float) -> str:
 def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
     """Back up PATHS into a new snapshot."""
     from cairn.repo.codec import compression_level
-    from cairn.stages.backup import BackupOptions
+    from cairn.stages.backup import BackupOptions, default_cpu_workers
     from cairn.stages.excludes import ExcludeRules
 
     if opts["use_stdin"] and (paths or opts["files_from"] or opts["files_from_raw"]):
@@ -125,7 +125,11 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         larger_than=opts["exclude_larger_than"],
         one_file_system=opts["one_file_system"],
     )
-    cpu = settings.cpu_workers or len(os.sched_getaffinity(0))
+    cpu = settings.cpu_workers or default_cpu_workers(
+        len(os.sched_getaffinity(0)),
+        settings.limit_upload * 1024 if settings.limit_upload else None,
+        bool(settings.limit_upload_schedule),
+    )
     options = BackupOptions(
         paths=targets,
         rules=rules,

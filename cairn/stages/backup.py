@@ -51,6 +51,7 @@ from cairn.pipeline.workers import WorkerPool
 from cairn.repo.codec import encode_blob
 from cairn.repo.index import Index
 from cairn.repo.pack import DATA, TREE
+from cairn.repo.repository import Repository
 from cairn.repo.tree import Node, Tree, encode_tree
 from cairn.stages import cpu
 from cairn.stages.chunker import (
@@ -80,6 +81,22 @@ OUT_SLACK = 256 * 1024
 WALK_CONCURRENCY = 3
 # Small files read per thread hop.
 SMALL_READ_FILES = 64
+
+# Behind an upload limit below this (bytes/s), one worker encodes faster than the
+# link takes the data (source text at ~230 MB/s, incompressible data far faster:
+# bench/ENGINE.md), so a second one would only add a process (~25 MiB) and its
+# slots (~16 MiB) to what a throttled backup holds.
+ONE_WORKER_BELOW = 64 * MiB
+
+
+def default_cpu_workers(cores: int, upload_limit: int | None, scheduled: bool) -> int:
+    """Workers when ``--cpu-workers`` is not given: one per core, or one behind a
+    fixed upload limit (bytes/s) below :data:`ONE_WORKER_BELOW` (not with a
+    bandwidth schedule, which may lift the limit during the run)."""
+    if upload_limit and upload_limit < ONE_WORKER_BELOW and not scheduled:
+        return 1
+    return cores
+
 
 # What to tune when a stage limits a backup (the bottleneck line).
 WALK_HINT = "none: scanning directories (a slow or remote filesystem?)"
@@ -196,9 +213,17 @@ class _EncodeJob:
 
 
 class Archiver:
-    """Runs one backup; ``run`` returns the root tree ID."""
+    """Runs one backup as a Pipeline (see the module docstring); ``run`` returns
+    the root tree ID. ``stats``, ``packer.stats``, ``held`` and :meth:`snapshot`
+    are its public counters."""
 
-    def __init__(self, repo: Any, index: Index, options: BackupOptions, parent_tree: bytes | None):
+    def __init__(
+        self,
+        repo: Repository,
+        index: Index,
+        options: BackupOptions,
+        parent_tree: bytes | None,
+    ) -> None:
         self.repo = repo
         self.crypto = repo.crypto
         self.index = index
