@@ -14,11 +14,13 @@ import pytest
 
 from cairn.backends.forward import ForwardingBackend
 from cairn.backends.local import LocalBackend
+from cairn.backends.throttle import ThrottledBackend
+from cairn.pipeline import Throttle
 from cairn.repo.config import Config
 from cairn.repo.index import Index
 from cairn.repo.keyfile import KdfParams
 from cairn.repo.repository import init_repository
-from cairn.stages.backup import Archiver, BackupOptions
+from cairn.stages.backup import Archiver, BackupOptions, default_cpu_workers
 from tests.cli_helpers import CAIRN, Cairn
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
 
@@ -145,11 +147,19 @@ class _SlowLink(ForwardingBackend):
 
 
 @pytest.mark.anyio
-async def test_backup_memory_stays_within_the_bound_on_a_slow_link(tmp_path: Path) -> None:
+@pytest.mark.parametrize("link", ["slow", "limited"])
+async def test_backup_memory_stays_within_the_bound_on_a_slow_link(
+    tmp_path: Path, link: str
+) -> None:
     # Small chunks, slots and packs so the bound is small and the backup is many
-    # times larger; the link is several times slower than reading and encoding.
+    # times larger; the link is several times slower than reading and encoding:
+    # a slow backend, or an upload limit (the token bucket the CLI sets up).
     config = Config(chunk_min=64 * KiB, chunk_avg=128 * KiB, chunk_max=256 * KiB)
-    backend = _SlowLink(LocalBackend(tmp_path / "repo"), rate=24 * MiB)
+    local = LocalBackend(tmp_path / "repo")
+    rate = 24 * MiB
+    backend: ForwardingBackend = (
+        _SlowLink(local, rate) if link == "slow" else ThrottledBackend(local, Throttle(rate))
+    )
     repo = await init_repository(
         backend, "pw", kdf_params=CHEAP, hostname="h", username="u", config=config
     )
@@ -172,10 +182,23 @@ async def test_backup_memory_stays_within_the_bound_on_a_slow_link(tmp_path: Pat
     archiver = Archiver(repo, Index(), options, None)
     slots, bound = archiver.memory_bound()
     assert slots + bound < total / 3, "the backup must dwarf the bound to test it"
+    if link == "limited":
+        # The link sets the pace: one input slot per reader and worker, one
+        # output slot per worker.
+        assert (archiver.in_slots, archiver.out_slots) == (4, 2)
 
     await archiver.run()
 
-    assert archiver.saver.stats.data_added == total  # all of it went through
-    assert backend.saved >= total
+    assert archiver.packer.stats.data_added == total  # all of it went through
+    saved = sum(p.stat().st_size for p in (tmp_path / "repo" / "data").glob("*/*"))
+    assert saved >= total
     assert archiver.held.current == 0, "bytes counted as held were never released"
     assert 0 < archiver.held.peak <= bound, (archiver.held.peak, bound)
+
+
+def test_one_worker_behind_a_fixed_upload_limit() -> None:
+    assert default_cpu_workers(4, None, False) == 4
+    assert default_cpu_workers(4, 5000 * KiB, False) == 1
+    # A schedule may lift the limit mid-run; a fast limit needs the cores.
+    assert default_cpu_workers(4, 5000 * KiB, True) == 4
+    assert default_cpu_workers(4, 200 * MiB, False) == 4

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 from rich.console import Console
 
 from cairn.cli.progress import Reporter, Status, backup_status, status_json, wants_display
 from cairn.config.settings import Settings
+from cairn.pipeline import PipelineSnapshot, StageSnapshot
 from cairn.stages.backup import BackupStats
 
 
@@ -22,10 +22,22 @@ def test_backup_status_counts_unchanged_bytes_as_done() -> None:
         bytes_unmodified=600,
         current=b"/src/big",
     )
-    status = backup_status(SimpleNamespace(stats=stats))
+    status = backup_status(stats)
     assert (status.total_files, status.files_done) == (6, 4)
     assert (status.total_bytes, status.bytes_done) == (1000, 700)
     assert status.current_files == ["/src/big"]
+
+
+def test_backup_status_gauges_come_from_the_pipeline_snapshot() -> None:
+    def stage(name: str, depth: int, capacity: int) -> StageSnapshot:
+        return StageSnapshot(name, 1, 0, 0, 0, 0.0, depth, capacity)
+
+    snap = PipelineSnapshot(
+        "backup", 1.0, (stage("walk", 0, 0), stage("read", 3, 4), stage("upload", 0, 0))
+    )
+    status = backup_status(BackupStats(), snap)
+    assert status.gauges == {"queued for read": (3, 4), "queued for upload": (0, 0)}
+    assert status.bytes_uploaded is None
 
 
 def test_status_json_fields_and_eta() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ from cairn.pipeline import (
     PipelineOptions,
     PipelineSnapshot,
     StageSnapshot,
+    Throttle,
     bottleneck,
     format_bottleneck,
     format_stats,
@@ -258,3 +260,35 @@ def test_bottleneck_when_nothing_is_saturated() -> None:
 def test_bottleneck_of_nothing() -> None:
     assert bottleneck(snapshot()) == ("", "")
     assert bottleneck(snapshot(stage("a", 0.0), elapsed=0.0)) == ("", "")
+
+
+@pytest.mark.trio
+async def test_raw_stage_and_producer_times(autojump_clock: trio.abc.Clock) -> None:
+    # A producer works 1 s per item; a raw stage works 0.5 s per item and is held
+    # 1.8 s by a throttle (10 bytes at 5 B/s, 1 of them the burst) and 1 s inside
+    # waiting_on_output() per item: only its own work counts as busy.
+    throttle = Throttle(5, burst=1)
+
+    async def produce(send: Any) -> None:
+        for n in range(3):
+            await trio.sleep(1.0)
+            await send.send(n)
+
+    async def raw(receive: Any, send: Any) -> None:
+        async for n in receive:
+            await trio.sleep(0.5)
+            await throttle.acquire(10)
+            with waiting_on_output():
+                await trio.sleep(1.0)
+            await send.send(n)
+
+    async def sink(n: int) -> None:
+        pass
+
+    snap = await Pipeline("t").source("src", produce).stage("raw", raw).sink("out", sink).run()
+    src, stage = snap.stage("src"), snap.stage("raw")
+    assert src.items_out == 3 and src.busy_seconds == pytest.approx(3.0, abs=0.01)
+    assert stage.items_in == stage.items_out == 3
+    assert stage.busy_seconds == pytest.approx(1.5, abs=0.05)
+    assert stage.throttled_seconds == pytest.approx(3 * 1.8, abs=0.05)
+    assert stage.wait_out_seconds == pytest.approx(3.0, abs=0.05)

@@ -9,6 +9,7 @@ import pytest
 
 from cairn.backends.base import object_name
 from cairn.backends.local import LocalBackend
+from cairn.repo.codec import encode_blob
 from cairn.repo.errors import (
     AmbiguousId,
     CorruptedObject,
@@ -19,10 +20,11 @@ from cairn.repo.errors import (
     WrongPassword,
 )
 from cairn.repo.keyfile import KdfParams
-from cairn.repo.pack import DATA, TREE
+from cairn.repo.pack import DATA, TREE, PackEntry
 from cairn.repo.repository import Repository, init_repository, open_repository
 from cairn.repo.snapshot import Snapshot
 from cairn.repo.tree import Node, Tree, encode_tree
+from cairn.stages.packing import EncodedBlob, store_blobs
 
 pytestmark = pytest.mark.anyio
 CHEAP = KdfParams(memory_kib=64, iterations=1, lanes=1)
@@ -151,15 +153,28 @@ async def test_sealed_object_with_wrong_name_is_corrupted(tmp_path: Path) -> Non
     assert fake_id in str(exc.value) and "name" in str(exc.value)
 
 
+async def write_pack(
+    repo: Repository, blob_type: int, blobs: list[bytes]
+) -> tuple[bytes, list[PackEntry], list[str]]:
+    """Encode ``blobs`` and store them through the shared packing stages as one
+    pack; the pack, its entries and the index files written."""
+    encoded = []
+    for data in blobs:
+        blob_id = repo.crypto.blob_id(data)
+        stored = encode_blob(repo.crypto, blob_type, blob_id, data)
+        encoded.append(EncodedBlob(blob_type, blob_id, stored, len(data)))
+    packs, index_files = await store_blobs(repo, encoded)
+    assert len(packs) == 1
+    return packs[0][0], packs[0][1], index_files
+
+
 async def test_blobs_and_trees_through_packs_and_index(tmp_path: Path) -> None:
     repo = await new_repo(tmp_path)
     contents = [b"hello" * 1000, os.urandom(100_000), b""]
-    data_pack, data_entries = await repo.write_pack(DATA, contents)
+    await write_pack(repo, DATA, contents)
     tree = Tree([Node("file", b"f\xff", size=5000, content=[repo.crypto.blob_id(contents[0])])])
     tree_plain = encode_tree(tree)
-    tree_pack, tree_entries = await repo.write_pack(TREE, [tree_plain])
-    await repo.save_index([(data_pack, data_entries)])
-    await repo.save_index([(tree_pack, tree_entries)])
+    await write_pack(repo, TREE, [tree_plain])
 
     reopened = await open_repository(LocalBackend(tmp_path), "pw")
     index = await reopened.load_index()
@@ -173,19 +188,42 @@ async def test_blobs_and_trees_through_packs_and_index(tmp_path: Path) -> None:
         await reopened.read_blob(bytes(32))
 
 
+async def test_store_blobs_fills_packs_of_the_size_given_and_indexes_them(
+    tmp_path: Path,
+) -> None:
+    repo = await new_repo(tmp_path)
+    await repo.load_index()
+    plain = [os.urandom(30_000) for _ in range(7)]
+    blobs = []
+    for data in plain:
+        blob_id = repo.crypto.blob_id(data)
+        blobs.append(
+            EncodedBlob(DATA, blob_id, encode_blob(repo.crypto, DATA, blob_id, data), 30_000)
+        )
+    packs, index_files = await store_blobs(repo, blobs, pack_size=100_000)
+    # Random data is stored raw (a bit over 30 kB): four blobs fill a pack.
+    assert [len(entries) for _pack, entries in packs] == [4, 3]
+    assert len(index_files) == 1
+    assert {e.id for _p, entries in packs for e in entries} == {b.blob_id for b in blobs}
+    assert repo.index is not None and all(b.blob_id in repo.index for b in blobs)
+    reopened = await open_repository(LocalBackend(tmp_path), "pw")
+    for data in plain:
+        assert await reopened.read_blob(reopened.crypto.blob_id(data)) == data
+
+
 async def test_superseded_index_is_ignored(tmp_path: Path) -> None:
     repo = await new_repo(tmp_path)
-    pack_id, entries = await repo.write_pack(DATA, [b"one", b"two"])
+    pack_id, entries, written = await write_pack(repo, DATA, [b"one", b"two"])
     old = await repo.save_index([(pack_id, entries)])
-    await repo.save_index([(pack_id, entries[:1])], supersedes=[old])
+    await repo.save_index([(pack_id, entries[:1])], supersedes=[old, *written])
     index = await repo.load_index()
     assert len(index) == 1
 
 
 async def test_damaged_pack_is_reported_by_name(tmp_path: Path) -> None:
     repo = await new_repo(tmp_path)
-    pack_id, entries = await repo.write_pack(DATA, [b"precious data" * 100])
-    await repo.save_index([(pack_id, entries)])
+    pack, entries, _ = await write_pack(repo, DATA, [b"precious data" * 100])
+    pack_id = pack.hex()
     path = tmp_path / object_name("data", pack_id)
     data = bytearray(path.read_bytes())
     data[entries[0].offset + 50] ^= 0x80

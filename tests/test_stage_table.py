@@ -1,6 +1,6 @@
-"""The per-stage table of restore and ``check --read-data``: ``-v`` prints it with a
-``bottleneck:`` line, ``--json`` puts its rows in the summary; run on a real local
-repository through the command line."""
+"""The per-stage table of backup, restore, ``check --read-data`` and prune's repack:
+``-v`` prints it with a ``bottleneck:`` line, ``--json`` puts its rows in the summary;
+run on a real local repository through the command line."""
 
 from __future__ import annotations
 
@@ -136,3 +136,110 @@ def test_check_read_data_verbose_and_json(repo: Cairn) -> None:
 def test_check_without_read_data_has_no_stages(repo: Cairn) -> None:
     summary = repo.run("check", "--json", check=True).json_lines()[-1]
     assert summary["stages"] == [] and summary["bottleneck"] is None
+
+
+BACKUP_STAGES = ["walk", "read", "encode", "pack", "upload", "index"]
+
+
+def _source(tmp_path: Path) -> Path:
+    src = tmp_path / "bsrc"
+    (src / "dir").mkdir(parents=True)
+    for i in range(2):
+        (src / f"big{i}.bin").write_bytes(os.urandom(3 * MiB))
+    for i in range(30):
+        (src / "dir" / f"small{i}.txt").write_text(f"small {i}\n")
+    return src
+
+
+def test_backup_verbose_prints_the_table_and_bottleneck(repo: Cairn, tmp_path: Path) -> None:
+    r = repo.run("backup", str(_source(tmp_path)), "-v")
+    assert r.code == 0, r.out + r.err
+    _table(r.out, BACKUP_STAGES)
+    lines = [line for line in r.out.splitlines() if line.startswith("bottleneck:")]
+    assert len(lines) == 1 and lines[0].split()[1] in BACKUP_STAGES
+
+
+def test_backup_json_summary_has_stages_and_bottleneck(repo: Cairn, tmp_path: Path) -> None:
+    src = _source(tmp_path)
+    summary = repo.run("backup", str(src), "--json", check=True).json_lines()[-1]
+    assert summary["message_type"] == "summary"
+    assert [row["stage"] for row in summary["stages"]] == BACKUP_STAGES
+    rows = _stages(summary)
+    # Every file the walk sent on was read: the two large ones alone, the 30 small
+    # ones in one batch; every blob encoded reached "pack", plus the trees through
+    # its inlet (the source directory, "dir", and the directories above it).
+    assert rows["walk"]["out"] == rows["read"]["items"] == 3
+    assert rows["read"]["bytes"] == summary["bytes_read"]
+    assert rows["encode"]["items"] == rows["read"]["out"] >= 2
+    assert rows["pack"]["items"] == rows["encode"]["out"] + summary["tree_blobs"]
+    assert rows["upload"]["items"] == rows["pack"]["out"] == rows["index"]["items"] >= 2
+    for row in summary["stages"]:
+        for key in ("busy_pct", "wait_in_pct", "wait_out_pct", "throttled_pct"):
+            assert 0 <= row[key] <= 100
+    assert summary["bottleneck"]["stage"] in rows and summary["bottleneck"]["hint"]
+
+    # Nothing changed: nothing is read or encoded (the worker pool never starts).
+    again = repo.run("backup", str(src), "--json", check=True).json_lines()[-1]
+    rows = _stages(again)
+    assert rows["read"]["items"] == rows["encode"]["items"] == 0
+    assert rows["walk"]["out"] == 0
+
+
+def test_backup_under_an_upload_limit_names_the_limit(repo: Cairn, tmp_path: Path) -> None:
+    # 6 MiB of random data at 2 MiB/s: the token bucket holds the run for seconds;
+    # reading and encoding 6 MiB take a fraction of one. A local backend is charged
+    # per whole pack, so "pack" pays before handing a pack over (no upload task
+    # holds a pack while it waits): the limit shows there.
+    r = repo.run("--limit-upload", "2048", "backup", str(_source(tmp_path)), "--json")
+    assert r.code == 0, r.out + r.err
+    summary = r.json_lines()[-1]
+    assert summary["bottleneck"]["stage"] == "pack"
+    assert "--limit-upload" in summary["bottleneck"]["hint"]
+    rows = _stages(summary)
+    assert rows["pack"]["throttled_pct"] > 0 and rows["upload"]["throttled_pct"] == 0
+
+
+@pytest.fixture
+def pruneable(repo: Cairn, tmp_path: Path) -> Cairn:
+    """Two more snapshots of a directory whose second big file changed between them;
+    all but the last forgotten. The data pack holding both versions of the second
+    file and the unchanged first is partly used, so prune repacks it."""
+    src = tmp_path / "src2"
+    src.mkdir()
+    for i in range(2):
+        (src / f"big{i}.bin").write_bytes(os.urandom(5 * MiB))
+    repo.run("backup", str(src), check=True)
+    (src / "big1.bin").write_bytes(os.urandom(5 * MiB))
+    repo.run("backup", str(src), check=True)
+    repo.run("forget", "--keep-last", "1", check=True)
+    return repo
+
+
+REPACK_STAGES = ["plan", "download", "verify", "pack", "upload", "index"]
+
+
+def test_prune_json_summary_has_stages_and_bottleneck(pruneable: Cairn) -> None:
+    out = pruneable.run("prune", "--max-unused", "0", "--json", check=True).json()
+    assert out["packs_repack"] >= 1
+    assert [row["stage"] for row in out["stages"]] == REPACK_STAGES
+    rows = _stages(out)
+    ranges = rows["download"]["items"]
+    assert ranges >= 1 and rows["plan"]["out"] == ranges == rows["verify"]["items"]
+    # Each kept blob is verified once and packed once: among them the unchanged
+    # 5 MiB file, stored as it was (random data: a bit more than 5 MiB).
+    assert rows["verify"]["out"] == rows["pack"]["items"] >= 1
+    assert rows["download"]["bytes"] >= rows["upload"]["bytes"] >= 5 * MiB
+    # Each new pack uploaded once and passed to the index stage once.
+    assert rows["pack"]["out"] == rows["upload"]["items"] == out["packs_written"] >= 1
+    assert rows["index"]["items"] == out["packs_written"]
+    assert out["bottleneck"]["stage"] in rows and out["bottleneck"]["hint"]
+    # Nothing left to repack: no pipeline ran.
+    again = pruneable.run("prune", "--max-unused", "0", "--json", check=True).json()
+    assert again["stages"] == [] and again["bottleneck"] is None
+
+
+def test_prune_verbose_prints_the_table(pruneable: Cairn) -> None:
+    r = pruneable.run("prune", "--max-unused", "0", "-v")
+    assert r.code == 0, r.out + r.err
+    _table(r.out, REPACK_STAGES)
+    assert sum(line.startswith("bottleneck:") for line in r.out.splitlines()) == 1

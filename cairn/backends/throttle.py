@@ -31,7 +31,8 @@ class RateLimiter(Protocol):
     async def acquire(self, nbytes: int) -> None: ...
 
 
-async def _acquire(limiter: RateLimiter, nbytes: int) -> None:
+async def charge(limiter: RateLimiter, nbytes: int) -> None:
+    """Wait until ``limiter`` admits ``nbytes``, asked for in pieces of CHUNK."""
     while nbytes > 0:
         piece = min(nbytes, CHUNK)
         await limiter.acquire(piece)
@@ -41,6 +42,37 @@ async def _acquire(limiter: RateLimiter, nbytes: int) -> None:
 #: The upload limiter for the ``save`` running in this task, set by ThrottledBackend
 #: for backends whose ``paces_uploads`` is true.
 UPLOAD_PACER: ContextVar[RateLimiter | None] = ContextVar("cairn_upload_pacer", default=None)
+
+#: Set (in its task) by a caller that charged the upload limiter for the object it
+#: saves *before* it held it ready (see :func:`prepaid_upload_limiter`).
+UPLOAD_PREPAID: ContextVar[bool] = ContextVar("cairn_upload_prepaid", default=False)
+
+
+def _throttled(backend: Backend) -> ThrottledBackend | None:
+    layer: object | None = backend
+    while layer is not None:
+        if isinstance(layer, ThrottledBackend):
+            return layer
+        layer = getattr(layer, "inner", None)
+    return None
+
+
+def upload_limiter(backend: Backend) -> RateLimiter | None:
+    """The upload limiter of the ThrottledBackend in ``backend``'s wrapper stack."""
+    layer = _throttled(backend)
+    return layer.upload if layer is not None else None
+
+
+def prepaid_upload_limiter(backend: Backend) -> RateLimiter | None:
+    """The upload limiter of the ThrottledBackend in ``backend``'s wrapper stack, when
+    it charges each object whole before sending it (the backend does not pace its
+    uploads): a caller may then charge it earlier, while the object does not exist
+    yet, and save with :data:`UPLOAD_PREPAID` set — the same bytes on the wire at the
+    same rate, without objects held in memory while they wait for the limiter."""
+    layer = _throttled(backend)
+    if layer is None or getattr(layer.inner, "paces_uploads", False):
+        return None
+    return layer.upload
 
 
 async def paced_pieces(data: bytes | memoryview, limiter: RateLimiter) -> AsyncIterator[bytes]:
@@ -75,7 +107,8 @@ class ThrottledBackend(ForwardingBackend):
             finally:
                 UPLOAD_PACER.reset(token)
         else:
-            await _acquire(self.upload, len(memoryview(data).cast("B")))
+            if not UPLOAD_PREPAID.get():
+                await charge(self.upload, len(memoryview(data).cast("B")))
             await self.inner.save(name, data)
 
     async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -83,5 +116,5 @@ class ThrottledBackend(ForwardingBackend):
         # holds the average rate, and the next load waits for the debt.
         data = await self.inner.load(name, offset, length)
         if self.download is not None:
-            await _acquire(self.download, len(data))
+            await charge(self.download, len(data))
         return data

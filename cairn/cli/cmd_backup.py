@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Any
 
 import click
 import structlog
 
-from cairn import __version__
 from cairn.backends.base import rebuild_error
 from cairn.cli.common import SIZE, hostname, open_repo, report_item_errors, run_async, username
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, UsageError
 from cairn.cli.progress import backup_status, track
+from cairn.cli.stagetable import echo_table, summary_fields
 from cairn.config.settings import Settings
 
 MiB = 1024 * 1024
@@ -99,7 +98,7 @@ def _human(n: float) -> str:
 def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
     """Back up PATHS into a new snapshot."""
     from cairn.repo.codec import compression_level
-    from cairn.stages.backup import BackupOptions
+    from cairn.stages.backup import BackupOptions, default_cpu_workers
     from cairn.stages.excludes import ExcludeRules
 
     if opts["use_stdin"] and (paths or opts["files_from"] or opts["files_from_raw"]):
@@ -126,7 +125,11 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         larger_than=opts["exclude_larger_than"],
         one_file_system=opts["one_file_system"],
     )
-    cpu = settings.cpu_workers or len(os.sched_getaffinity(0))
+    cpu = settings.cpu_workers or default_cpu_workers(
+        len(os.sched_getaffinity(0)),
+        settings.limit_upload * 1024 if settings.limit_upload else None,
+        bool(settings.limit_upload_schedule),
+    )
     options = BackupOptions(
         paths=targets,
         rules=rules,
@@ -177,76 +180,32 @@ def _log_finished(result: dict[str, Any]) -> None:
 async def _backup(
     settings: Settings, options: Any, parent_ref: str | None, missing: list[tuple[str, str]]
 ) -> dict[str, Any]:
-    from cairn.repo.snapshot import Snapshot
-    from cairn.stages.backup import Archiver
+    from cairn.stages.backup_run import run_backup
     from cairn.stages.locking import repository_lock
-    from cairn.stages.snapshots import SnapshotFilter, find_snapshot, load_snapshots
 
-    started = time.time()
     async with (
         open_repo(settings) as repo,
         repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock),
     ):
-        index = await repo.load_index()
-        paths = [os.fsdecode(p) for p in options.paths] or [
-            "/" + os.fsdecode(options.stdin_name or b"stdin")
-        ]
-        parent_id: str | None = None
-        parent_tree: bytes | None = None
-        if parent_ref:
-            parent_id, parent_snap = await find_snapshot(repo, parent_ref)
-            parent_tree = parent_snap.tree
-        elif not options.force and options.stdin_name is None:
-            flt = SnapshotFilter(hosts=[options.host], paths=paths)
-            matching = [(i, s) for i, s in await load_snapshots(repo) if flt.matches(s)]
-            if matching:
-                parent_id, parent_tree = matching[-1][0], matching[-1][1].tree
-        archiver = Archiver(repo, index, options, None if options.force else parent_tree)
-        async with track(settings, "backup", lambda: backup_status(archiver)):
-            root = await archiver.run()
-        stats = archiver.stats
-        saver = archiver.saver.stats
-        duration = time.time() - started
-        summary: dict[str, Any] = {
-            "files_new": stats.files_new,
-            "files_changed": stats.files_changed,
-            "files_unmodified": stats.files_unmodified,
-            "dirs_new": stats.dirs_new,
-            "dirs_changed": stats.dirs_changed,
-            "dirs_unmodified": stats.dirs_unmodified,
-            "data_blobs": saver.data_blobs,
-            "tree_blobs": saver.tree_blobs,
-            "data_added": saver.data_added,
-            "data_added_packed": saver.data_added_packed,
-            "total_files_processed": stats.files_new + stats.files_changed + stats.files_unmodified,
-            "total_bytes_processed": stats.bytes_processed,
-            "bytes_read": stats.bytes_read,
-            "errors": len(missing) + len(stats.errors),
-            "duration_seconds": round(duration, 3),
-        }
-        snapshot_id = None
-        if not options.dry_run:
-            snap = Snapshot(
-                time_ns=int(started * 1e9),
-                tree=root,
-                paths=paths,
-                hostname=options.host,
-                username=username(),
-                uid=os.getuid(),
-                gid=os.getgid(),
-                tags=list(options.tags),
-                parent=parent_id,
-                excludes=options.rules.as_list(),
-                program_version=f"cairn {__version__}",
-                summary=summary,
-            )
-            snapshot_id = await repo.save_snapshot(snap)
+        result = await run_backup(
+            repo,
+            options,
+            parent_ref=parent_ref,
+            missing=missing,
+            username=username(),
+            watch=lambda archiver: track(
+                settings,
+                "backup",
+                lambda: backup_status(archiver.stats, archiver.snapshot(), archiver.repo.backend),
+            ),
+        )
     return {
-        "summary": summary,
-        "snapshot_id": snapshot_id,
-        "parent": parent_id,
-        "errors": missing + list(stats.errors),
-        "dry_run": options.dry_run,
+        "summary": result.summary,
+        "snapshot_id": result.snapshot_id,
+        "parent": result.parent,
+        "errors": result.errors,
+        "dry_run": result.dry_run,
+        "pipeline": result.pipeline,
     }
 
 
@@ -262,6 +221,7 @@ def _report(settings: Settings, result: dict[str, Any]) -> None:
                     "snapshot_id": result["snapshot_id"],
                     "parent": result["parent"],
                     "dry_run": result["dry_run"],
+                    **summary_fields(result["pipeline"]),
                 }
             )
         )
@@ -286,6 +246,7 @@ def _report(settings: Settings, result: dict[str, Any]) -> None:
         f"processed {s['total_files_processed']} files, {_human(s['total_bytes_processed'])} "
         f"in {s['duration_seconds']:.2f}s"
     )
+    echo_table(settings, result["pipeline"])
     if result["snapshot_id"]:
         click.echo(f"snapshot {result['snapshot_id'][:8]} saved")
     else:

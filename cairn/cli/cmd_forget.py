@@ -107,7 +107,7 @@ def command(settings: Settings, ids: tuple[str, ...], **opts: Any) -> int:
     from cairn.backends.base import object_name
     from cairn.stages.locking import repository_lock
 
-    async def main() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    async def main() -> tuple[list[dict[str, Any]], tuple[dict[str, Any], Any] | None]:
         async with (
             open_repo(settings) as repo,
             repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
@@ -125,7 +125,7 @@ def command(settings: Settings, ids: tuple[str, ...], **opts: Any) -> int:
     groups, prune_out = run_async(main)
     _print(settings, groups, opts["dry_run"])
     if prune_out is not None:
-        print_prune(settings, prune_out)
+        print_prune(settings, *prune_out)
     return EXIT_OK
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
 
 from cairn.cli.common import SIZE, open_repo, run_async
 from cairn.cli.errors import EXIT_OK
+from cairn.cli.stagetable import echo_table, summary_fields
 from cairn.config.settings import Settings
+from cairn.pipeline import PipelineSnapshot
 
 
 def _max_unused(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -44,18 +47,24 @@ def prune_settings(settings: Settings, repo: Any, opts: dict[str, Any], dry_run:
         max_repack_size=opts["max_repack_size"],
         dry_run=dry_run,
         connections=settings.connections or 4,
+        cpu_workers=settings.cpu_workers or len(os.sched_getaffinity(0)),
         pack_size=pack_size,
     )
 
 
-async def run_prune(repo: Any, options: Any) -> dict[str, Any]:
-    """Plan, and unless a dry run, execute; the summary as a dict. Caller holds the lock."""
+async def run_prune(repo: Any, options: Any) -> tuple[dict[str, Any], PipelineSnapshot | None]:
+    """Plan, and unless a dry run, execute; the summary as a dict, and the repack
+    pipeline's final counters (for ``print_prune``'s ``-v`` table). The summary's
+    ``stages`` and ``bottleneck`` are ``[]`` and ``null`` when nothing was repacked.
+    Caller holds the lock."""
     from cairn.stages.prune import execute_prune, plan_prune
 
     plan = await plan_prune(repo, options)
     out: dict[str, Any] = {"message_type": "prune", **plan.summary(), "dry_run": options.dry_run}
+    pipeline = None
     if not options.dry_run:
         result = await execute_prune(repo, plan, options)
+        pipeline = result.pipeline
         out |= {
             "packs_written": result.packs_written,
             "bytes_written": result.bytes_written,
@@ -65,7 +74,7 @@ async def run_prune(repo: Any, options: Any) -> dict[str, Any]:
             "index_files_deleted": result.index_deleted,
             "stale_temporaries_removed": len(await _remove_stale_temporaries(repo)),
         }
-    return out
+    return out | summary_fields(pipeline), pipeline
 
 
 #: Temporary files of a local repository older than this are left by killed
@@ -86,11 +95,14 @@ async def _remove_stale_temporaries(repo: Any) -> list[str]:
     return await remove_stale_temporaries(inner, STALE_TEMPORARY_SECONDS)
 
 
-def print_prune(settings: Settings, out: dict[str, Any]) -> None:
-    """Text or JSON report of a prune."""
+def print_prune(
+    settings: Settings, out: dict[str, Any], pipeline: PipelineSnapshot | None = None
+) -> None:
+    """Text or JSON report of a prune (with ``-v``, the repack's stage table)."""
     if settings.json:
         click.echo(json.dumps(out))
         return
+    echo_table(settings, pipeline)
     if settings.quiet:
         return
     verb = "would" if out["dry_run"] else "will"
@@ -141,12 +153,12 @@ def command(settings: Settings, dry_run: bool, **opts: Any) -> int:
     """Remove unreferenced data from the repository (takes an exclusive lock)."""
     from cairn.stages.locking import repository_lock
 
-    async def main() -> dict[str, Any]:
+    async def main() -> tuple[dict[str, Any], PipelineSnapshot | None]:
         async with (
             open_repo(settings) as repo,
             repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
         ):
             return await run_prune(repo, prune_settings(settings, repo, opts, dry_run))
 
-    print_prune(settings, run_async(main))
+    print_prune(settings, *run_async(main))
     return EXIT_OK

@@ -64,7 +64,12 @@ GLOBAL_OPTIONS: list[click.Option] = [
     ),
     click.Option(["--config"], help="Configuration file (default $XDG_CONFIG_HOME/cairn/...)."),
     click.Option(["--profile"], help="Profile of the configuration file to use."),
-    click.Option(["--cpu-workers"], type=click.IntRange(1, 256), help="CPU worker processes."),
+    click.Option(
+        ["--cpu-workers"],
+        type=click.IntRange(1, 256),
+        help="CPU worker processes (default: one per core; for a backup behind "
+        "a --limit-upload below 64 MiB/s, one).",
+    ),
     click.Option(["--read-concurrency"], type=click.IntRange(1, 256), help="Files read at once."),
     click.Option(["--connections"], type=click.IntRange(1, 256), help="Backend connections."),
     click.Option(["--limit-upload"], type=click.IntRange(1), help="Upload limit in KiB/s."),

@@ -1,9 +1,9 @@
 """Progress of backup and restore: JSON ``status`` lines or a rich display on stderr.
 
-The reporter polls the running stage's stats object once per tick (no callbacks in
-the hot path): backup's :class:`~cairn.stages.backup.BackupStats`, restore's
-:class:`~cairn.stages.restore.RestoreStats`. Totals of a backup grow while the walk
-is still scanning, as restic's do. Output:
+The reporter polls the running command's public stats once per tick (no callbacks in
+the hot path): backup's :class:`~cairn.stages.backup.BackupStats` and its pipeline's
+snapshot, restore's :class:`~cairn.stages.restore.RestoreStats`. Totals of a backup
+grow while the walk is still scanning, as restic's do. Output:
 
 * ``--json``: a ``status`` line on stdout every second (``docs/json.md``);
 * a terminal on stderr (or ``--progress``): a rich display with files and bytes
@@ -26,6 +26,7 @@ import anyio
 import click
 
 from cairn.config.settings import Settings
+from cairn.pipeline import PipelineSnapshot
 
 INTERVAL = 1.0
 
@@ -44,38 +45,28 @@ class Status:
     bytes_uploaded: int | None = None  # what reached the backend (throttled runs lag)
 
 
-def _queue(stream: Any) -> tuple[int, int] | None:
-    try:
-        stats = stream.statistics()
-    except Exception:
-        return None
-    cap = stats.max_buffer_size
-    return stats.current_buffer_used, int(cap) if cap != float("inf") else -1
-
-
-def backup_status(archiver: Any) -> Status:
-    """Poll an :class:`~cairn.stages.backup.Archiver`."""
-    s = archiver.stats
+def backup_status(
+    stats: Any, pipeline: PipelineSnapshot | None = None, backend: Any = None
+) -> Status:
+    """Poll a backup: its :class:`~cairn.stages.backup.BackupStats`, its pipeline's
+    snapshot (``Archiver.snapshot()``: one gauge per channel, the items queued for
+    each stage) and the counters of its ``backend`` (bytes uploaded)."""
+    s = stats
     done = s.files_new + s.files_changed + s.files_unmodified
-    current = [os.fsdecode(s.current)] if getattr(s, "current", b"") else []
+    current = [os.fsdecode(s.current)] if s.current else []
     gauges: dict[str, tuple[int, int]] = {}
-    saver = getattr(archiver, "saver", None)
-    for name, stream in (("packs to upload", getattr(saver, "_tx", None)),):
-        gauge = _queue(stream) if stream is not None else None
-        if gauge is not None:
-            gauges[name] = gauge
-    pool = getattr(archiver, "_slots", None)
-    if pool is not None and hasattr(pool, "in_use"):
-        gauges["read slots in use"] = (pool.in_use, pool.slot_count)
+    if pipeline is not None:
+        for stage in pipeline.stages[1:]:  # the source has no input channel
+            gauges[f"queued for {stage.name}"] = (stage.queue_depth, stage.queue_capacity)
     from cairn.cli.common import backend_counters
 
-    counters = backend_counters(getattr(getattr(archiver, "repo", None), "backend", None))
+    counters = backend_counters(backend) if backend is not None else None
     return Status(
         bytes_uploaded=counters.bytes_saved if counters is not None else None,
-        total_files=max(getattr(s, "files_seen", done), done),
+        total_files=max(s.files_seen, done),
         files_done=done,
         total_bytes=s.bytes_processed,
-        bytes_done=min(s.bytes_read + getattr(s, "bytes_unmodified", 0), s.bytes_processed),
+        bytes_done=min(s.bytes_read + s.bytes_unmodified, s.bytes_processed),
         error_count=len(s.errors),
         current_files=current,
         gauges=gauges,

@@ -1,4 +1,5 @@
-"""The per-stage table and bottleneck line of restore and ``check --read-data``.
+"""The per-stage table and bottleneck line of restore, ``check --read-data`` and
+prune's repack.
 
 ``-v`` prints the table of the run's pipeline (:func:`~cairn.pipeline.format_stats`)
 and one ``bottleneck:`` line; ``--json`` puts the same rows and the bottleneck in

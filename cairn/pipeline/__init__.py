@@ -26,7 +26,7 @@ from .metrics import (
     waiting_on_output,
 )
 from .options import PipelineOptions
-from .pipeline import Pipeline
+from .pipeline import Inlet, Pipeline
 from .shm import Slot, SlotPool, SlotRef, SlotWriter
 from .signals import stop_on_signals
 from .throttle import Throttle
@@ -36,6 +36,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "Engine",
     "HeldBytes",
+    "Inlet",
     "Interrupted",
     "Pipeline",
     "PipelineError",

@@ -6,12 +6,19 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import StageError
-from .metrics import PipelineSnapshot, ProgressCallback, StageMetrics, sizeof_default
+from .metrics import (
+    PipelineSnapshot,
+    ProgressCallback,
+    StageMetrics,
+    sizeof_default,
+    waiting_on_output,
+    waits,
+)
 from .options import PipelineOptions
-from .stages import Clock, CountingReceive, CountingSend, Stage, StageSpec
+from .stages import Clock, CountingReceive, CountingSend, Producer, Stage, StageSpec
 from .throttle import Throttle
 from .workers import WorkerPool
 
@@ -25,9 +32,10 @@ class Pipeline:
     Build it with :meth:`source`, then any number of :meth:`map`, :meth:`cpu`
     and :meth:`stage`, then optionally :meth:`sink` (without one, the last
     outputs are dropped); then ``await pipeline.run()``. Each link is a
-    memory stream of ``options.channel_capacity`` items, so a slow stage
-    holds back everything before it. The first error cancels every stage and
-    is raised as :class:`StageError`.
+    memory stream of ``options.channel_capacity`` items (or the ``capacity``
+    given to the stage it feeds), so a slow stage holds back everything before
+    it. :meth:`inlet` feeds a stage from outside the chain (a fan-in). The
+    first error cancels every stage and is raised as :class:`StageError`.
     """
 
     def __init__(
@@ -43,6 +51,7 @@ class Pipeline:
         self.on_progress = on_progress
         self._clock = clock or anyio.current_time
         self._specs: list[StageSpec] = []
+        self._inlets: list[Inlet] = []
         self._running: list[tuple[StageMetrics, MemoryObjectReceiveStream[Any] | None]] = []
         self._started = 0.0
 
@@ -61,13 +70,15 @@ class Pipeline:
     def source(
         self,
         name: str,
-        items: AsyncIterable[Any] | Iterable[Any],
+        items: AsyncIterable[Any] | Iterable[Any] | Producer,
         *,
         sizeof: Sizeof | None = None,
         hint: str = "",
     ) -> Pipeline:
         """Feed the pipeline from an (async) iterable; an async generator may
-        acquire slots, so reading ahead is bounded like any other stage.
+        acquire slots, so reading ahead is bounded like any other stage. Or from
+        a producer, ``await items(send)``, which sends items itself — e.g. from
+        tasks of its own, as a walker scanning several directories at once.
         ``hint`` as in :meth:`map`."""
         spec = StageSpec(name, "source", items, sizeof=sizeof or sizeof_default, hint=hint)
         return self._add(spec)
@@ -84,6 +95,7 @@ class Pipeline:
         release: Release | None = None,
         hint: str = "",
         throttle_hint: str = "",
+        capacity: int | None = None,
     ) -> Pipeline:
         """An async stage: ``await fn(item)`` gives one output; an async
         generator ``fn`` gives zero or more. ``concurrency`` tasks run it;
@@ -97,7 +109,11 @@ class Pipeline:
 
         ``hint`` names what to tune when this stage limits the run (a flag, for
         the end-of-run bottleneck line); ``throttle_hint`` when a throttle held
-        it most of the time (see :func:`~cairn.pipeline.metrics.bottleneck`)."""
+        it most of the time (see :func:`~cairn.pipeline.metrics.bottleneck`).
+
+        ``capacity`` is the size of this stage's input channel (default:
+        ``options.channel_capacity``); 0 hands each item over directly, so
+        nothing bulky waits in the link."""
         spec = StageSpec(
             name,
             "map",
@@ -109,6 +125,7 @@ class Pipeline:
             release,
             hint,
             throttle_hint,
+            capacity,
         )
         return self._add(spec)
 
@@ -124,13 +141,14 @@ class Pipeline:
         sizeof: Sizeof | None = None,
         release: Release | None = None,
         hint: str = "",
+        capacity: int | None = None,
     ) -> Pipeline:
         """A CPU stage: ``fn(*args(item))`` runs in ``pool`` (default args:
         ``(item,)``). Default: two jobs per worker, so a worker has its next
         job queued even when the parent is slow to hand results on (1, 2 and
         3 per worker measured alike in bench/engine.py). ``release`` as in
         :meth:`map`: e.g. free the slot the job read from once it is done;
-        ``hint`` as in :meth:`map` (typically the worker-count flag)."""
+        ``hint`` (typically the worker-count flag) and ``capacity`` as in :meth:`map`."""
         to_args = args or (lambda item: (item,))
 
         async def call(item: Any) -> Any:
@@ -145,15 +163,37 @@ class Pipeline:
             sizeof=sizeof,
             release=release,
             hint=hint,
+            capacity=capacity,
         )
 
     def stage(
-        self, name: str, fn: Callable[[Any, Any], Awaitable[None]], *, hint: str = ""
+        self,
+        name: str,
+        fn: Callable[[Any, Any], Awaitable[None]],
+        *,
+        hint: str = "",
+        throttle_hint: str = "",
+        capacity: int | None = None,
     ) -> Pipeline:
         """A raw stage ``await fn(receive, send)`` for stateful work (e.g. packing
         blobs until a pack is full); the engine closes both streams after it.
-        ``hint`` as in :meth:`map`."""
-        return self._add(StageSpec(name, "raw", fn, hint=hint))
+        Its busy time is what it spent not waiting on either stream, a throttle
+        or inside ``waiting_on_output()``. ``hint``, ``throttle_hint`` and
+        ``capacity`` as in :meth:`map`."""
+        spec = StageSpec(name, "raw", fn, hint=hint, throttle_hint=throttle_hint, capacity=capacity)
+        return self._add(spec)
+
+    def inlet(self, stage: str, *, until: str) -> Inlet:
+        """A fan-in: a handle that feeds items into ``stage``'s input from outside
+        the chain (e.g. from inside another stage's function), beside what its
+        upstream stage sends. The engine closes it once stage ``until`` has
+        finished, so ``stage`` sees end-of-input only after both its upstream
+        and every sender of the inlet are done: whoever sends must be ``until``
+        or run before it ends. Sending waits while the input channel is full;
+        inside a stage's function that counts as waiting on output."""
+        inlet = Inlet(stage, until)
+        self._inlets.append(inlet)
+        return inlet
 
     def sink(
         self,
@@ -166,10 +206,11 @@ class Pipeline:
         release: Release | None = None,
         hint: str = "",
         throttle_hint: str = "",
+        capacity: int | None = None,
     ) -> Pipeline:
         """The consumer: ``await fn(item)`` for each final item. With
         ``concurrency`` 1 it sees items in the order they arrive. ``release``,
-        ``hint`` and ``throttle_hint`` as in :meth:`map`."""
+        ``hint``, ``throttle_hint`` and ``capacity`` as in :meth:`map`."""
         spec = StageSpec(
             name,
             "sink",
@@ -181,6 +222,7 @@ class Pipeline:
             release,
             hint,
             throttle_hint,
+            capacity,
         )
         return self._add(spec)
 
@@ -200,6 +242,7 @@ class Pipeline:
         """Run to completion; return the final snapshot or raise the first error."""
         if not self._specs:
             raise ValueError("a pipeline needs a source")
+        self._check_inlets()
         self._started = self._clock()
         try:
             async with anyio.create_task_group() as outer:
@@ -217,37 +260,55 @@ class Pipeline:
                 self.on_progress(final)
         return final
 
+    def _check_inlets(self) -> None:
+        names = {spec.name for spec in self._specs}
+        for inlet in self._inlets:
+            if inlet.stage not in names or inlet.stage == self._specs[0].name:
+                raise ValueError(f"inlet: no stage {inlet.stage!r} after the source")
+            if inlet.until not in names:
+                raise ValueError(f"inlet: no stage {inlet.until!r} to wait for")
+
     def _start_stages(self, tg: anyio.abc.TaskGroup) -> None:
-        capacity = self.options.channel_capacity
+        default = self.options.channel_capacity
         source, *rest = self._specs
         if rest and rest[-1].kind == "sink":
             *middle, last = rest
         else:
             middle, last = rest, StageSpec("discard", "sink", _discard)
         self._running = []
-        rx = self._start_source(tg, source, capacity)
-        for spec in middle:
+        # Stage name -> the inlet streams to close once that stage has finished.
+        closing: dict[str, list[MemoryObjectSendStream[Any]]] = {}
+
+        def link(spec: StageSpec) -> tuple[MemoryObjectSendStream[Any], Any]:
+            capacity = default if spec.capacity is None else spec.capacity
+            tx, rx = anyio.create_memory_object_stream[Any](capacity)
+            for inlet in self._inlets:
+                if inlet.stage == spec.name:
+                    inlet._tx = tx.clone()
+                    closing.setdefault(inlet.until, []).append(inlet._tx)
+            return tx, rx
+
+        def start(spec: StageSpec, run: Callable[..., Awaitable[None]], *args: Any) -> None:
+            # Started now, run later: `closing` is complete by the time it ends.
+            tg.start_soon(_then_close, run, args, closing, spec.name, name=spec.name)
+
+        chain = [*middle, last]
+        metrics = StageMetrics(source.name, 1, source.hint)
+        self._running.append((metrics, None))
+        tx, rx = link(chain[0])
+        start(source, Stage(source, metrics, self._clock).run_source, tx)
+        for spec, after in zip(middle, chain[1:], strict=True):
             metrics = _metrics(spec)
             self._running.append((metrics, rx))
-            tx, next_rx = anyio.create_memory_object_stream[Any](capacity)
+            tx, next_rx = link(after)
             if spec.kind == "raw":
-                tg.start_soon(_run_raw, spec, metrics, rx, tx, name=spec.name)
+                start(spec, _run_raw, spec, metrics, rx, tx)
             else:
-                stage = Stage(spec, metrics, self._clock)
-                tg.start_soon(stage.run_map, rx, tx, capacity, name=spec.name)
+                start(spec, Stage(spec, metrics, self._clock).run_map, rx, tx, default)
             rx = next_rx
         metrics = _metrics(last)
         self._running.append((metrics, rx))
-        tg.start_soon(Stage(last, metrics, self._clock).run_map, rx, None, capacity)
-
-    def _start_source(
-        self, tg: anyio.abc.TaskGroup, spec: StageSpec, capacity: int
-    ) -> MemoryObjectReceiveStream[Any]:
-        metrics = StageMetrics(spec.name, 1, spec.hint)
-        self._running.append((metrics, None))
-        tx, rx = anyio.create_memory_object_stream[Any](capacity)
-        tg.start_soon(Stage(spec, metrics, self._clock).run_source, tx, name=spec.name)
-        return rx
+        start(last, Stage(last, metrics, self._clock).run_map, rx, None, default)
 
     async def _report(self, callback: ProgressCallback) -> None:
         while True:
@@ -258,16 +319,56 @@ class Pipeline:
                 raise StageError("progress", None, exc) from exc
 
 
+class Inlet:
+    """A send handle into a stage's input from outside the chain (see
+    :meth:`Pipeline.inlet`); usable while the pipeline runs."""
+
+    def __init__(self, stage: str, until: str) -> None:
+        self.stage = stage
+        self.until = until
+        self._tx: MemoryObjectSendStream[Any] | None = None
+
+    async def send(self, item: Any) -> None:
+        """Put ``item`` into the stage's input; waits while the channel is full."""
+        if self._tx is None:
+            raise RuntimeError(f"inlet into {self.stage!r}: the pipeline is not running")
+        with waiting_on_output():
+            await self._tx.send(item)
+
+
+async def _then_close(
+    run: Callable[..., Awaitable[None]],
+    args: tuple[Any, ...],
+    closing: dict[str, list[MemoryObjectSendStream[Any]]],
+    name: str,
+) -> None:
+    try:
+        await run(*args)
+    finally:
+        for tx in closing.get(name, []):
+            tx.close()
+
+
 def _metrics(spec: StageSpec) -> StageMetrics:
     return StageMetrics(spec.name, spec.concurrency, spec.hint, spec.throttle_hint)
 
 
 async def _run_raw(spec: StageSpec, metrics: StageMetrics, rx: Any, tx: Any) -> None:
+    # One task: its busy time is what it spent not waiting on either side.
+    start = anyio.current_time()
+    waited = metrics.wait_in_seconds + metrics.wait_out_seconds
     async with rx, tx:
-        try:
-            await spec.fn(CountingReceive(rx, metrics), CountingSend(tx, metrics))
-        except Exception as exc:
-            raise StageError(spec.name, None, exc) from exc
+        with waits() as noted:
+            try:
+                await spec.fn(CountingReceive(rx, metrics), CountingSend(tx, metrics))
+            except Exception as exc:
+                raise StageError(spec.name, None, exc) from exc
+            finally:
+                metrics.wait_out_seconds += noted.output
+                metrics.throttled_seconds += noted.throttled
+                waited = metrics.wait_in_seconds + metrics.wait_out_seconds - waited
+                elapsed = anyio.current_time() - start
+                metrics.busy_seconds += max(0.0, elapsed - waited - noted.throttled)
 
 
 async def _discard(item: Any) -> None:

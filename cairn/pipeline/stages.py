@@ -22,6 +22,8 @@ from .throttle import Throttle
 
 Clock = Callable[[], float]
 Emit = Callable[[Any], Awaitable[None]]
+#: A source that sends its items itself: ``await produce(send)``.
+Producer = Callable[[ObjectSendStream[Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class StageSpec:
     # What to tune when this stage limits the run, and when its throttle does.
     hint: str = ""
     throttle_hint: str = ""
+    # Items the stage's input channel holds (None: the pipeline's channel_capacity).
+    capacity: int | None = None
 
 
 class Stage:
@@ -54,9 +58,11 @@ class Stage:
 
     async def run_source(self, tx: ObjectSendStream[Any]) -> None:
         """Send every item of the source iterable, then close ``tx``."""
-        items: AsyncIterable[Any] | Iterable[Any] = self.spec.fn
+        items: AsyncIterable[Any] | Iterable[Any] | Producer = self.spec.fn
         async with tx:
-            if isinstance(items, AsyncIterable):
+            if not isinstance(items, AsyncIterable | Iterable):
+                await self._run_producer(items, tx)
+            elif isinstance(items, AsyncIterable):
                 iterator = aiter(items)
                 while True:
                     start = self.clock()
@@ -72,6 +78,20 @@ class Stage:
             else:
                 for item in items:
                     await self._send(tx, item)
+
+    async def _run_producer(self, produce: Producer, tx: ObjectSendStream[Any]) -> None:
+        # A producer sends its items itself (it may run tasks of its own): its
+        # busy time is what it spent not waiting to send.
+        send = _SourceSend(tx, self)
+        start = self.clock()
+        try:
+            await produce(send)
+        except Exception as exc:
+            raise StageError(self.spec.name, None, exc) from exc
+        finally:
+            # Several tasks of the producer may wait at once: never below zero.
+            elapsed = self.clock() - start
+            self.metrics.busy_seconds += max(0.0, elapsed - send.waited)
 
     async def _send(self, tx: ObjectSendStream[Any], item: Any) -> None:
         # A source's input is its iterable: what it takes from it, it sends on.
@@ -298,6 +318,23 @@ class CountingSend(ObjectSendStream[Any]):
         start = anyio.current_time()
         await self._inner.send(item)
         self._metrics.wait_out_seconds += anyio.current_time() - start
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _SourceSend(ObjectSendStream[Any]):
+    """What a producer sends through: counts its items and its waits on output."""
+
+    def __init__(self, inner: ObjectSendStream[Any], stage: Stage) -> None:
+        self._inner = inner
+        self._stage = stage
+        self.waited = 0.0
+
+    async def send(self, item: Any) -> None:
+        before = self._stage.metrics.wait_out_seconds
+        await self._stage._send(self._inner, item)
+        self.waited += self._stage.metrics.wait_out_seconds - before
 
     async def aclose(self) -> None:
         await self._inner.aclose()

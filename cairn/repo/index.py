@@ -128,6 +128,15 @@ class Index:
         """IDs of all indexed packs."""
         return list(self._pack_ids)
 
+    def pack_entries(self) -> list[tuple[bytes, list[PackEntry]]]:
+        """Every pack with its entries (in offset order), as an index file lists them."""
+        packs: dict[bytes, list[PackEntry]] = {p: [] for p in self._pack_ids}
+        for blob_id, loc in self.blobs():
+            packs[loc.pack_id].append(
+                PackEntry(loc.type, blob_id, loc.offset, loc.length, loc.raw_length)
+            )
+        return [(p, sorted(e, key=lambda e: e.offset)) for p, e in packs.items() if e]
+
     def blobs(self) -> Iterator[tuple[bytes, BlobLocation]]:
         """Every (blob ID, location) pair; order unspecified."""
         pack_ids = self._pack_ids

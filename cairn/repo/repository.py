@@ -1,8 +1,9 @@
 """The glue between a backend and the format: open/init, sealed objects, keys, blobs.
 
-Deliberately thin. The backup pipeline writes packs itself (``PackWriter`` →
-``backend.save(object_name("data", pack_id), bytes)``) and then calls ``save_index``;
-this class serves the CLI and the restore side with whole-object reads and writes.
+Deliberately thin. Packs are written only by the shared packing stages
+(``cairn/stages/packing.py``: ``Packer``, and ``store_blobs`` for small writes);
+this class serves them, the CLI and the restore side with whole-object reads and
+writes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import structlog
 from cairn.backends.base import AlreadyExists, Backend, NotFound, ObjectTruncated, is_hex_id
 from cairn.backends.base import object_name as backend_name
 from cairn.repo.cache import MetadataCache
-from cairn.repo.codec import DEFAULT_LEVEL, decode_blob, encode_blob, seal, unseal
+from cairn.repo.codec import decode_blob, seal, unseal
 from cairn.repo.config import Config, decode_config, encode_config
 from cairn.repo.crypto import Crypto, MasterKey, storage_id
 from cairn.repo.errors import (
@@ -34,7 +35,7 @@ from cairn.repo.errors import (
 )
 from cairn.repo.index import Index, IndexFile, decode_index, encode_index
 from cairn.repo.keyfile import KdfParams, keyfile_info, make_keyfile, unwrap_keyfile
-from cairn.repo.pack import TREE, PackEntry, PackWriter
+from cairn.repo.pack import TREE, PackEntry
 from cairn.repo.recovery import (
     KIND_RECOVERY,
     IdentityMismatch,
@@ -497,24 +498,6 @@ class Repository:
     async def load_snapshot(self, snapshot_id: str) -> Snapshot:
         """Load one snapshot by full ID."""
         return decode_snapshot(await self.load_sealed("snapshots", snapshot_id), snapshot_id)
-
-    async def write_pack(
-        self, blob_type: int, blobs: Sequence[bytes], level: int = DEFAULT_LEVEL
-    ) -> tuple[str, list[PackEntry]]:
-        """Encode ``blobs`` into one pack and store it (no index written: call
-        ``save_index``). Convenience for small writes; the pipeline packs itself."""
-        writer = PackWriter(blob_type)
-        for data in blobs:
-            blob_id = self.crypto.blob_id(data)
-            writer.add(
-                blob_type,
-                blob_id,
-                encode_blob(self.crypto, blob_type, blob_id, data, level),
-                len(data),
-            )
-        pack, pack_id, entries = writer.finish(self.crypto)
-        await self.backend.save(backend_name("data", pack_id), pack)
-        return pack_id, entries
 
     async def read_blob(self, blob_id: bytes) -> bytes:
         """A blob's plaintext via the index (loaded on first use), verified."""

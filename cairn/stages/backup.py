@@ -1,18 +1,25 @@
-"""The backup pipeline: walk → read/chunk/hash → dedupe → encode → pack → upload,
-then trees bottom-up, index, snapshot.
+"""Backup as one :class:`~cairn.pipeline.Pipeline` of shared stages::
 
-Shape of the run (all inside one task group, so the first error cancels all):
+    walk ──ch(4)──▶ read ──ch(4)──▶ encode ──ch(4)──▶ pack ──ch(0)──▶ upload ──ch(4)──▶ index
+                     │                                  ▲
+                     └──── tree blobs (inlet) ──────────┘
 
-* the walker scans directories in threads (one call per directory), reuses the
-  content of files unchanged since the parent snapshot, and queues the rest;
-* ``read_concurrency`` readers read files into shared-memory slots in threads,
-  cut them into content-defined chunks and hash them there (pyfastcdc and BLAKE3
-  release the GIL); only chunks the repository lacks go on;
-* new chunks are compressed and encrypted in the worker processes, straight from
-  the slot (large files) or in batches (small files);
-* the ``BlobSaver`` packs them and uploads packs on ``connections`` tasks;
-* a directory's tree blob is made once its last entry is complete, so trees are
-  built bottom-up while the walk goes on.
+* ``walk`` (source) scans directories in threads (a few at once), reuses the
+  content of files unchanged since the parent snapshot, and sends the rest on:
+  a large file as one item, small files batched (it knows their sizes);
+* ``read`` (``read_concurrency`` tasks) reads files into shared-memory input
+  slots in threads, cuts them into content-defined chunks and hashes them there
+  (pyfastcdc and BLAKE3 release the GIL); only chunks the repository lacks
+  (``Packer.claim``) go on, as one item per slot that owns the slot;
+* ``encode`` compresses and encrypts them in the worker processes, slot to slot;
+  it releases the input slot, and its output slot goes with the blobs until
+  ``pack`` has copied them;
+* ``pack``, ``upload``, ``index``: the shared stages of ``stages/packing.py``;
+* a directory's tree blob is made once its last entry is complete (in ``walk``
+  or ``read``) and enters ``pack`` through an inlet, so trees are built
+  bottom-up while the walk goes on.
+
+Whatever the link speed, the bytes held stay within :meth:`Archiver.memory_bound`.
 """
 
 from __future__ import annotations
@@ -20,20 +27,31 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
 import structlog
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.abc import ObjectSendStream
 
+from cairn.backends.throttle import upload_limiter
+from cairn.pipeline import (
+    Inlet,
+    Pipeline,
+    PipelineOptions,
+    PipelineSnapshot,
+    StageError,
+)
 from cairn.pipeline.memory import HeldBytes
+from cairn.pipeline.metrics import waiting_on_output
 from cairn.pipeline.shm import Slot, SlotPool
 from cairn.pipeline.workers import WorkerPool
 from cairn.repo.codec import encode_blob
 from cairn.repo.index import Index
 from cairn.repo.pack import DATA, TREE
+from cairn.repo.repository import Repository
 from cairn.repo.tree import Node, Tree, encode_tree
 from cairn.stages import cpu
 from cairn.stages.chunker import (
@@ -46,7 +64,7 @@ from cairn.stages.chunker import (
     read_small_files,
 )
 from cairn.stages.excludes import ExcludeRules
-from cairn.stages.saver import BlobSaver
+from cairn.stages.packing import EncodedBlob, Packer
 from cairn.stages.sourcedirs import SourceDirs, dir_problem
 from cairn.stages.treecache import TreeCache
 from cairn.stages.walk import ScanResult, scan_dir, stat_at, stat_at_following
@@ -63,6 +81,27 @@ OUT_SLACK = 256 * 1024
 WALK_CONCURRENCY = 3
 # Small files read per thread hop.
 SMALL_READ_FILES = 64
+
+# Behind an upload limit below this (bytes/s), one worker encodes faster than the
+# link takes the data (source text at ~230 MB/s, incompressible data far faster:
+# bench/ENGINE.md), so a second one would only add a process (~25 MiB) and its
+# slots (~16 MiB) to what a throttled backup holds.
+ONE_WORKER_BELOW = 64 * MiB
+
+
+def default_cpu_workers(cores: int, upload_limit: int | None, scheduled: bool) -> int:
+    """Workers when ``--cpu-workers`` is not given: one per core, or one behind a
+    fixed upload limit (bytes/s) below :data:`ONE_WORKER_BELOW` (not with a
+    bandwidth schedule, which may lift the limit during the run)."""
+    if upload_limit and upload_limit < ONE_WORKER_BELOW and not scheduled:
+        return 1
+    return cores
+
+
+# What to tune when a stage limits a backup (the bottleneck line).
+WALK_HINT = "none: scanning directories (a slow or remote filesystem?)"
+READ_HINT = "--read-concurrency"
+ENCODE_HINT = "--cpu-workers"
 
 
 @dataclass(frozen=True)
@@ -150,10 +189,41 @@ class _FileJob:
     old: Node | None
 
 
-class Archiver:
-    """Runs one backup; ``run`` returns the root tree ID."""
+# What ``walk`` sends to ``read``: one file, or a batch of small files.
+_ReadItem = _FileJob | list[_FileJob]
 
-    def __init__(self, repo: Any, index: Index, options: BackupOptions, parent_tree: bytes | None):
+
+def _read_bytes(item: _ReadItem) -> int:
+    jobs = item if isinstance(item, list) else [item]
+    return sum(job.node.size for job in jobs)
+
+
+@dataclass
+class _EncodeJob:
+    """New chunks at ``(offset, length, blob ID)`` in an input slot it owns."""
+
+    slot: Slot
+    spans: list[tuple[int, int, bytes]]
+
+    def release(self) -> None:
+        self.slot.release()
+
+    def nbytes(self) -> int:
+        return sum(length for _, length, _ in self.spans)
+
+
+class Archiver:
+    """Runs one backup as a Pipeline (see the module docstring); ``run`` returns
+    the root tree ID. ``stats``, ``packer.stats``, ``held`` and :meth:`snapshot`
+    are its public counters."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        index: Index,
+        options: BackupOptions,
+        parent_tree: bytes | None,
+    ) -> None:
         self.repo = repo
         self.crypto = repo.crypto
         self.index = index
@@ -169,7 +239,7 @@ class Archiver:
             max_size=getattr(cfg, "chunk_max", 8 * 1024 * 1024),
             seed=self.crypto.chunker_seed,
         )
-        self.saver = BlobSaver(
+        self.packer = Packer(
             repo,
             index,
             pack_size=options.pack_size,
@@ -178,6 +248,10 @@ class Archiver:
             held=self.held,
         )
         self.root_tree: bytes | None = None
+        # An upload limit set when the run starts (a schedule may lift it later:
+        # the run then goes on with the smaller slot pools).
+        limiter = upload_limiter(repo.backend)
+        self._upload_limited = bool(getattr(limiter, "rate", None))
         self._trees = TreeCache(repo, index)
         self._pool: WorkerPool | None = None
         # The worker pool starts on the first blob that needs encoding: a backup
@@ -188,7 +262,11 @@ class Archiver:
         self._pool_started = False
         self._slots: SlotPool | None = None
         self._out_slots: SlotPool | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._pipeline: Pipeline | None = None
+        self._tree_inlet: Inlet | None = None
+        # Small files the walk has not sent on yet (one batch, shared by its tasks).
+        self._batch: list[_FileJob] = []
+        self._batch_bytes = 0
         self._devices: dict[bytes, int] | None = None
         # Every file and directory is reached relative to its directory's
         # descriptor, never by its full path (sourcedirs.py: any depth, no symlink
@@ -200,13 +278,19 @@ class Archiver:
     @property
     def in_slots(self) -> int:
         """Input slots: one being filled per reader, two queued per worker, and some
-        slack so a reader never waits while a worker finishes."""
+        slack so a reader never waits while a worker finishes. Behind an upload
+        limit the link sets the pace, not the disk or the CPU: one per reader and
+        one per worker keep it busy, and a slow link holds no more memory than that."""
+        if self._upload_limited:
+            return self.opts.cpu_workers + self.opts.read_concurrency
         return 2 * self.opts.cpu_workers + self.opts.read_concurrency + 2
 
     @property
     def out_slots(self) -> int:
         """Output slots: one per job in flight and one per job whose blobs are
-        being handed to the packer."""
+        being handed to the packer (behind an upload limit, one per worker)."""
+        if self._upload_limited:
+            return self.opts.cpu_workers
         return 2 * self.opts.cpu_workers
 
     def memory_bound(self) -> tuple[int, int]:
@@ -229,18 +313,30 @@ class Archiver:
     # -- the run ---------------------------------------------------------------
 
     async def run(self) -> bytes:
+        """Back up; return the root tree ID. What failed is raised as itself."""
         self._slots = SlotPool(self.opts.slot_size, self.in_slots)
         self._out_slots = SlotPool(self.opts.slot_size + OUT_SLACK, self.out_slots)
+        pipeline = self._pipeline = self._build()
         try:
             async with anyio.create_task_group() as pool_tg:
                 self._pool_tg = pool_tg
                 try:
-                    await self._run_stages()
+                    try:
+                        await pipeline.run()
+                    finally:
+                        # Whatever happened, index what reached the backend so a
+                        # rerun reuses it (shielded).
+                        await self.packer.finish()
                 finally:
                     # Only now, with every stage task finished (also when cancelled),
                     # may the pool close: an encode task still unwinding must not
                     # find it closed (a RuntimeError instead of the interrupt).
                     self._pool_done.set()
+        except StageError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, Exception):
+                raise cause from cause.__cause__
+            raise
         finally:
             self._slots.close()
             self._out_slots.close()
@@ -250,23 +346,43 @@ class Archiver:
         assert self.root_tree is not None
         return self.root_tree
 
-    async def _run_stages(self) -> None:
-        file_tx, file_rx = anyio.create_memory_object_stream[_FileJob](64)
-        try:
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(self.saver.run_uploaders)
-                async with anyio.create_task_group() as tg:
-                    self._tg = tg
-                    async with anyio.create_task_group() as readers:
-                        readers.start_soon(self._walk_all, file_tx)
-                        for _ in range(self.opts.read_concurrency):
-                            readers.start_soon(self._reader, file_rx.clone())
-                        file_rx.close()
-                await self.saver.close_packs()
-        finally:
-            # Whatever happened, index what reached the backend so a rerun reuses it.
-            with anyio.CancelScope(shield=True):
-                await self.saver.write_index()
+    def _build(self) -> Pipeline:
+        """walk → read → encode → pack (+ tree inlet) → upload → index."""
+        opts = self.opts
+        options = PipelineOptions(
+            cpu_workers=opts.cpu_workers,
+            read_concurrency=opts.read_concurrency,
+            connections=opts.connections,
+        )
+        pipeline = (
+            Pipeline("backup", options=options)
+            .source("walk", self._walk_all, sizeof=_read_bytes, hint=WALK_HINT)
+            .map(
+                "read",
+                self._read,
+                concurrency=opts.read_concurrency,
+                sizeof=_read_bytes,
+                hint=READ_HINT,
+            )
+            .map(
+                "encode",
+                self._encode,
+                concurrency=self.out_slots,
+                sizeof=_EncodeJob.nbytes,
+                release=_EncodeJob.release,
+                hint=ENCODE_HINT,
+            )
+        )
+        self.packer.add_to(pipeline)
+        # Trees are made in walk and read (when a directory's last entry completes).
+        self._tree_inlet = pipeline.inlet("pack", until="read")
+        return pipeline
+
+    def snapshot(self) -> PipelineSnapshot | None:
+        """The counters of every stage now (during and after :meth:`run`)."""
+        if self._pipeline is None:
+            return None
+        return self._pipeline.snapshot()
 
     async def _get_pool(self) -> WorkerPool:
         if not self._pool_started:
@@ -293,18 +409,36 @@ class Archiver:
 
     # -- walking ------------------------------------------------------------------
 
-    async def _walk_all(self, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> None:
-        async with file_tx:
-            if self.opts.stdin_name is not None:
-                await self._walk_stdin(file_tx)
-                return
-            old = await self._old_entries(self.parent_tree)
-            root = _Dir(b"/", None, None, old, self.parent_tree)
-            trie = self._path_trie()
-            if trie is None:  # "/" itself was given
-                await self._walk_tree(root, file_tx)
-            else:
-                await self._walk_virtual(root, trie, file_tx)
+    async def _walk_all(self, file_tx: ObjectSendStream[_ReadItem]) -> None:
+        """The ``walk`` stage: send every file to read (small ones in batches)."""
+        if self.opts.stdin_name is not None:
+            await self._walk_stdin(file_tx)
+            return
+        old = await self._old_entries(self.parent_tree)
+        root = _Dir(b"/", None, None, old, self.parent_tree)
+        trie = self._path_trie()
+        if trie is None:  # "/" itself was given
+            await self._walk_tree(root, file_tx)
+        else:
+            await self._walk_virtual(root, trie, file_tx)
+        await self._flush_batch(file_tx)
+
+    async def _queue_file(self, job: _FileJob, file_tx: ObjectSendStream[_ReadItem]) -> None:
+        """Send a file to read; small ones go in batches of up to SMALL_READ_FILES
+        files or SMALL_BATCH_BYTES, one thread hop each (a hop costs ~50 µs, about
+        as much as reading a 64 KiB file)."""
+        if not self._is_small(job):
+            await file_tx.send(job)
+            return
+        self._batch.append(job)
+        self._batch_bytes += job.node.size
+        if len(self._batch) >= SMALL_READ_FILES or self._batch_bytes >= SMALL_BATCH_BYTES:
+            await self._flush_batch(file_tx)
+
+    async def _flush_batch(self, file_tx: ObjectSendStream[_ReadItem]) -> None:
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if batch:
+            await file_tx.send(batch)
 
     def _path_trie(self) -> dict[bytes, Any] | None:
         """Absolute paths as nested dicts of components; ``None`` marks a path to walk
@@ -326,7 +460,7 @@ class Archiver:
         return trie
 
     async def _walk_virtual(
-        self, d: _Dir, trie: dict[bytes, Any], file_tx: anyio.abc.ObjectSendStream[_FileJob]
+        self, d: _Dir, trie: dict[bytes, Any], file_tx: ObjectSendStream[_ReadItem]
     ) -> None:
         """Directories above the given paths: only the components on the way down."""
         for name in sorted(trie):
@@ -368,7 +502,7 @@ class Archiver:
         node: Node,
         path: bytes,
         old: Node | None,
-        file_tx: anyio.abc.ObjectSendStream[_FileJob],
+        file_tx: ObjectSendStream[_ReadItem],
     ) -> None:
         d.nodes.append(node)
         if node.type == "dir":
@@ -387,9 +521,9 @@ class Archiver:
                 self.stats.bytes_unmodified += node.size
                 return
             d.pending += 1
-            await file_tx.send(_FileJob(d, node, path, old))
+            await self._queue_file(_FileJob(d, node, path, old), file_tx)
 
-    async def _walk_tree(self, top: _Dir, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> None:
+    async def _walk_tree(self, top: _Dir, file_tx: ObjectSendStream[_ReadItem]) -> None:
         """Depth-first walk below one directory given on the command line."""
         if self.opts.rules.one_file_system:
             top.dev = top.node.device if top.node else os.lstat(top.path).st_dev
@@ -414,7 +548,7 @@ class Archiver:
             for _ in range(WALK_CONCURRENCY):
                 tg.start_soon(scanner)
 
-    async def _scan_one(self, d: _Dir, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> list[_Dir]:
+    async def _scan_one(self, d: _Dir, file_tx: ObjectSendStream[_ReadItem]) -> list[_Dir]:
         """Scan one directory, queue its changed files, return its subdirectories."""
         if d.old is None and d.old_tree is not None:
             d.old = await self._old_entries(d.old_tree)
@@ -458,12 +592,12 @@ class Archiver:
                     self.stats.bytes_unmodified += child.size
                 else:
                     d.pending += 1
-                    await file_tx.send(_FileJob(d, child, cpath, cold))
+                    await self._queue_file(_FileJob(d, child, cpath, cold), file_tx)
         d.walked = True
         await self._maybe_finish(d)
         return subdirs
 
-    async def _walk_stdin(self, file_tx: anyio.abc.ObjectSendStream[_FileJob]) -> None:
+    async def _walk_stdin(self, file_tx: ObjectSendStream[_ReadItem]) -> None:
         assert self.opts.stdin_name is not None
         now = time.time_ns()
         root = _Dir(b"/", None, None, None)
@@ -521,9 +655,10 @@ class Archiver:
         while d.walked and d.pending == 0:
             payload = encode_tree(Tree(d.nodes))
             tree_id = self.crypto.blob_id(payload)
-            if self.saver.claim(tree_id):
+            if self.packer.claim(tree_id):
                 stored = encode_blob(self.crypto, TREE, tree_id, payload, self.opts.level)
-                await self.saver.add(TREE, tree_id, stored, len(payload))
+                assert self._tree_inlet is not None
+                await self._tree_inlet.send(EncodedBlob(TREE, tree_id, stored, len(payload)))
             if d.node is not None:
                 d.node.subtree = tree_id
             self._dirs.forget(d)  # nothing below it is read any more
@@ -553,66 +688,62 @@ class Archiver:
     def _is_small(self, job: _FileJob) -> bool:
         return job.node.size < self.chunker_params.min_size and job.path != b"/dev/stdin"
 
-    async def _reader(self, rx: MemoryObjectReceiveStream[_FileJob]) -> None:
-        """Read files; small ones in batches into one slot, one thread hop per batch
-        (a hop costs ~50 µs, about as much as reading a 64 KiB file)."""
-        async with rx:
-            async for job in rx:
-                if not self._is_small(job):
-                    await self._job_done(job, await self._read_file(job))
-                    continue
-                batch = [job]
-                size = job.node.size
-                while len(batch) < SMALL_READ_FILES and size < SMALL_BATCH_BYTES:
-                    try:
-                        job = rx.receive_nowait()
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                    if not self._is_small(job):
-                        await self._job_done(job, await self._read_file(job))
-                        continue
-                    batch.append(job)
-                    size += job.node.size
-                while batch:
-                    batch = await self._read_small_batch(batch)
-
-    async def _read_small_batch(self, batch: list[_FileJob]) -> list[_FileJob]:
-        """Read as many of ``batch`` as fit into one slot; return the rest."""
-        assert self._slots is not None and self._tg is not None
-        slot = await self._slots.acquire()
-        try:
-            results = await anyio.to_thread.run_sync(
-                read_small_files,
-                [(j.dir, j.node.name) for j in batch],
-                self._dirs,
-                slot.view,
-                self.crypto,
-                self.chunker_params.min_size,
-            )
-        except BaseException:
-            slot.release()
-            raise
-        new: list[tuple[int, int, bytes]] = []
-        for j, result in zip(batch, results, strict=False):
-            if result is None:  # grew past the small-file size since the walk
-                await self._job_done(j, await self._read_file(j))
-            elif isinstance(result, OSError):
-                self._warn(j.path, read_problem(result))
-                await self._job_done(j, False)
-            else:
-                offset, length, blob_id, after, xattrs = result
-                self._check_unchanged(j, after, length)
-                if length and self.saver.claim(blob_id):
-                    new.append((offset, length, blob_id))
-                self.stats.bytes_read += length
-                j.node.xattrs = xattrs
-                self._file_done(j, [blob_id] if length else [], length)
-                await self._job_done(j, True)
-        if new:
-            self._tg.start_soon(self._encode_slot, slot, new)
+    async def _read(self, item: _ReadItem) -> AsyncIterator[_EncodeJob]:
+        """The ``read`` stage: read, chunk and hash; yield the new chunks of each slot."""
+        if isinstance(item, list):
+            async for job in self._read_small_batch(item):
+                yield job
         else:
-            slot.release()
-        return batch[len(results) :]
+            async for job in self._read_file(item):
+                yield job
+
+    async def _acquire_slot(self) -> Slot:
+        assert self._slots is not None
+        # Slots come back when encode is done with them: a wait on output.
+        with waiting_on_output():
+            return await self._slots.acquire()
+
+    async def _read_small_batch(self, batch: list[_FileJob]) -> AsyncIterator[_EncodeJob]:
+        """Read small files into one slot after another, one thread hop per slot."""
+        while batch:
+            slot = await self._acquire_slot()
+            try:
+                results = await anyio.to_thread.run_sync(
+                    read_small_files,
+                    [(j.dir, j.node.name) for j in batch],
+                    self._dirs,
+                    slot.view,
+                    self.crypto,
+                    self.chunker_params.min_size,
+                )
+            except BaseException:
+                slot.release()
+                raise
+            new: list[tuple[int, int, bytes]] = []
+            grown: list[_FileJob] = []
+            for j, result in zip(batch, results, strict=False):
+                if result is None:  # grew past the small-file size since the walk
+                    grown.append(j)
+                elif isinstance(result, OSError):
+                    self._warn(j.path, read_problem(result))
+                    await self._job_done(j, False)
+                else:
+                    offset, length, blob_id, after, xattrs = result
+                    self._check_unchanged(j, after, length)
+                    if length and self.packer.claim(blob_id):
+                        new.append((offset, length, blob_id))
+                    self.stats.bytes_read += length
+                    j.node.xattrs = xattrs
+                    self._file_done(j, [blob_id] if length else [], length)
+                    await self._job_done(j, True)
+            batch = batch[len(results) :]
+            if new:
+                yield _EncodeJob(slot, new)
+            else:
+                slot.release()
+            for j in grown:
+                async for job in self._read_file(j):
+                    yield job
 
     async def _job_done(self, job: _FileJob, ok: bool) -> None:
         if not ok:
@@ -625,8 +756,9 @@ class Archiver:
             self.stats.files_changed_during_read += 1
             self._warn(job.path, "file changed while it was read; stored as read")
 
-    async def _read_file(self, job: _FileJob) -> bool:
-        """Read, chunk and queue one large file (or stdin); False if unreadable."""
+    async def _read_file(self, job: _FileJob) -> AsyncIterator[_EncodeJob]:
+        """Read and chunk one large file (or stdin) slot by slot, yielding the new
+        chunks of each; an unreadable file is warned about and left out."""
         stdin = job.path == b"/dev/stdin"
         self.stats.current = job.path
         try:
@@ -639,14 +771,21 @@ class Archiver:
             )
         except OSError as exc:
             self._warn(job.path, read_problem(exc))
-            return False
+            await self._job_done(job, False)
+            return
+        content: list[bytes] = []
         try:
-            content, size = await self._read_large(fd)
+            size = 0
+            async for encode, filled in self._read_large(fd, content):
+                size += filled
+                if encode is not None:
+                    yield encode
             if not stdin:
                 after, job.node.xattrs = await anyio.to_thread.run_sync(finish_file, fd)
         except OSError as exc:
             self._warn(job.path, read_problem(exc))
-            return False
+            await self._job_done(job, False)
+            return
         finally:
             if not stdin:
                 os.close(fd)
@@ -654,75 +793,83 @@ class Archiver:
             self._check_unchanged(job, after, size)
         self.stats.bytes_read += size
         self._file_done(job, content, size)
-        return True
+        await self._job_done(job, True)
 
-    async def _read_large(self, fd: int) -> tuple[list[bytes], int]:
-        """Read a file slot by slot; encode the new chunks of each slot concurrently."""
-        assert self._slots is not None and self._tg is not None
+    async def _read_large(
+        self, fd: int, content: list[bytes]
+    ) -> AsyncIterator[tuple[_EncodeJob | None, int]]:
+        """Read a file slot by slot; per slot, its new chunks (or None) and the bytes
+        read. The blob IDs of the file's chunks are appended to ``content``."""
         chunker = make_chunker(self.chunker_params)
-        content: list[bytes] = []
-        total = 0
         carry = b""
         eof = False
-        while not eof:
-            slot = await self._slots.acquire()
-            try:
-                slot.view[: len(carry)] = carry
-                filled, spans, eof = await anyio.to_thread.run_sync(
-                    fill_and_chunk,
-                    fd,
-                    slot.view,
-                    len(carry),
-                    chunker,
-                    self.crypto,
-                    self.chunker_params.max_size,
-                )
-            except BaseException:
-                slot.release()
-                raise
-            total += filled - len(carry)
-            complete = spans if eof else spans[:-1]
+        try:
+            while not eof:
+                slot = await self._acquire_slot()
+                try:
+                    slot.view[: len(carry)] = carry
+                    filled, spans, eof = await anyio.to_thread.run_sync(
+                        fill_and_chunk,
+                        fd,
+                        slot.view,
+                        len(carry),
+                        chunker,
+                        self.crypto,
+                        self.chunker_params.max_size,
+                    )
+                except BaseException:
+                    slot.release()
+                    raise
+                read = filled - len(carry)
+                complete = spans if eof else spans[:-1]
+                self.held.sub(len(carry))
+                if not eof and spans:
+                    off, length, _ = spans[-1]
+                    carry = bytes(slot.view[off : off + length])
+                else:
+                    carry = b""
+                self.held.add(len(carry))
+                content.extend(blob_id for _, _, blob_id in complete)
+                new = [s for s in complete if self.packer.claim(s[2])]
+                if new:
+                    yield _EncodeJob(slot, new), read
+                else:
+                    slot.release()
+                    yield None, read
+        finally:
             self.held.sub(len(carry))
-            if not eof and spans:
-                off, length, _ = spans[-1]
-                carry = bytes(slot.view[off : off + length])
-            else:
-                carry = b""
-            self.held.add(len(carry))
-            content.extend(blob_id for _, _, blob_id in complete)
-            new = [s for s in complete if self.saver.claim(s[2])]
-            if new:
-                self._tg.start_soon(self._encode_slot, slot, new)
-            else:
-                slot.release()
-        return content, total
 
-    async def _encode_slot(self, slot: Slot, spans: list[tuple[int, int, bytes]]) -> None:
-        """Compress and encrypt new chunks in a worker, slot to slot; then pack them.
+    # -- encoding --------------------------------------------------------------------
 
-        The output slot is held until the packer has taken every blob: when the
-        uploads fall behind, encode waits here, the workers and then the readers
-        run out of slots, and nothing piles up in memory (docs/architecture.md).
-        """
+    async def _encode(self, job: _EncodeJob) -> list[EncodedBlob]:
+        """The ``encode`` stage: compress and encrypt new chunks in a worker, from
+        the input slot (released by the stage) into an output slot that goes on
+        with the blobs until ``pack`` has copied them. When the uploads fall
+        behind, output slots run out, encode waits, then read: nothing piles up
+        in memory (docs/architecture.md, "Memory bound")."""
         assert self._out_slots is not None
         pool = await self._get_pool()
-        try:
+        with waiting_on_output():
             out = await self._out_slots.acquire()
-            try:
-                end = max(off + length for off, length, _ in spans)
-                placed = await pool.run(
-                    cpu.encode_into, slot.ref(end), out.ref(), spans, self.opts.level
-                )
-            except BaseException:
-                out.release()
-                raise
-        finally:
-            slot.release()  # the input is encoded: readers may refill it now
         try:
-            for (_, length, blob_id), (offset, size) in zip(spans, placed, strict=True):
-                await self.saver.add(DATA, blob_id, out.view[offset : offset + size], length)
-        finally:
+            end = max(off + length for off, length, _ in job.spans)
+            placed = await pool.run(
+                cpu.encode_into, job.slot.ref(end), out.ref(), job.spans, self.opts.level
+            )
+        except BaseException:
             out.release()
+            raise
+        blobs = [
+            EncodedBlob(DATA, blob_id, out.view[offset : offset + size], length)
+            for (_, length, blob_id), (offset, size) in zip(job.spans, placed, strict=True)
+        ]
+        # One release for the slot, with the batch's last blob ("pack" calls it
+        # once it has copied the whole batch).
+        last = blobs[-1]
+        blobs[-1] = EncodedBlob(
+            last.blob_type, last.blob_id, last.data, last.raw_length, out.release
+        )
+        return blobs
 
     def _warn(self, path: bytes, problem: str) -> None:
         text = os.fsdecode(path)

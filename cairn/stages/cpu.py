@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 
-from cairn.repo.codec import decode_blob, encode_blob, encode_blob_into
+from cairn.repo.codec import decode_blob, encode_blob_into
 from cairn.repo.crypto import Crypto
+from cairn.repo.errors import CorruptedObject
 from cairn.repo.pack import DATA
 from cairn.repo.tree import Node
 from cairn.stages.dirfds import DirFds, open_dir_path
@@ -31,28 +32,20 @@ def _worker_crypto() -> Crypto:
     return _crypto
 
 
-def encode_spans(view: memoryview, spans: list[tuple[int, int, bytes]], level: int) -> list[bytes]:
-    """Compress and encrypt the data blobs at ``(offset, length, id)`` in a slot."""
+def verify_spans(
+    view: memoryview, spans: list[tuple[int, int, int, bytes]]
+) -> list[tuple[bytes, str]]:
+    """Decode (decrypt, decompress, check the ID of) the blobs at ``(offset, length,
+    type, id)`` in a slot; return the ones that fail as ``(blob ID, why)``. Nothing
+    bulky travels back: the caller keeps using the stored bytes in the slot."""
     crypto = _worker_crypto()
-    return [
-        encode_blob(crypto, DATA, blob_id, view[offset : offset + length], level)
-        for offset, length, blob_id in spans
-    ]
-
-
-def encode_small(items: list[tuple[bytes, bytes]], level: int) -> list[bytes]:
-    """Compress and encrypt a batch of small data blobs given as ``(id, data)``."""
-    crypto = _worker_crypto()
-    return [encode_blob(crypto, DATA, blob_id, data, level) for blob_id, data in items]
-
-
-def decode_spans(view: memoryview, spans: list[tuple[int, int, int, bytes]]) -> list[bytes]:
-    """Decrypt, decompress and verify blobs at ``(offset, length, type, id)`` in a slot."""
-    crypto = _worker_crypto()
-    return [
-        decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
-        for offset, length, blob_type, blob_id in spans
-    ]
+    bad = []
+    for offset, length, blob_type, blob_id in spans:
+        try:
+            decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
+        except CorruptedObject as exc:
+            bad.append((blob_id, str(exc)))
+    return bad
 
 
 # A place a decoded blob goes: (directory below the target, file name, offset in the

@@ -7,37 +7,58 @@ partly used packs, most wasteful first, until the unused space left is within
 
 Execute, in an order that keeps the repository consistent if interrupted anywhere:
 
-1. write the new packs (used blobs of repacked packs, copied verbatim after their
-   IDs were verified) — an interruption leaves unindexed packs, harmless;
-2. write the new index files; only the last one lists every old index file in
-   ``supersedes``, so until it lands the old index stays in force;
+1. repack (:func:`repack`, a pipeline ending in the shared packing stages): the
+   used blobs of repacked packs, copied as stored after their IDs were verified,
+   into new packs, each indexed after it is uploaded (an index file every
+   ``PACKS_PER_INDEX`` packs, the rest at the end, also when the run fails). An
+   interruption leaves new packs unindexed (harmless; the next prune deletes them)
+   or indexed beside the old ones (the blobs are then stored twice, and the next
+   prune keeps the new packs and deletes the old);
+2. write index files for the packs kept as they are; only the last one lists every
+   old index file in ``supersedes``, so until it lands the old index stays in force;
 3. delete the old index files (already superseded);
 4. delete the old packs (no longer indexed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import structlog
 
 from cairn.backends.base import NotFound, object_name
-from cairn.repo.codec import decode_blob
+from cairn.pipeline import (
+    Pipeline,
+    PipelineOptions,
+    PipelineSnapshot,
+    SlotPool,
+    StageError,
+    WorkerPool,
+)
 from cairn.repo.errors import CorruptedObject, ObjectNotFound, RepoError
 from cairn.repo.index import Index, IndexFile, decode_index, encode_index
-from cairn.repo.pack import DATA, TREE, PackEntry, PackWriter
+from cairn.repo.pack import PackEntry
 from cairn.repo.tree import Tree
+from cairn.stages import cpu
+from cairn.stages.fetch import (
+    CPU_HINT,
+    DOWNLOAD_HINT,
+    SLOT_SIZE,
+    THROTTLE_HINT,
+    Batch,
+    Fetched,
+    batch_bytes,
+    download,
+    plan_ranges,
+)
+from cairn.stages.packing import PACKS_PER_INDEX, EncodedBlob, Packer
 from cairn.stages.snapshots import load_snapshots
 from cairn.stages.units import parse_size
 
 log = structlog.get_logger("cairn.prune")
-
-# Packs per written index file, as the backup saver does.
-PACKS_PER_INDEX = 64
 
 
 class PruneRefused(RepoError):
@@ -69,6 +90,7 @@ class PruneOptions:
     max_repack_size: int | None = None
     dry_run: bool = False
     connections: int = 4
+    cpu_workers: int = 2
     pack_size: int = 16 * 1024 * 1024
 
 
@@ -128,6 +150,12 @@ class PruneResult:
     bytes_deleted: int = 0
     index_written: list[str] = field(default_factory=list)
     index_deleted: int = 0
+    # The repack pipeline's final counters (None when nothing was repacked).
+    pipeline: PipelineSnapshot | None = None
+    # Bytes of blobs and packs the packing stages held at most, and the bound that
+    # holds by construction (docs/architecture.md, "Prune").
+    held_peak: int = 0
+    held_bound: int = 0
 
 
 async def used_blobs(repo: Any, index: Index, roots: Sequence[tuple[str, bytes]]) -> set[bytes]:
@@ -220,7 +248,18 @@ async def plan_prune(repo: Any, options: PruneOptions) -> PrunePlan:
 
 
 def _assign_used(plan: PrunePlan, used: set[bytes], copies: dict[bytes, list[str]]) -> None:
-    """Count each used blob once, in the first present pack holding it."""
+    """Count each used blob once, in one present pack holding it.
+
+    Of several copies, one in a pack all of whose blobs are in use wins: after an
+    interrupted prune, that is its new pack beside the partly used one it was to
+    replace, so the rerun keeps the new pack and deletes the old one instead of
+    repacking it again. Otherwise the first copy wins.
+    """
+    full = {
+        p
+        for p, info in plan.packs.items()
+        if info.action != "missing" and all(e.id in used for e in info.entries)
+    }
     chosen: dict[bytes, str] = {}
     for blob_id in used:
         present = [p for p in copies[blob_id] if plan.packs[p].action != "missing"]
@@ -229,7 +268,7 @@ def _assign_used(plan: PrunePlan, used: set[bytes], copies: dict[bytes, list[str
                 f"blob {blob_id.hex()} is in use but its pack {copies[blob_id][0]} is missing; "
                 "run `cairn check`, then `cairn repair`"
             )
-        chosen[blob_id] = present[0]
+        chosen[blob_id] = next((p for p in present if p in full), present[0])
     for info in plan.packs.values():
         for e in info.entries:
             if chosen.get(e.id) == info.id:
@@ -266,52 +305,131 @@ def _choose_actions(plan: PrunePlan, options: PruneOptions) -> None:
         remaining -= info.unused_bytes
 
 
-class _Repacker:
-    """Copies verified blobs into new packs of their type and uploads them."""
+class _SlotShare:
+    """The blobs of one downloaded range share its slot: the last one done frees it."""
 
-    def __init__(self, repo: Any, pack_size: int, result: PruneResult) -> None:
-        self.repo = repo
-        self.pack_size = pack_size
-        self.result = result
-        self.writers = {DATA: PackWriter(DATA), TREE: PackWriter(TREE)}
-        self.written: set[bytes] = set()
-        self.new_packs: list[tuple[bytes, list[PackEntry]]] = []
-        self.lock = anyio.Lock()
+    def __init__(self, fetched: Fetched, count: int) -> None:
+        self.fetched = fetched
+        self.count = count
 
-    async def repack(self, info: PackInfo) -> None:
-        data = await self.repo.backend.load(object_name("data", info.id))
-        crypto = self.repo.crypto
-        blobs = [(e, data[e.offset : e.offset + e.length]) for e in info.used]
+    def release(self) -> None:
+        self.count -= 1
+        if self.count <= 0:
+            self.fetched.release()
 
-        def verify() -> None:
-            for e, stored in blobs:
-                try:
-                    decode_blob(crypto, e.type, e.id, stored)
-                except CorruptedObject as exc:
-                    raise PruneRefused(f"{exc} (in pack {info.id}); nothing was deleted") from None
 
-        await anyio.to_thread.run_sync(verify)
-        async with self.lock:
-            for e, stored in blobs:
-                if e.id in self.written:
-                    continue
-                self.written.add(e.id)
-                writer = self.writers[e.type]
-                writer.add(e.type, e.id, stored, e.raw_length)
-                if writer.size >= self.pack_size:
-                    await self.flush(e.type)
+def _verify_stage(
+    pool: WorkerPool, packer: Packer
+) -> Callable[[Fetched], AsyncIterator[EncodedBlob]]:
+    """The verify stage: a worker job decodes every kept blob of a range from its
+    slot (decrypt, decompress, check the ID); the stored bytes then go on as they
+    are, as views of the slot, which the last of them to be packed frees."""
 
-    async def flush(self, blob_type: int) -> None:
-        writer = self.writers[blob_type]
-        if not len(writer):
-            return
-        self.writers[blob_type] = PackWriter(blob_type)
-        data, pack_id, entries = writer.finish(self.repo.crypto)
-        await self.repo.backend.save(object_name("data", pack_id), data)
-        self.new_packs.append((bytes.fromhex(pack_id), entries))
-        self.result.packs_written += 1
-        self.result.bytes_written += len(data)
-        log.debug("prune.pack_written", pack=pack_id, bytes=len(data), blobs=len(entries))
+    async def verify(fetched: Fetched) -> AsyncIterator[EncodedBlob]:
+        batch = fetched.batch
+        entries: list[PackEntry] = batch.blobs
+        spans = [(e.offset - batch.offset, e.length, e.type, e.id) for e in entries]
+        try:
+            bad = await pool.run(cpu.verify_spans, fetched.ref(), spans)
+        except BaseException:
+            fetched.release()
+            raise
+        if bad:
+            fetched.release()
+            _blob_id, why = bad[0]
+            raise PruneRefused(f"{why} (in pack {batch.pack_id.hex()}); nothing was deleted")
+        # Each blob goes into one new pack (the plan counts each used blob once).
+        todo = [(span, e) for span, e in zip(spans, entries, strict=True) if packer.claim(e.id)]
+        share = _SlotShare(fetched, len(todo))
+        if not todo:
+            share.release()
+        view = fetched.slot.view if fetched.slot is not None else memoryview(b"")
+        for (offset, length, _type, _id), e in todo:
+            data = view[offset : offset + length]
+            yield EncodedBlob(e.type, e.id, data, e.raw_length, share.release)
+
+    return verify
+
+
+def repack_batches(plan: PrunePlan) -> list[Batch]:
+    """The ranges of kept blobs in the packs to repack, each pack read front to back."""
+    return plan_ranges(
+        (bytes.fromhex(info.id), e.offset, e.length, e)
+        for info in plan.with_action("repack")
+        for e in info.used
+    )
+
+
+async def repack(
+    repo: Any, plan: PrunePlan, options: PruneOptions, result: PruneResult
+) -> list[tuple[bytes, list[PackEntry]]]:
+    """The repack pipeline; the new packs (already indexed, by index files that
+    supersede nothing)::
+
+        plan → download → verify (workers) → pack → upload → index
+
+    Downloads run ahead of the verify jobs by the slots free; a slot is freed once
+    every blob it holds has been copied into a pack, so memory is the slot pool
+    plus the packs being filled and uploaded (see docs/architecture.md, "Prune").
+    """
+    batches = repack_batches(plan)
+    if not batches:
+        return []
+    workers, connections = options.cpu_workers, options.connections
+    slots = SlotPool(SLOT_SIZE, 2 * workers + connections)
+    packer = Packer(repo, Index(), pack_size=options.pack_size, connections=connections)
+    options_ = PipelineOptions(cpu_workers=workers, connections=connections)
+    try:
+        async with WorkerPool(
+            workers, initializer=cpu.init_worker, initargs=(repo.crypto,)
+        ) as pool:
+            pipeline = packer.add_to(
+                Pipeline("prune", options=options_)
+                .source("plan", batches, sizeof=batch_bytes)
+                .map(
+                    "download",
+                    download(repo.backend, slots, ()),
+                    concurrency=connections,
+                    sizeof=batch_bytes,
+                    hint=DOWNLOAD_HINT,
+                    throttle_hint=THROTTLE_HINT,
+                )
+                .map(
+                    "verify",
+                    _verify_stage(pool, packer),
+                    concurrency=2 * workers,
+                    sizeof=batch_bytes,
+                    hint=CPU_HINT,
+                )
+            )
+            try:
+                await pipeline.run()
+            except StageError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, Exception):
+                    raise cause from cause.__cause__
+                raise
+            finally:
+                # The packs uploaded are indexed also when the run failed: a rerun
+                # keeps them (see _assign_used) instead of repacking again.
+                await packer.finish()
+                result.pipeline = pipeline.snapshot(done=True)
+                result.packs_written = packer.stats.packs
+                result.bytes_written = packer.stats.pack_bytes
+                result.index_written.extend(packer.stats.index_files)
+                result.held_peak = packer.held.peak
+                result.held_bound = held_bound(options, batches)
+    finally:
+        slots.close()
+    return packer.index.pack_entries()
+
+
+def held_bound(options: PruneOptions, batches: list[Batch]) -> int:
+    """The most bytes the packing stages hold in a repack of ``batches``: packs
+    uploading, one being joined, one waiting for an uploader, one data and one
+    tree pack filling — each at most one blob over the pack size."""
+    largest = max((e.length for b in batches for e in b.blobs), default=0)
+    return (options.connections + 4) * (options.pack_size + largest)
 
 
 async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> PruneResult:
@@ -319,20 +437,11 @@ async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> Pr
     result = PruneResult()
     if not plan.changes:
         return result
-    repacker = _Repacker(repo, options.pack_size, result)
-    limiter = anyio.CapacityLimiter(max(1, options.connections))
-
-    async def repack_one(info: PackInfo) -> None:
-        async with limiter:
-            await repacker.repack(info)
-
-    async with anyio.create_task_group() as tg:
-        for info in plan.with_action("repack"):
-            tg.start_soon(repack_one, info)
-    await repacker.flush(DATA)
-    await repacker.flush(TREE)
+    new_packs = await repack(repo, plan, options, result)
     kept = [(bytes.fromhex(p.id), p.entries) for p in plan.with_action("keep")]
-    result.index_written = await write_index_files(repo, kept + repacker.new_packs, plan.index_ids)
+    result.index_written += await write_index_files(repo, kept, plan.index_ids)
+    for new_id, entries in new_packs:
+        repo.index.add_pack(new_id, entries)
     for index_id in plan.index_ids:
         await _remove(repo, object_name("index", index_id))
         result.index_deleted += 1
@@ -346,6 +455,8 @@ async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> Pr
         packs_written=result.packs_written,
         packs_deleted=result.packs_deleted,
         bytes_deleted=result.bytes_deleted,
+        held_peak=result.held_peak,
+        held_bound=result.held_bound,
     )
     return result
 

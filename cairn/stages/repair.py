@@ -24,9 +24,10 @@ from cairn.backends.base import NotFound, ObjectTruncated, object_name
 from cairn.repo.codec import encode_blob
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
 from cairn.repo.index import Index
-from cairn.repo.pack import TREE, PackEntry, PackWriter
+from cairn.repo.pack import TREE, PackEntry
 from cairn.repo.tree import Node, Tree, encode_tree
 from cairn.stages.check import read_pack_header
+from cairn.stages.packing import EncodedBlob, store_blobs
 from cairn.stages.prune import write_index_files
 from cairn.stages.snapshots import load_snapshots
 
@@ -100,7 +101,7 @@ class _TreeRewriter:
         self.index = index
         self.level = level
         self.done: dict[bytes, tuple[bytes, list[str]]] = {}
-        self.new_trees = PackWriter(TREE)
+        self.new_trees: list[EncodedBlob] = []
         self.new_ids: set[bytes] = set()
 
     def _store(self, tree: Tree) -> bytes:
@@ -108,7 +109,7 @@ class _TreeRewriter:
         tree_id: bytes = self.repo.crypto.blob_id(payload)
         if tree_id not in self.index and tree_id not in self.new_ids:
             stored = encode_blob(self.repo.crypto, TREE, tree_id, payload, self.level)
-            self.new_trees.add(TREE, tree_id, stored, len(payload))
+            self.new_trees.append(EncodedBlob(TREE, tree_id, stored, len(payload)))
             self.new_ids.add(tree_id)
         return tree_id
 
@@ -152,15 +153,14 @@ class _TreeRewriter:
         return node
 
     async def flush(self) -> None:
-        """Store the new trees (pack, then index) before any snapshot refers to them."""
-        if not len(self.new_trees):
+        """Store the new trees (packs, then index: the shared packing stages) before
+        any snapshot refers to them."""
+        if not self.new_trees:
             return
-        data, pack_id, entries = self.new_trees.finish(self.repo.crypto)
-        self.new_trees = PackWriter(TREE)
-        await self.repo.backend.save(object_name("data", pack_id), data)
-        await self.repo.save_index([(pack_id, entries)])
-        for e in entries:
-            self.index.add_pack(bytes.fromhex(pack_id), [e])
+        trees, self.new_trees = self.new_trees, []
+        packs, _index_files = await store_blobs(self.repo, trees)
+        for pack_id, entries in packs:
+            self.index.add_pack(pack_id, entries)
 
 
 @dataclass
