@@ -18,6 +18,12 @@ these three stages to its pipeline with :meth:`Packer.add_to`::
   download). With ``dry_run`` nothing is saved.
 * ``index`` writes an index file every :data:`PACKS_PER_INDEX` uploaded packs.
 
+Behind an upload limit charged per whole object (every backend but REST and rclone,
+which pace the wire), ``pack`` pays the token bucket for each blob before adding
+it and the save is marked prepaid: the limit then holds blobs back before they
+are packed, not full packs in the upload tasks (one per connection), and shows
+as ``pack``'s throttled time.
+
 Crash safety by ordering: a pack is uploaded before any index names it, and the
 caller writes its snapshot only after :meth:`Packer.finish`, which — after the
 pipeline ended, *also when it failed* (shielded from cancellation) — writes the
