@@ -77,6 +77,37 @@ def test_disk_full_on_the_repository_during_backup(small_disk: Path, tmp_path: P
     assert "warning" not in assert_check_clean(c).out
 
 
+def test_full_temporary_directory_during_backup(small_disk: Path, tmp_path: Path) -> None:
+    """Packs are assembled in $TMPDIR (as restic does): when it fills up, one line
+    names it, and nothing is lost."""
+    password = tmp_path / "password"
+    password.write_text(PASSWORD + "\n")
+    c = Cairn(tmp_path / "repo", password, extra_env={"TMPDIR": str(small_disk)})
+    c.run("init", check=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.txt").write_text("fits\n")
+    first = _backup(c, src)
+    expected = {first: snapshot_of(src)}
+
+    (src / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024))  # more than $TMPDIR
+    r = c.run("--no-cache", "backup", str(src))
+    assert r.code == 1, r.out + r.err
+    errors = [line for line in r.err.splitlines() if line.startswith("cairn:")]
+    assert len(errors) == 1, r.err
+    assert f"temporary pack file in {small_disk}: No space left on device" in errors[0]
+    assert "Traceback" not in r.err and "internal error" not in r.err
+    assert os.listdir(small_disk) == []  # the spooled packs had no name to leave
+
+    assert_check_clean(c)
+    assert snapshot_ids(c) == [first]
+    c.env["TMPDIR"] = str(tmp_path)
+    second = _backup(c, src)
+    expected[second] = snapshot_of(src)
+    assert_check_clean(c)
+    assert_restores(c, expected, src, tmp_path)
+
+
 def _start(c: Cairn, *args: str) -> subprocess.Popen[bytes]:
     cmd = [*CAIRN, "-r", str(c.repo), "--password-file", str(c.password_file)]
     cmd += ["--insecure-kdf", "--no-cache", *args]

@@ -44,9 +44,14 @@ def print_error(message: str, *, as_json: bool, code: int | None = None, **field
 
 def _unwrap(exc: BaseException) -> BaseException:
     """The user-relevant exception inside exception groups and stage wrappers."""
+    from cairn.pipeline.errors import StageError
+
     while True:
         if isinstance(exc, BaseExceptionGroup) and exc.exceptions:
             exc = exc.exceptions[0]
+            continue
+        if isinstance(exc, StageError) and isinstance(exc.__cause__, BaseException):
+            exc = exc.__cause__  # a stage failed: what failed is what the user sees
             continue
         inner = getattr(exc, "user_error", None)
         if isinstance(inner, BaseException) and inner is not exc:

@@ -130,7 +130,7 @@ class MetadataCache:
             return None
         return data
 
-    async def save(self, kind: str, object_id: str, data: bytes) -> None:
+    async def save(self, kind: str, object_id: str, data: bytes | memoryview) -> None:
         """Keep ``data`` (already verified by the caller) as ``kind/object_id``.
 
         A cache that cannot be written is not an error: the run goes on without it.
@@ -204,7 +204,7 @@ def open_cache(
         return None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}")
     try:

@@ -13,6 +13,7 @@ without data.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import tempfile
 from typing import IO, NamedTuple
@@ -32,6 +33,8 @@ _LENGTH = struct.Struct("<I")
 # First guess of how much of a pack's tail to load: a 16 MiB pack of 1 MiB blobs has a
 # header of a few hundred bytes; 64 KiB covers ~900 entries even uncompressed.
 TAIL_GUESS = 64 * 1024
+# A spooled pack is hashed in pieces of this size.
+_HASH_PIECE = 1024 * 1024
 # Bounds of the in-memory index encoding (u64 offsets, u32 lengths).
 _MAX_OFFSET = 1 << 63
 _MAX_LENGTH = 1 << 32
@@ -102,7 +105,6 @@ class PackWriter:
         self._size = 0
         self._spool_dir = spool_dir
         self._file: IO[bytes] | None = None
-        self._hash = blake3.blake3()
 
     @property
     def size(self) -> int:
@@ -112,15 +114,17 @@ class PackWriter:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, blob_type: int, blob_id: bytes, stored: bytes, raw_length: int) -> None:
+    def add(
+        self, blob_type: int, blob_id: bytes, stored: bytes | memoryview, raw_length: int
+    ) -> None:
         """Append one encoded blob (output of ``encode_blob``)."""
         if blob_type != self.blob_type:
             raise ValueError("data and tree blobs never share a pack")
         if len(blob_id) != 32:
             raise ValueError("a blob ID is 32 bytes")
         self._entries.append(PackEntry(blob_type, blob_id, self._size, len(stored), raw_length))
-        if self._spool_dir is None:
-            self._parts.append(stored)
+        if self._spool_dir is None:  # a view (of a slot) is copied: it will be reused
+            self._parts.append(bytes(stored) if isinstance(stored, memoryview) else stored)
         else:
             self._spool(stored)
         self._size += len(stored)
@@ -132,7 +136,6 @@ class PackWriter:
             self._file.write(data)
         except OSError as exc:
             raise _spool_error(exc, self._spool_dir) from exc
-        self._hash.update(data)
 
     def _header(self, crypto: Crypto) -> list[bytes]:
         if not self._entries:
@@ -153,8 +156,8 @@ class PackWriter:
     def finish_spooled(self, crypto: Crypto) -> SpooledPack:
         """The finished pack in its temporary file (a spooling writer only).
 
-        Its ID is the BLAKE3 of the bytes as they were written, so it names exactly
-        what the file holds.
+        Its ID is the BLAKE3 of the file read back piece by piece (no second copy
+        in memory). Blocking: run it in a thread.
         """
         if self._spool_dir is None:
             raise ValueError("finish_spooled needs a writer made with spool_dir")
@@ -165,10 +168,18 @@ class PackWriter:
         try:
             file.flush()
             size = file.tell()
+            pack_id = _file_storage_id(file.fileno(), size)
         except OSError as exc:
             file.close()
             raise _spool_error(exc, self._spool_dir) from exc
-        return SpooledPack(file, size, self._hash.hexdigest(), self._entries)
+        return SpooledPack(file, size, pack_id, self._entries)
+
+
+def _file_storage_id(fd: int, size: int) -> str:
+    hasher = blake3.blake3()
+    for offset in range(0, size, _HASH_PIECE):
+        hasher.update(os.pread(fd, min(_HASH_PIECE, size - offset), offset))
+    return hasher.hexdigest()
 
 
 def _temporary_file(directory: str | None) -> IO[bytes]:

@@ -301,12 +301,8 @@ class Archiver:
         """
         slots = self.in_slots * self.opts.slot_size
         slots += self.out_slots * (self.opts.slot_size + OUT_SLACK)
-        # A pack ends with the blob that took it past pack_size; a blob is at most
-        # one chunk plus its envelope.
-        pack = self.opts.pack_size + self.chunker_params.max_size + OUT_SLACK
-        # connections uploading, one being joined (blobs and joined copy), one full
-        # pack waiting to be handed over, one data and one tree pack filling.
-        packs = (self.opts.connections + 4) * pack
+        # A blob is at most one chunk plus its envelope.
+        packs = self.packer.held_bound(self.chunker_params.max_size + OUT_SLACK)
         carries = self.opts.read_concurrency * self.chunker_params.max_size
         return slots, packs + carries
 

@@ -46,6 +46,7 @@ blobs and packs held (see docs/architecture.md, "Memory bound").
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class Packer:
         held: HeldBytes | None = None,
         upload_capacity: int = 0,
         throttle_hint: str = UPLOAD_THROTTLE_HINT,
+        spool_dir: str | None = None,
     ) -> None:
         self._repo = repo
         self._backend = repo.backend
@@ -149,6 +151,10 @@ class Packer:
         # fills (the wire sees the same bytes at the same rate, each pack in one
         # burst as before; see backends/throttle.py).
         self._prepay = None if dry_run else prepaid_upload_limiter(repo.backend)
+        # Packs are assembled in unlinked temporary files (as restic does): a pack
+        # filling or waiting for a connection holds page cache, not memory. A dry
+        # run uploads nothing and keeps its packs in memory.
+        self._spool = None if dry_run else (spool_dir or tempfile.gettempdir())
         self._claimed: set[bytes] = set()
         # Joining a pack briefly needs its bytes twice: one join at a time.
         self._join_lock = anyio.Lock()
@@ -165,6 +171,18 @@ class Packer:
             return False
         self._claimed.add(blob_id)
         return True
+
+    def held_bound(self, blob_max: int) -> int:
+        """The most bytes of blobs and packs these stages hold (``held``), when no
+        blob is over ``blob_max`` stored bytes: each pack ends at most one blob past
+        ``pack_size``. Spooled (the default), only the packs being saved are mapped:
+        ``connections`` of them. In memory (a dry run): those, one more being joined,
+        one full pack waiting in ``pack``'s hand, and one data and one tree pack
+        filling. Reasoning: docs/architecture.md, "Memory bound"."""
+        pack = self._pack_size + blob_max
+        if self._spool is not None:
+            return self._connections * pack
+        return (self._connections + 4) * pack
 
     def add_to(self, pipeline: Pipeline) -> Pipeline:
         """Append the stages ``pack``, ``upload`` and ``index`` to ``pipeline``."""
@@ -185,7 +203,7 @@ class Packer:
     # -- pack -------------------------------------------------------------------
 
     async def _pack(self, receive: Any, send: Any) -> None:
-        writers = {DATA: PackWriter(DATA), TREE: PackWriter(TREE)}
+        writers = {DATA: self._writer(DATA), TREE: self._writer(TREE)}
         async for item in receive:
             blobs = [item] if isinstance(item, EncodedBlob) else list(item)
             try:
@@ -195,7 +213,7 @@ class Packer:
                     writer = writers[blob.blob_type]
                     self._add(writer, blob)
                     if writer.size >= self._pack_size:
-                        writers[blob.blob_type] = PackWriter(blob.blob_type)
+                        writers[blob.blob_type] = self._writer(blob.blob_type)
                         await self._hand_over(writer, send)
             finally:
                 # Copied (or the run is ending): the owner may reuse the bytes.
@@ -206,12 +224,17 @@ class Packer:
             if len(writer):
                 await self._hand_over(writer, send)
 
+    def _writer(self, blob_type: int) -> PackWriter:
+        return PackWriter(blob_type, self._spool)
+
     async def _hand_over(self, writer: PackWriter, send: Any) -> None:
         await send.send(writer)
 
     def _add(self, writer: PackWriter, blob: EncodedBlob) -> None:
-        data = bytes(blob.data) if isinstance(blob.data, memoryview) else blob.data
-        self.held.add(len(data))
+        data = blob.data
+        if self._spool is None:  # in memory: a view of a slot must be copied
+            data = bytes(data) if isinstance(data, memoryview) else data
+            self.held.add(len(data))
         writer.add(blob.blob_type, blob.blob_id, data, blob.raw_length)
         if blob.blob_type == DATA:
             self.stats.data_blobs += 1
@@ -224,6 +247,31 @@ class Packer:
 
     async def _upload(self, writer: PackWriter) -> _Uploaded:
         started = time.monotonic()
+        if self._spool is not None:
+            # Header, flush and hash in a thread; the backend reads the file through
+            # a map (page cache), counted as held while it is being saved.
+            pack = await anyio.to_thread.run_sync(writer.finish_spooled, self._repo.crypto)
+            with pack, self.held.holding(pack.size):
+                await self._save(writer.blob_type, pack.pack_id, pack.view)
+            pack_id, size, entries = pack.pack_id, pack.size, pack.entries
+        else:
+            pack_id, size, entries = await self._upload_joined(writer)
+        log.debug(
+            "pack.uploaded",
+            pack=pack_id,
+            bytes=size,
+            blobs=len(entries),
+            seconds=round(time.monotonic() - started, 4),
+        )
+        self.stats.packs += 1
+        self.stats.pack_bytes += size
+        # Noted here, not in the index stage: a pack that reached the backend is
+        # indexed by finish() even if the run fails before "index" sees it.
+        self._unindexed.append((bytes.fromhex(pack_id), entries))
+        return _Uploaded(pack_id, size)
+
+    async def _upload_joined(self, writer: PackWriter) -> tuple[str, int, list[PackEntry]]:
+        """A pack kept in memory (a dry run): join it, then "save" it."""
         blobs = writer.size
         try:
             async with self._join_lock:
@@ -235,26 +283,11 @@ class Packer:
                     )
         finally:
             self.held.sub(blobs)
-        self.held.add(len(data))
-        try:
+        with self.held.holding(len(data)):
             await self._save(writer.blob_type, pack_id, data)
-        finally:
-            self.held.sub(len(data))
-        log.debug(
-            "pack.uploaded",
-            pack=pack_id,
-            bytes=len(data),
-            blobs=len(entries),
-            seconds=round(time.monotonic() - started, 4),
-        )
-        self.stats.packs += 1
-        self.stats.pack_bytes += len(data)
-        # Noted here, not in the index stage: a pack that reached the backend is
-        # indexed by finish() even if the run fails before "index" sees it.
-        self._unindexed.append((bytes.fromhex(pack_id), entries))
-        return _Uploaded(pack_id, len(data))
+        return pack_id, len(data), entries
 
-    async def _save(self, blob_type: int, pack_id: str, data: bytes) -> None:
+    async def _save(self, blob_type: int, pack_id: str, data: bytes | memoryview) -> None:
         if self._dry_run:
             return
         token = UPLOAD_PREPAID.set(self._prepay is not None)

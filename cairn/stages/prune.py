@@ -418,18 +418,14 @@ async def repack(
                 result.bytes_written = packer.stats.pack_bytes
                 result.index_written.extend(packer.stats.index_files)
                 result.held_peak = packer.held.peak
-                result.held_bound = held_bound(options, batches)
+                result.held_bound = packer.held_bound(_largest_blob(batches))
     finally:
         slots.close()
     return packer.index.pack_entries()
 
 
-def held_bound(options: PruneOptions, batches: list[Batch]) -> int:
-    """The most bytes the packing stages hold in a repack of ``batches``: packs
-    uploading, one being joined, one waiting for an uploader, one data and one
-    tree pack filling — each at most one blob over the pack size."""
-    largest = max((e.length for b in batches for e in b.blobs), default=0)
-    return (options.connections + 4) * (options.pack_size + largest)
+def _largest_blob(batches: list[Batch]) -> int:
+    return max((e.length for b in batches for e in b.blobs), default=0)
 
 
 async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> PruneResult:
