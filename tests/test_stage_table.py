@@ -243,3 +243,25 @@ def test_prune_verbose_prints_the_table(pruneable: Cairn) -> None:
     assert r.code == 0, r.out + r.err
     _table(r.out, REPACK_STAGES)
     assert sum(line.startswith("bottleneck:") for line in r.out.splitlines()) == 1
+
+
+def test_widths_come_from_flags_else_the_backend(repo: Cairn, tmp_path: Path) -> None:
+    """One place decides the widths: --connections, else the location's own count
+    (``-o local.connections``, else the local default 4); --cpu-workers and
+    --read-concurrency likewise (the stage table shows each stage's tasks)."""
+    src = _source(tmp_path)
+
+    def tasks(*args: str) -> dict[str, int]:
+        summary = repo.run(*args, "backup", "--force", str(src), "--json", check=True)
+        return {s: row["tasks"] for s, row in _stages(summary.json_lines()[-1]).items()}
+
+    default = tasks()
+    assert default["upload"] == 4 and default["read"] == 2
+    assert tasks("-o", "local.connections=3")["upload"] == 3
+    flags = tasks("-o", "local.connections=3", "--connections", "2", "--read-concurrency", "3")
+    assert flags["upload"] == 2 and flags["read"] == 3
+    assert tasks("--cpu-workers", "1")["encode"] == 2  # two jobs in flight per worker
+    restored = repo.run(
+        "-o", "local.connections=3", "restore", "latest", "--target", str(tmp_path / "t"), "--json"
+    ).json_lines()[-1]
+    assert _stages(restored)["download"]["tasks"] == 3

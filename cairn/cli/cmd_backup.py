@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import Any
 
 import click
 import structlog
 
 from cairn.backends.base import rebuild_error
-from cairn.cli.common import SIZE, hostname, open_repo, report_item_errors, run_async, username
+from cairn.cli.common import (
+    SIZE,
+    concurrency,
+    hostname,
+    open_repo,
+    report_item_errors,
+    run_async,
+    username,
+)
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, UsageError
 from cairn.cli.progress import backup_status, track
 from cairn.cli.stagetable import echo_table, summary_fields
@@ -98,7 +107,7 @@ def _human(n: float) -> str:
 def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
     """Back up PATHS into a new snapshot."""
     from cairn.repo.codec import compression_level
-    from cairn.stages.backup import BackupOptions, default_cpu_workers
+    from cairn.stages.backup import BackupOptions
     from cairn.stages.excludes import ExcludeRules
 
     if opts["use_stdin"] and (paths or opts["files_from"] or opts["files_from_raw"]):
@@ -125,11 +134,6 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         larger_than=opts["exclude_larger_than"],
         one_file_system=opts["one_file_system"],
     )
-    cpu = settings.cpu_workers or default_cpu_workers(
-        len(os.sched_getaffinity(0)),
-        settings.limit_upload * 1024 if settings.limit_upload else None,
-        bool(settings.limit_upload_schedule),
-    )
     options = BackupOptions(
         paths=targets,
         rules=rules,
@@ -139,9 +143,6 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         dry_run=opts["dry_run"],
         level=compression_level(settings.compression),
         pack_size=(settings.pack_size or 16) * MiB,
-        cpu_workers=cpu,
-        read_concurrency=settings.read_concurrency or 2,
-        connections=settings.connections or 4,
         stdin_name=os.fsencode(opts["stdin_filename"]) if opts["use_stdin"] else None,
     )
     log.info(
@@ -180,6 +181,8 @@ def _log_finished(result: dict[str, Any]) -> None:
 async def _backup(
     settings: Settings, options: Any, parent_ref: str | None, missing: list[tuple[str, str]]
 ) -> dict[str, Any]:
+    from cairn.pipeline.options import cores
+    from cairn.stages.backup import default_cpu_workers
     from cairn.stages.backup_run import run_backup
     from cairn.stages.locking import repository_lock
 
@@ -187,6 +190,15 @@ async def _backup(
         open_repo(settings) as repo,
         repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock),
     ):
+        limit = settings.limit_upload * 1024 if settings.limit_upload else None
+        cpu = default_cpu_workers(cores(), limit, bool(settings.limit_upload_schedule))
+        widths = concurrency(settings, repo.backend, cpu_default=cpu)
+        options = replace(
+            options,
+            cpu_workers=widths.cpu_workers,
+            read_concurrency=widths.read_concurrency,
+            connections=widths.connections,
+        )
         result = await run_backup(
             repo,
             options,

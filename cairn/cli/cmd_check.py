@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import click
 
-from cairn.cli.common import open_repo, run_async
+from cairn.cli.common import concurrency, open_repo, run_async
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK, print_error
 from cairn.cli.stagetable import echo_table, summary_fields
 from cairn.config.settings import Settings
@@ -43,8 +43,6 @@ def command(settings: Settings, read_data: bool, subset: Any, seed: int | None) 
     options = CheckOptions(
         read_data=read_data or subset is not None,
         subset=subset,
-        cpu_workers=settings.cpu_workers or len(os.sched_getaffinity(0)),
-        connections=settings.connections or 4,
         seed=seed,
     )
 
@@ -96,6 +94,8 @@ async def _check(settings: Settings, options: Any, report: Any) -> Any:
         # Check what the backend holds, not the local cache's copies (restic, too,
         # checks with a fresh cache).
         repo.cache = None
+        widths = concurrency(settings, repo.backend)
+        options = replace(options, cpu_workers=widths.cpu_workers, connections=widths.connections)
         if settings.no_lock:
             return await Checker(repo, options, report).run()
         async with repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock):

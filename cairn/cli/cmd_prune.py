@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import click
 
-from cairn.cli.common import SIZE, open_repo, run_async
+from cairn.cli.common import SIZE, concurrency, open_repo, run_async
 from cairn.cli.errors import EXIT_OK
 from cairn.cli.stagetable import echo_table, summary_fields
 from cairn.config.settings import Settings
@@ -42,12 +41,13 @@ def prune_settings(settings: Settings, repo: Any, opts: dict[str, Any], dry_run:
     from cairn.stages.prune import PruneOptions
 
     pack_size = (settings.pack_size or 0) * 1024 * 1024 or repo.config.pack_size
+    widths = concurrency(settings, repo.backend)
     return PruneOptions(
         max_unused=opts["max_unused"],
         max_repack_size=opts["max_repack_size"],
         dry_run=dry_run,
-        connections=settings.connections or 4,
-        cpu_workers=settings.cpu_workers or len(os.sched_getaffinity(0)),
+        connections=widths.connections,
+        cpu_workers=widths.cpu_workers,
         pack_size=pack_size,
     )
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cairn.cli.common import echo_json, open_repo, run_async
+from cairn.cli.common import concurrency, echo_json, open_repo, run_async
 from cairn.cli.errors import EXIT_OK
 from cairn.config.settings import Settings
 
@@ -30,7 +30,7 @@ def index(settings: Settings) -> int:
             repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
         ):
             repo.cache = None  # rebuild from what the backend holds
-            return await repair_index(repo, settings.connections or 4)
+            return await repair_index(repo, concurrency(settings, repo.backend).connections)
 
     result = run_async(main)
     if settings.json:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import click
 import structlog
 
-from cairn.cli.common import open_repo, report_item_errors, run_async, snapshot_filter_options
+from cairn.cli.common import (
+    concurrency,
+    open_repo,
+    report_item_errors,
+    run_async,
+    snapshot_filter_options,
+)
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK
 from cairn.cli.progress import restore_status, track
 from cairn.cli.stagetable import echo_table, summary_fields
@@ -50,8 +57,6 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
         sparse=opts["sparse"],
         verify=opts["verify"],
         dry_run=opts["dry_run"],
-        cpu_workers=settings.cpu_workers or len(os.sched_getaffinity(0)),
-        connections=settings.connections or 4,
     )
     started = time.time()
     log.info("restore.started", snapshot=snapshot, target=target, dry_run=options.dry_run)
@@ -128,6 +133,8 @@ async def _restore(settings: Settings, ref: str, options: Any, opts: dict[str, A
         tree_id, node = await find_node(repo, snap.tree, os.fsencode(subpath))
         if tree_id is None and node is None:
             raise ObjectNotFound(f"path {subpath!r} not found in the snapshot")
+        widths = concurrency(settings, repo.backend)
+        options = replace(options, cpu_workers=widths.cpu_workers, connections=widths.connections)
         restorer = Restorer(repo, index, options)
         await restorer.plan(tree_id, node)
         async with track(settings, "restore", lambda: restore_status(restorer)):

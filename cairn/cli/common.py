@@ -106,6 +106,21 @@ def open_backend(settings: Settings) -> tuple[Any, Throttles]:
     return wrapped, Throttles(upload, download)
 
 
+def concurrency(settings: Settings, backend: Any, cpu_default: int | None = None) -> Any:
+    """The widths a run uses, decided in this one place: ``--cpu-workers``,
+    ``--read-concurrency`` and ``--connections`` (flag or profile) where given, else
+    one worker per core (``cpu_default`` when the command knows better), two
+    readers, and the backend's own connection count — its location's default or
+    ``-o <kind>.connections``, which the backend's wrapper stack enforces anyway."""
+    from cairn.pipeline.options import DEFAULT_READ_CONCURRENCY, PipelineOptions, cores
+
+    return PipelineOptions(
+        cpu_workers=settings.cpu_workers or cpu_default or cores(),
+        read_concurrency=settings.read_concurrency or DEFAULT_READ_CONCURRENCY,
+        connections=backend.connections,
+    )
+
+
 def _throttle(cls: Any, kib: int | None, schedule: tuple[str, ...]) -> Any:
     """A token bucket when a limit or a schedule applies (the schedule sets its rate)."""
     if not kib and not schedule:

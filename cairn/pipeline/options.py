@@ -8,6 +8,18 @@ from dataclasses import dataclass, field
 MiB = 1024 * 1024
 
 
+#: restic's default for remote backends; the one number every run starts from when
+#: neither a flag nor the backend says otherwise (the CLI uses the backend's own).
+DEFAULT_CONNECTIONS = 5
+#: Files read at once (restic uses 2 too).
+DEFAULT_READ_CONCURRENCY = 2
+
+
+def cores() -> int:
+    """CPU cores this process may run on: the default number of workers."""
+    return _cores()
+
+
 def _cores() -> int:
     # sched_getaffinity honours taskset/cgroup pinning; cpu_count() does not.
     try:
@@ -30,9 +42,9 @@ class PipelineOptions:
     cpu_workers: int = field(default_factory=_cores)
     # Files read at once. 2 keeps a local disk busy while one file waits on
     # open()/stat(); higher helps network filesystems (restic uses 2 too).
-    read_concurrency: int = 2
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY
     # Backend connections (uploads/downloads in flight); restic's default is 5.
-    connections: int = 5
+    connections: int = DEFAULT_CONNECTIONS
     # Items buffered between two stages. Small on purpose: the backpressure
     # bound is capacity x item size. 4 lets a producer run a few items ahead
     # to absorb jitter; bulk bytes wait in slots, not in channels, anyway.

@@ -46,6 +46,7 @@ from cairn.pipeline import (
 )
 from cairn.pipeline.memory import HeldBytes
 from cairn.pipeline.metrics import waiting_on_output
+from cairn.pipeline.options import DEFAULT_CONNECTIONS, DEFAULT_READ_CONCURRENCY, cores
 from cairn.pipeline.shm import Slot, SlotPool
 from cairn.pipeline.workers import WorkerPool
 from cairn.repo.codec import encode_blob
@@ -116,9 +117,9 @@ class BackupOptions:
     dry_run: bool = False
     level: int = 3
     pack_size: int = 16 * MiB
-    cpu_workers: int = 2
-    read_concurrency: int = 2
-    connections: int = 4
+    cpu_workers: int = field(default_factory=cores)
+    read_concurrency: int = DEFAULT_READ_CONCURRENCY
+    connections: int = DEFAULT_CONNECTIONS
     # One read piece. 8 MiB (the largest chunk) keeps shared memory — which counts
     # towards the process tree's footprint — near restic's; 8 and 16 MiB measured the
     # same throughput (bench/ENGINE.md: 1-16 MiB pieces within noise).

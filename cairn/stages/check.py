@@ -44,6 +44,7 @@ from cairn.pipeline import (
     SlotPool,
     WorkerPool,
 )
+from cairn.pipeline.options import DEFAULT_CONNECTIONS, cores
 from cairn.repo.codec import BLOB_TYPE_NAMES, decode_blob
 from cairn.repo.crypto import storage_id
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
@@ -175,8 +176,8 @@ class CheckOptions:
 
     read_data: bool = False
     subset: Subset | None = None
-    cpu_workers: int = 2
-    connections: int = 4
+    cpu_workers: int = field(default_factory=cores)
+    connections: int = DEFAULT_CONNECTIONS
     seed: int | None = None  # for random subsets; tests pin it
 
 

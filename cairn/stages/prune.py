@@ -38,6 +38,7 @@ from cairn.pipeline import (
     StageError,
     WorkerPool,
 )
+from cairn.pipeline.options import DEFAULT_CONNECTIONS, cores
 from cairn.repo.errors import CorruptedObject, ObjectNotFound, RepoError
 from cairn.repo.index import Index, IndexFile, decode_index, encode_index
 from cairn.repo.pack import PackEntry
@@ -89,8 +90,8 @@ class PruneOptions:
     max_unused: str = "5%"
     max_repack_size: int | None = None
     dry_run: bool = False
-    connections: int = 4
-    cpu_workers: int = 2
+    connections: int = DEFAULT_CONNECTIONS
+    cpu_workers: int = field(default_factory=cores)
     pack_size: int = 16 * 1024 * 1024
 
 

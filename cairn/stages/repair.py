@@ -21,6 +21,7 @@ import anyio
 import structlog
 
 from cairn.backends.base import NotFound, ObjectTruncated, object_name
+from cairn.pipeline.options import DEFAULT_CONNECTIONS
 from cairn.repo.codec import encode_blob
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
 from cairn.repo.index import Index
@@ -47,7 +48,7 @@ class IndexRepair:
     new_index_files: int = 0
 
 
-async def repair_index(repo: Any, connections: int = 4) -> IndexRepair:
+async def repair_index(repo: Any, connections: int = DEFAULT_CONNECTIONS) -> IndexRepair:
     """Rebuild the index from the pack headers."""
     result = IndexRepair()
     old = await repo.list_ids("index")

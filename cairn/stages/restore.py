@@ -42,6 +42,7 @@ from cairn.pipeline import (
     WorkerPool,
 )
 from cairn.pipeline.errors import RemoteError, WorkerCrashed
+from cairn.pipeline.options import DEFAULT_CONNECTIONS, cores
 from cairn.repo.errors import ObjectNotFound, RepoError
 from cairn.repo.index import BlobLocation, Index
 from cairn.repo.tree import Node, Tree
@@ -75,8 +76,8 @@ class RestoreOptions:
     sparse: bool = False
     verify: bool = False
     dry_run: bool = False
-    cpu_workers: int = 2
-    connections: int = 4
+    cpu_workers: int = field(default_factory=cores)
+    connections: int = DEFAULT_CONNECTIONS
 
 
 @dataclass
