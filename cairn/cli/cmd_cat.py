@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from cairn.cli.common import open_repo, run_async
 from cairn.config.settings import Settings
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 OBJECT_TYPES = ("config", "key", "keys", "snapshot", "index", "pack", "blob", "tree", "lock")
 
@@ -53,7 +56,7 @@ def _looks_binary(value: bytes) -> bool:
     return len(value) == 32 and not value.isascii()
 
 
-async def _cat(repo: Any, kind: str, object_id: str | None) -> Any:
+async def _cat(repo: Repository, kind: str, object_id: str | None) -> Any:
     from cairn.backends.base import object_name
     from cairn.repo.index import decode_index
     from cairn.repo.lock import decode_lock
@@ -110,7 +113,7 @@ async def _cat(repo: Any, kind: str, object_id: str | None) -> Any:
     return await repo.read_blob(blob_id)
 
 
-async def _find_blob(repo: Any, prefix: str) -> str:
+async def _find_blob(repo: Repository, prefix: str) -> str:
     from cairn.repo.errors import AmbiguousId, ObjectNotFound
 
     index = await repo.load_index()

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from cairn.cli.common import open_repo, run_async
 from cairn.config.settings import Settings
 
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
+
 _META = ("mode", "uid", "gid", "user", "group", "mtime_ns", "xattrs", "link_target", "rdev")
 
 
 async def diff_trees(
-    repo: Any, a: bytes | None, b: bytes | None, prefix: bytes, out: list[tuple[str, bytes]]
+    repo: Repository, a: bytes | None, b: bytes | None, prefix: bytes, out: list[tuple[str, bytes]]
 ) -> None:
     """Append ``(change, path)``: ``+`` added, ``-`` removed, ``M`` content modified,
     ``U`` metadata only, ``T`` type changed. Identical subtrees are skipped unread."""

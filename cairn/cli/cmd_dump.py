@@ -6,7 +6,7 @@ import io
 import os
 import sys
 import tarfile
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 
@@ -14,8 +14,11 @@ from cairn.cli.common import open_repo, run_async, snapshot_filter_options
 from cairn.config.settings import Settings
 from cairn.stages.snapshots import SnapshotFilter
 
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
-async def write_file(repo: Any, node: Any, out: BinaryIO) -> None:
+
+async def write_file(repo: Repository, node: Any, out: BinaryIO) -> None:
     for blob_id in node.content:
         out.write(await repo.read_blob(blob_id))
 
@@ -33,7 +36,7 @@ class _BlobReader(io.RawIOBase):
         return self._data.readinto(b)
 
 
-async def write_tar(repo: Any, tree_id: bytes, base: bytes, out: BinaryIO) -> None:
+async def write_tar(repo: Repository, tree_id: bytes, base: bytes, out: BinaryIO) -> None:
     from cairn.stages.browse import walk
 
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:

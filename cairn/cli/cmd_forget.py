@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -14,6 +14,9 @@ from cairn.cli.cmd_prune import print_prune, prune_options, prune_settings, run_
 from cairn.cli.common import open_repo, run_async
 from cairn.cli.errors import EXIT_OK
 from cairn.config.settings import Settings
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 _UNITS = ("hourly", "daily", "weekly", "monthly", "yearly")
 
@@ -129,7 +132,9 @@ def command(settings: Settings, ids: tuple[str, ...], **opts: Any) -> int:
     return EXIT_OK
 
 
-async def _decide(repo: Any, ids: tuple[str, ...], opts: dict[str, Any]) -> list[dict[str, Any]]:
+async def _decide(
+    repo: Repository, ids: tuple[str, ...], opts: dict[str, Any]
+) -> list[dict[str, Any]]:
     from cairn.cli.cmd_snapshots import snapshot_json
     from cairn.stages.forget import SnapshotInfo, apply_policy, group_key
     from cairn.stages.snapshots import SnapshotFilter, find_snapshot, load_snapshots

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -12,6 +12,9 @@ from cairn.cli.errors import EXIT_OK
 from cairn.cli.stagetable import echo_table, summary_fields
 from cairn.config.settings import Settings
 from cairn.pipeline import PipelineSnapshot
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 
 def _max_unused(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -36,7 +39,9 @@ prune_options = [
 ]
 
 
-def prune_settings(settings: Settings, repo: Any, opts: dict[str, Any], dry_run: bool) -> Any:
+def prune_settings(
+    settings: Settings, repo: Repository, opts: dict[str, Any], dry_run: bool
+) -> Any:
     """PruneOptions from the command's flags and the global settings."""
     from cairn.stages.prune import PruneOptions
 
@@ -52,7 +57,9 @@ def prune_settings(settings: Settings, repo: Any, opts: dict[str, Any], dry_run:
     )
 
 
-async def run_prune(repo: Any, options: Any) -> tuple[dict[str, Any], PipelineSnapshot | None]:
+async def run_prune(
+    repo: Repository, options: Any
+) -> tuple[dict[str, Any], PipelineSnapshot | None]:
     """Plan, and unless a dry run, execute; the summary as a dict, and the repack
     pipeline's final counters (for ``print_prune``'s ``-v`` table). The summary's
     ``stages`` and ``bottleneck`` are ``[]`` and ``null`` when nothing was repacked.
@@ -82,7 +89,7 @@ async def run_prune(repo: Any, options: Any) -> tuple[dict[str, Any], PipelineSn
 STALE_TEMPORARY_SECONDS = 3600
 
 
-async def _remove_stale_temporaries(repo: Any) -> list[str]:
+async def _remove_stale_temporaries(repo: Repository) -> list[str]:
     """``.tmp-*`` files a killed process left in a local repository (restic's
     prune, too, cleans up after interrupted writes)."""
     from cairn.backends.local import LocalBackend, remove_stale_temporaries

@@ -5,9 +5,12 @@ from __future__ import annotations
 import stat
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cairn.repo.tree import Node
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 TYPE_CHARS = {
     "file": "-",
@@ -20,7 +23,9 @@ TYPE_CHARS = {
 }
 
 
-async def walk(repo: Any, tree_id: bytes, prefix: bytes = b"") -> AsyncIterator[tuple[bytes, Node]]:
+async def walk(
+    repo: Repository, tree_id: bytes, prefix: bytes = b""
+) -> AsyncIterator[tuple[bytes, Node]]:
     """Every node below ``tree_id`` with its path, depth first, in name order."""
     tree = await repo.load_tree(tree_id)
     for node in tree.nodes:
@@ -31,7 +36,7 @@ async def walk(repo: Any, tree_id: bytes, prefix: bytes = b"") -> AsyncIterator[
                 yield item
 
 
-async def find_node(repo: Any, root: bytes, path: bytes) -> tuple[bytes | None, Node | None]:
+async def find_node(repo: Repository, root: bytes, path: bytes) -> tuple[bytes | None, Node | None]:
     """The node at ``path`` (and its subtree ID if a directory); ``(root, None)`` for /."""
     tree_id: bytes | None = root
     node: Node | None = None

@@ -32,7 +32,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import anyio
 import structlog
@@ -68,6 +68,9 @@ from cairn.stages.fetch import (
     whole_pack,
 )
 from cairn.stages.units import parse_size
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 log = structlog.get_logger("cairn.check")
 
@@ -281,7 +284,7 @@ class Checker:
 
     def __init__(
         self,
-        repo: Any,
+        repo: Repository,
         options: CheckOptions,
         report: Callable[[Problem], None] | None = None,
     ) -> None:

@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -27,6 +27,9 @@ import structlog
 from cairn.backends.base import NotFound, object_name
 from cairn.repo.errors import CorruptedObject, LockFailed, ObjectNotFound, RepoError
 from cairn.repo.lock import STALE_AFTER_NS, Lock, decode_lock, encode_lock, is_stale
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 log = structlog.get_logger("cairn.lock")
 
@@ -55,7 +58,7 @@ class LockLost(RepoError):
 class HeldLock:
     """The lock this process holds: its current ID, and whether it is still valid."""
 
-    def __init__(self, repo: Any, lock: Lock, lock_id: str, clock: Callable[[], float]):
+    def __init__(self, repo: Repository, lock: Lock, lock_id: str, clock: Callable[[], float]):
         self.repo = repo
         self.lock = lock
         self.id = lock_id
@@ -118,7 +121,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-async def list_locks(repo: Any) -> list[tuple[str, Lock | None]]:
+async def list_locks(repo: Repository) -> list[tuple[str, Lock | None]]:
     """Every lock with its decoded contents (``None`` if unreadable)."""
     out: list[tuple[str, Lock | None]] = []
     for lock_id in await repo.list_ids("locks"):
@@ -131,7 +134,7 @@ async def list_locks(repo: Any) -> list[tuple[str, Lock | None]]:
     return out
 
 
-async def _conflict(repo: Any, exclusive: bool, own: set[str]) -> str | None:
+async def _conflict(repo: Repository, exclusive: bool, own: set[str]) -> str | None:
     now = time.time_ns()
     host = socket.gethostname()
     for lock_id, lock in await list_locks(repo):
@@ -151,7 +154,7 @@ def _ago(ns: int) -> str:
     return f"{seconds // 60}m"
 
 
-async def remove_stale_locks(repo: Any, *, all_locks: bool = False) -> int:
+async def remove_stale_locks(repo: Repository, *, all_locks: bool = False) -> int:
     """``unlock``: remove stale locks (or every lock); returns how many."""
     now = time.time_ns()
     host = socket.gethostname()
@@ -168,7 +171,7 @@ async def remove_stale_locks(repo: Any, *, all_locks: bool = False) -> int:
 
 @asynccontextmanager
 async def repository_lock(
-    repo: Any,
+    repo: Repository,
     *,
     exclusive: bool,
     retry_seconds: float = 0.0,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -58,6 +58,9 @@ from cairn.stages.fetch import (
 from cairn.stages.packing import PACKS_PER_INDEX, EncodedBlob, Packer
 from cairn.stages.snapshots import load_snapshots
 from cairn.stages.units import parse_size
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 log = structlog.get_logger("cairn.prune")
 
@@ -159,7 +162,9 @@ class PruneResult:
     held_bound: int = 0
 
 
-async def used_blobs(repo: Any, index: Index, roots: Sequence[tuple[str, bytes]]) -> set[bytes]:
+async def used_blobs(
+    repo: Repository, index: Index, roots: Sequence[tuple[str, bytes]]
+) -> set[bytes]:
     """Every tree and data blob reachable from ``(snapshot id, root tree)``.
 
     Raises ``PruneRefused`` naming the first tree or blob that is missing or
@@ -204,7 +209,7 @@ async def used_blobs(repo: Any, index: Index, roots: Sequence[tuple[str, bytes]]
     return used
 
 
-async def _load_index_files(repo: Any) -> tuple[list[str], dict[str, IndexFile]]:
+async def _load_index_files(repo: Repository) -> tuple[list[str], dict[str, IndexFile]]:
     ids = await repo.list_ids("index")
     files: dict[str, IndexFile] = {}
     for index_id in ids:
@@ -215,7 +220,7 @@ async def _load_index_files(repo: Any) -> tuple[list[str], dict[str, IndexFile]]
     return ids, files
 
 
-async def plan_prune(repo: Any, options: PruneOptions) -> PrunePlan:
+async def plan_prune(repo: Repository, options: PruneOptions) -> PrunePlan:
     """Look at everything and decide; changes nothing."""
     ids, files = await _load_index_files(repo)
     superseded = {s.hex() for f in files.values() for s in f.supersedes}
@@ -362,7 +367,7 @@ def repack_batches(plan: PrunePlan) -> list[Batch]:
 
 
 async def repack(
-    repo: Any, plan: PrunePlan, options: PruneOptions, result: PruneResult
+    repo: Repository, plan: PrunePlan, options: PruneOptions, result: PruneResult
 ) -> list[tuple[bytes, list[PackEntry]]]:
     """The repack pipeline; the new packs (already indexed, by index files that
     supersede nothing)::
@@ -429,7 +434,7 @@ def _largest_blob(batches: list[Batch]) -> int:
     return max((e.length for b in batches for e in b.blobs), default=0)
 
 
-async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> PruneResult:
+async def execute_prune(repo: Repository, plan: PrunePlan, options: PruneOptions) -> PruneResult:
     """Carry out ``plan`` in the crash-safe order of the module docstring."""
     result = PruneResult()
     if not plan.changes:
@@ -437,8 +442,9 @@ async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> Pr
     new_packs = await repack(repo, plan, options, result)
     kept = [(bytes.fromhex(p.id), p.entries) for p in plan.with_action("keep")]
     result.index_written += await write_index_files(repo, kept, plan.index_ids)
-    for new_id, entries in new_packs:
-        repo.index.add_pack(new_id, entries)
+    if repo.index is not None:  # the loaded index learns the new packs
+        for new_id, entries in new_packs:
+            repo.index.add_pack(new_id, entries)
     for index_id in plan.index_ids:
         await _remove(repo, object_name("index", index_id))
         result.index_deleted += 1
@@ -459,7 +465,7 @@ async def execute_prune(repo: Any, plan: PrunePlan, options: PruneOptions) -> Pr
 
 
 async def write_index_files(
-    repo: Any, packs: list[tuple[bytes, list[PackEntry]]], old: Sequence[str]
+    repo: Repository, packs: list[tuple[bytes, list[PackEntry]]], old: Sequence[str]
 ) -> list[str]:
     """Index files for ``packs`` that together replace the ``old`` ones; their IDs.
 
@@ -480,7 +486,7 @@ async def write_index_files(
     return written
 
 
-async def _remove(repo: Any, name: str) -> None:
+async def _remove(repo: Repository, name: str) -> None:
     try:
         await repo.backend.remove(name)
     except NotFound:

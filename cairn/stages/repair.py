@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -31,6 +31,9 @@ from cairn.stages.check import read_pack_header
 from cairn.stages.packing import EncodedBlob, store_blobs
 from cairn.stages.prune import write_index_files
 from cairn.stages.snapshots import load_snapshots
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 log = structlog.get_logger("cairn.repair")
 
@@ -48,7 +51,7 @@ class IndexRepair:
     new_index_files: int = 0
 
 
-async def repair_index(repo: Any, connections: int = DEFAULT_CONNECTIONS) -> IndexRepair:
+async def repair_index(repo: Repository, connections: int = DEFAULT_CONNECTIONS) -> IndexRepair:
     """Rebuild the index from the pack headers."""
     result = IndexRepair()
     old = await repo.list_ids("index")
@@ -97,7 +100,7 @@ class SnapshotRepair:
 class _TreeRewriter:
     """Rewrites trees bottom-up, remembering results so shared subtrees are done once."""
 
-    def __init__(self, repo: Any, index: Index, level: int) -> None:
+    def __init__(self, repo: Repository, index: Index, level: int) -> None:
         self.repo = repo
         self.index = index
         self.level = level
@@ -175,7 +178,7 @@ class SnapshotsRepair:
 
 
 async def repair_snapshots(
-    repo: Any, *, forget: bool = False, dry_run: bool = False, level: int = 3
+    repo: Repository, *, forget: bool = False, dry_run: bool = False, level: int = 3
 ) -> SnapshotsRepair:
     """Rewrite every snapshot that references missing data; see the module docstring."""
     index = repo.index if repo.index is not None else await repo.load_index()

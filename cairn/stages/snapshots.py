@@ -8,13 +8,16 @@ One damaged snapshot file must not hide the others: listing commands skip it wit
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
 
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
 from cairn.repo.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 log = structlog.get_logger("cairn.snapshots")
 
@@ -55,7 +58,7 @@ class SnapshotList(list[tuple[str, Snapshot]]):
         self.damaged = damaged
 
 
-async def load_snapshots(repo: Any, *, strict: bool = False) -> SnapshotList:
+async def load_snapshots(repo: Repository, *, strict: bool = False) -> SnapshotList:
     """Every readable snapshot with its ID, oldest first.
 
     A damaged snapshot file is skipped with a ``snapshot.damaged`` warning and listed
@@ -96,7 +99,7 @@ async def load_snapshots(repo: Any, *, strict: bool = False) -> SnapshotList:
 
 
 async def find_snapshot(
-    repo: Any, ref: str, flt: SnapshotFilter | None = None
+    repo: Repository, ref: str, flt: SnapshotFilter | None = None
 ) -> tuple[str, Snapshot]:
     """The snapshot named by ``latest`` or a unique ID prefix."""
     flt = flt or SnapshotFilter()

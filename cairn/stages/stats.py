@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cairn.repo.errors import ObjectNotFound
 from cairn.repo.index import Index
 from cairn.repo.tree import Node
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 MODES = ("restore-size", "files-by-contents", "raw-data", "blobs-per-file")
 
@@ -49,7 +52,7 @@ class Stats:
 
 
 class _Counter:
-    def __init__(self, repo: Any, index: Index, stats: Stats) -> None:
+    def __init__(self, repo: Repository, index: Index, stats: Stats) -> None:
         self.repo = repo
         self.index = index
         self.stats = stats
@@ -110,7 +113,7 @@ class _Counter:
                 self.stats.total_file_count += 1
 
 
-async def compute_stats(repo: Any, trees: Sequence[bytes], mode: str) -> Stats:
+async def compute_stats(repo: Repository, trees: Sequence[bytes], mode: str) -> Stats:
     """Walk the given snapshot root trees and count in ``mode``."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")

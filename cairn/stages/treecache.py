@@ -10,7 +10,7 @@ backup loads its parent's trees without touching the backend.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -21,6 +21,9 @@ from cairn.repo.index import Index
 from cairn.repo.pack import TREE
 from cairn.repo.tree import Tree, decode_tree
 
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
+
 # Keep at most this many bytes of tree packs in memory; trees are small, and a
 # backup's parent snapshot rarely has more than a few packs of them.
 MAX_CACHED_BYTES = 256 * 1024 * 1024
@@ -29,7 +32,7 @@ MAX_CACHED_BYTES = 256 * 1024 * 1024
 class TreeCache:
     """Trees by blob ID, fetched a pack span at a time."""
 
-    def __init__(self, repo: Any, index: Index) -> None:
+    def __init__(self, repo: Repository, index: Index) -> None:
         self._repo = repo
         self._index = index
         self._spans: dict[bytes, tuple[int, bytes]] = {}  # pack -> (start offset, bytes)
