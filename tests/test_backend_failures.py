@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -449,6 +451,44 @@ def test_cli_server_down_fails_fast_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.err
     assert lines[0].startswith(f"cairn: rest:http://cairn@127.0.0.1:{port}/repo/: ")
     assert "cannot connect" in lines[0] and "secret" not in lines[0]
+
+
+class _BadGateway(http.server.BaseHTTPRequestHandler):
+    """A reverse proxy whose server is down: 502 to everything, at once."""
+
+    def _answer(self) -> None:
+        body = b"<html><body><h1>502 Bad Gateway</h1>\n</body></html>\n"
+        self.send_response(502)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_POST = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_cli_gateway_error_before_first_contact_fails_fast(tmp_path: Path) -> None:
+    """502 from a proxy before any answer from the server is "not reached": one line
+    naming the location and the status, not ~3 minutes of retries."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadGateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        result = _cli(f"rest:http://127.0.0.1:{port}/", tmp_path).run("snapshots", timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.code == 1
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith(f"cairn: rest:http://127.0.0.1:{port}/: ")
+    assert "HTTP 502 Bad Gateway" in lines[0]
+    assert "gave up" not in lines[0] and "backend.retry" not in result.err
 
 
 def test_cli_retry_max_time_logs_attempts(tmp_path: Path) -> None:
