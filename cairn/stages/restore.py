@@ -1,18 +1,25 @@
-"""The restore pipeline: plan → download packs → decode in workers → write → metadata.
+"""The restore pipeline: plan (a streaming walk) → download packs → decode in workers →
+write → metadata.
 
-* **plan** walks the snapshot's trees, decides per file whether it must be written
-  (resume: a file whose content already matches is skipped), creates directories and
-  empty, correctly sized files, and maps every needed blob to the places it goes;
+* **plan** is the pipeline's source: it walks the snapshot's trees depth first,
+  creating each directory when it enters it (and clearing it of extra entries with
+  ``--delete``), decides per file whether it must be written (resume: a file whose
+  content already matches is skipped), creates empty, correctly sized multi-blob
+  files, and gathers files in groups of a few thousand; each full group's blobs
+  become download ranges. Only the groups in flight are held, never the snapshot;
 * **download → decode + write → account** is a :class:`~cairn.pipeline.Pipeline`
   (``_write_batches``) of the stages shared with ``check --read-data``
-  (:mod:`cairn.stages.fetch`): each pack is fetched once (ranged reads covering the
-  blobs needed, each range one shared-memory slot), on ``connections`` tasks that
-  do not wait for the decoding; the worker processes decode straight from the slot
-  — decrypt, decompress, verify the blob ID, then ``pwrite`` into every file (and
-  offset) that needs the blob, so plaintext never travels back through a pipe —
-  and release it; the sink turns what went wrong into per-entry errors;
-* **metadata** comes last: files, hardlinks, symlinks and special files, then
-  directories deepest first (so a read-only directory is filled before it is locked).
+  (:mod:`cairn.stages.fetch`): each range is fetched once (one shared-memory slot),
+  on ``connections`` tasks that do not wait for the decoding; the worker processes
+  decode straight from the slot — decrypt, decompress, verify the blob ID, then
+  ``pwrite`` into every file (and offset) that needs the blob, so plaintext never
+  travels back through a pipe — and release it; the sink turns what went wrong into
+  per-entry errors;
+* **metadata** follows the contents: when a group's last range is accounted, its
+  hardlinks, symlinks and special files are made and its files' metadata set
+  (groups in walk order); a directory's once the walk has left it and its last
+  group is done — children before parents, so a read-only directory is filled
+  before it is locked.
 
 Every filesystem call is made relative to an open directory descriptor
 (:mod:`cairn.stages.dirfds`), so any depth restores and no symlink in the target is
@@ -160,8 +167,8 @@ class _Group:
         self.targets = 0
         self.pending = 0  # ranges not yet accounted (set when the group closes)
 
-    def full(self) -> bool:
-        return self.entries >= GROUP_ENTRIES or self.targets >= GROUP_WRITES
+    def full(self, entries: int) -> bool:
+        return self.entries >= entries or self.targets >= GROUP_WRITES
 
 
 class Restorer:
@@ -173,7 +180,9 @@ class Restorer:
     inode, and one per entry that failed — not one per file of the snapshot.
     """
 
-    def __init__(self, repo: Any, index: Index, options: RestoreOptions):
+    def __init__(
+        self, repo: Any, index: Index, options: RestoreOptions, group_entries: int = GROUP_ENTRIES
+    ):
         self.repo = repo
         self.index = index
         self.opts = options
@@ -181,6 +190,7 @@ class Restorer:
         self._root_tree: Tree | None = None
         self._root_leaf: Node | None = None
         self._group = _Group(0)
+        self._group_entries = max(1, group_entries)  # smaller in tests: many groups
         # Closed groups not finalized yet (their ranges are in the pipeline), by seq;
         # they are finalized in order: a hardlink's group follows its first path's.
         self._unfinished: dict[int, _Group] = {}
@@ -315,9 +325,10 @@ class Restorer:
             if node is not None:
                 stack.append((False, rel, node))
             subdirs: list[tuple[bool, bytes, Node | None]] = []
-            for start in range(0, len(nodes), SLICE):
-                subdirs += await self._fs(self._plan_entries, rel, nodes[start : start + SLICE])
-                if self._group.full():
+            step = min(SLICE, self._group_entries)
+            for start in range(0, len(nodes), step):
+                subdirs += await self._fs(self._plan_entries, rel, nodes[start : start + step])
+                if self._group.full(self._group_entries):
                     for batch in await self._close_group():
                         yield batch
             del nodes
@@ -388,6 +399,8 @@ class Restorer:
         if key is not None and key in self._seen_inodes:
             if not self.opts.dry_run:
                 group.links.append((self._seen_inodes[key], rel))
+                if self.opts.verify:
+                    group.verify.append((rel, node))
             return
         try:
             self._prepare_file(rel, node, group)
