@@ -200,6 +200,7 @@ class Restorer:
         # their metadata is set once that group is finalized.
         self._dirs_done: deque[tuple[bytes, Node, int]] = deque()
         self._seen_inodes: dict[tuple[int, int], bytes] = {}  # hardlinked files only
+        self._new_dir: bytes | None = None  # the directory being planned, if made now
         self._failed: dict[bytes, str] = {}  # files whose data could not be restored
         self._errored: set[bytes] = set()  # entries with an error line already
         # Every filesystem call of this process (and its bookkeeping) runs under this
@@ -355,6 +356,7 @@ class Restorer:
         """Create the directory ``rel`` (not the target itself) and delete what
         ``--delete`` selects in it. False when it cannot be created (one error;
         nothing below it is tried)."""
+        self._new_dir = None
         if rel and not self.opts.dry_run:
             parent, name = split(rel)
             try:
@@ -365,6 +367,7 @@ class Restorer:
                     st = None
                 if st is None:
                     os.mkdir(name, 0o700, dir_fd=parent_fd)
+                    self._new_dir = rel
                 self.stats.dirs += 1
             except OSError as exc:
                 self._error(rel, exc)
@@ -418,7 +421,9 @@ class Restorer:
         parent, name = split(rel)
         try:
             parent_fd = self._dir_fd(parent)
-            st = _lstat_at(parent_fd, name)
+            # Nothing to look at in a directory this run created (and only the walk
+            # adds to it before its group is written): a lookup per file saved.
+            st = None if parent == self._new_dir else _lstat_at(parent_fd, name)
         except OSError:
             if not self.opts.dry_run:
                 raise
