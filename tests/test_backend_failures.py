@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from cairn.backends.base import (  # noqa: E402
     BackendError,
     NotFound,
     PermissionDenied,
+    ServerUnavailable,
     TransientError,
     Unreachable,
     object_name,
@@ -449,6 +452,78 @@ def test_cli_server_down_fails_fast_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.err
     assert lines[0].startswith(f"cairn: rest:http://cairn@127.0.0.1:{port}/repo/: ")
     assert "cannot connect" in lines[0] and "secret" not in lines[0]
+
+
+class _BadGateway(http.server.BaseHTTPRequestHandler):
+    """A reverse proxy whose server is down: 502 to everything, at once."""
+
+    def _answer(self) -> None:
+        body = b"<html><body><h1>502 Bad Gateway</h1>\n</body></html>\n"
+        self.send_response(502)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_POST = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_cli_gateway_error_before_first_contact_fails_fast(tmp_path: Path) -> None:
+    """502 from a proxy before any answer from the server is "not reached": one line
+    naming the location and the status, not ~3 minutes of retries."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadGateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        result = _cli(f"rest:http://127.0.0.1:{port}/", tmp_path).run("snapshots", timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.code == 1
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith(f"cairn: rest:http://127.0.0.1:{port}/: ")
+    assert "HTTP 502 Bad Gateway" in lines[0]
+    assert "gave up" not in lines[0] and "backend.retry" not in result.err
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("scheme", ["rest", "s3"])
+async def test_gateway_error_before_first_contact_is_not_retried(
+    scheme: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, anyio_backend: str
+) -> None:
+    for key, value in _s3_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadGateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    if scheme == "rest":
+        backend = wrap_backend(parse_location(f"rest:http://127.0.0.1:{port}/repo"))
+    else:
+        url = f"s3:http://127.0.0.1:{port}/bucket/x"
+        backend = wrap_backend(parse_location(url, {"s3.region": "us-east-1"}))
+    try:
+        with (
+            anyio.fail_after(30),  # a hang guard only
+            structlog.testing.capture_logs() as events,
+            pytest.raises(ServerUnavailable) as info,
+        ):
+            await backend.load("config")
+    finally:
+        await backend.aclose()
+        server.shutdown()
+        server.server_close()
+    assert attempts_in(events, "load") == 1 and retries_in(events) == 0
+    message = str(info.value)
+    assert message.startswith(backend.location) and "HTTP 502" in message
+    assert "\n" not in message
 
 
 def test_cli_retry_max_time_logs_attempts(tmp_path: Path) -> None:

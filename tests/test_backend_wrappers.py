@@ -19,6 +19,7 @@ from cairn.backends.base import (
     NotFound,
     ObjectTruncated,
     PermissionDenied,
+    ServerUnavailable,
     TransientError,
     Unreachable,
     object_name,
@@ -351,6 +352,26 @@ async def test_unreachable_after_contact_is_retried(
     retries = [e for e in events if e["event"] == "backend.retry"]
     assert [(e["attempt"], e["of"], e["delay"]) for e in retries] == [(1, 10, 1.0), (2, 10, 2.0)]
     assert all(e["log_level"] == "warning" and e["op"] == "load" for e in retries)
+
+
+@pytest.mark.trio
+async def test_gateway_error_before_contact_fails_at_once(
+    local: LocalBackend, autojump_clock: trio.testing.MockClock
+) -> None:
+    """HTTP 502/503/504 from a proxy whose server is down is no answer: fail fast;
+    the same after the backend has answered is retried."""
+    await local.save("config", b"c")
+    faulty = FaultyBackend(local, "load#1=unavailable,load#3-4=unavailable")
+    backend = RetryBackend(faulty, RetryPolicy(base_delay=1, jitter=0))
+    start = trio.current_time()
+    with structlog.testing.capture_logs() as events, pytest.raises(ServerUnavailable):
+        await backend.load("config")
+    assert faulty.calls["load"] == 1 and trio.current_time() == start
+    assert [e for e in events if e["event"] == "backend.retry"] == []
+    assert await backend.load("config") == b"c"  # the first contact
+    assert await backend.load("config") == b"c"  # 3rd and 4th calls failed, 5th answered
+    assert faulty.calls["load"] == 5
+    assert trio.current_time() - start == pytest.approx(1 + 2)
 
 
 @pytest.mark.trio

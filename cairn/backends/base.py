@@ -93,6 +93,16 @@ class Unreachable(TransientError):
     """
 
 
+class ServerUnavailable(TransientError):
+    """The server, or a proxy or gateway in front of it, answered HTTP 502, 503 or 504:
+    the service behind the address is down, starting or overloaded.
+
+    Transient once the backend has answered a request, but as long as it has not, an
+    answer like this says nothing more than ``Unreachable`` does (a reverse proxy whose
+    server is down answers 502 at once): the retry wrapper fails at once here too.
+    """
+
+
 class ObjectTruncated(BackendError):
     """A ranged read asked for bytes past the end of the stored object."""
 

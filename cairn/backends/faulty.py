@@ -5,6 +5,7 @@ A spec is a list of ``Fault`` rules, or the same written as text, comma-separate
     save#2=transient            the 2nd save raises TransientError
     save#1-3=transient          saves 1 to 3 fail
     stat#1=unreachable          the 1st stat cannot connect (refused, DNS, TLS)
+    stat#1=unavailable          the 1st stat gets HTTP 502/503/504 from a gateway
     load:data/=truncate:10      every load of a name under data/ returns 10 bytes fewer
     load#1=flip:5               the 1st load has byte 5 flipped
     save=partial:100            saves store only the first 100 bytes, then fail (a
@@ -43,6 +44,7 @@ from cairn.backends.base import (
     NotFound,
     PermissionDenied,
     QuotaExceeded,
+    ServerUnavailable,
     TransientError,
     Unreachable,
 )
@@ -51,6 +53,7 @@ from cairn.backends.forward import ForwardingBackend
 ERRORS: dict[str, type[BackendError]] = {
     "transient": TransientError,
     "unreachable": Unreachable,
+    "unavailable": ServerUnavailable,
     "denied": PermissionDenied,
     "notfound": NotFound,
     "quota": QuotaExceeded,

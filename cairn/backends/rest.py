@@ -22,6 +22,7 @@ from cairn.backends.base import (
     ObjectTruncated,
     PermissionDenied,
     QuotaExceeded,
+    ServerUnavailable,
     TransientError,
     Unreachable,
     validate_name,
@@ -39,6 +40,9 @@ V2 = "application/vnd.x.restic.rest.v2"
 # TLS) takes well under a second on any working network; 10 s bounds how long a
 # blackholed address keeps a first contact waiting (see retry.py on failing fast).
 TIMEOUT = httpx.Timeout(300.0, connect=10.0)
+# Bad Gateway, Service Unavailable, Gateway Timeout: the service behind the address
+# is not there (yet); see ServerUnavailable.
+GATEWAY_STATUSES = (502, 503, 504)
 
 
 def _path(name: str) -> str:
@@ -124,8 +128,17 @@ class RestBackend:
             raise Unreachable(f"{self._location}: {what}: {_describe(exc)}") from exc
         except httpx.TransportError as exc:
             raise TransientError(f"{self._location}: {what}: {_describe(exc)}") from exc
-        if response.status_code >= 300:
-            raise _status_error(response.status_code, what, response.text)
+        status = response.status_code
+        if status in GATEWAY_STATUSES:
+            # Most often a reverse proxy whose server is down: its body is its own
+            # HTML page, not worth a line. Named with the location: before any other
+            # answer, this is the error the user sees (retry.py, failing fast).
+            raise ServerUnavailable(
+                f"{self._location}: {what}: HTTP {status} {response.reason_phrase}: "
+                "the server (or the proxy in front of it) is unavailable"
+            )
+        if status >= 300:
+            raise _status_error(status, what, response.text)
         return response
 
     async def save(self, name: str, data: bytes | memoryview) -> None:

@@ -7,10 +7,12 @@ bounded, so a server that stays down yields a clear error after a known time.
 Fail fast: until the backend has answered once, a failure to connect at all
 (``Unreachable``: refused, DNS, TLS, connect timeout) is not retried, because a
 server that was never reached is far more often down or misconfigured than
-blinking, and a nightly job should say so in seconds, not minutes. Once it has
-answered, the same failure means it went away mid-run, and is retried like any
-transient error. A policy with ``max_time`` (``--retry-max-time``) retries even the
-first contact, for that long: the user asked to wait for the server.
+blinking, and a nightly job should say so in seconds, not minutes. An HTTP 502, 503
+or 504 (``ServerUnavailable``: a proxy or gateway whose server is down) does not
+count as an answer either. Once the backend has answered, the same failures mean it
+went away mid-run, and are retried like any transient error. A policy with
+``max_time`` (``--retry-max-time``) retries even the first contact, for that long:
+the user asked to wait for the server.
 """
 
 from __future__ import annotations
@@ -23,13 +25,22 @@ from typing import TypeVar
 import anyio
 import structlog
 
-from cairn.backends.base import Backend, BackendError, NotFound, TransientError, Unreachable
+from cairn.backends.base import (
+    Backend,
+    BackendError,
+    NotFound,
+    ServerUnavailable,
+    TransientError,
+    Unreachable,
+)
 from cairn.backends.forward import ForwardingBackend
 
 T = TypeVar("T")
 _log = structlog.get_logger("cairn.backends")
 # Bounds the attempt count derived from a huge max_time (one try a minute for a week).
 _MAX_ATTEMPTS = 10_000
+# Failures that do not show the backend was ever reached (see the module doc).
+_NOT_REACHED = (Unreachable, ServerUnavailable)
 
 
 @dataclass(frozen=True)
@@ -97,15 +108,16 @@ class RetryBackend(ForwardingBackend):
         self._sleep = sleep
         self._clock = clock
         self._rng = rng or random.Random()
-        # Whether the backend has ever answered (anything but "could not connect").
+        # Whether the backend has ever answered (anything but "could not connect"
+        # or a gateway's "the server behind me is not there").
         self._contacted = False
 
     def _wait_before_retry(
         self, op: str, name: str, exc: TransientError, attempt: int, started: float
     ) -> float:
         """The wait before the next attempt; raises the final error when giving up."""
-        if isinstance(exc, Unreachable) and not self._contacted:
-            if not self.policy.retries_first_contact:
+        if isinstance(exc, _NOT_REACHED):
+            if not self._contacted and not self.policy.retries_first_contact:
                 raise exc  # fail fast: its message names the location and the cause
         else:
             self._contacted = True

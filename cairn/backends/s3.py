@@ -36,6 +36,7 @@ from cairn.backends.base import (
     ObjectTruncated,
     PermissionDenied,
     QuotaExceeded,
+    ServerUnavailable,
     TransientError,
     Unreachable,
     validate_name,
@@ -103,6 +104,12 @@ def _translate(exc: Exception, what: str) -> BackendError:
             return ObjectTruncated(f"{what}: requested range is past the end of the object")
         if code in ("QuotaExceeded", "EntityTooLarge"):
             return QuotaExceeded(f"{what}: {message}")
+        if status in (502, 503, 504) and code != "SlowDown":
+            # A gateway or load balancer whose servers are down (S3 itself says
+            # SlowDown with its 503: that is an answer, and is retried as such).
+            return ServerUnavailable(
+                f"{what}: HTTP {status}: the server (or the gateway in front of it) is unavailable"
+            )
         if code in _TRANSIENT or status >= 500 or status == 429:
             return TransientError(f"{what}: {code} {message}")
         return BackendError(f"{what}: {code} {message}")

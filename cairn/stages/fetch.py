@@ -20,7 +20,7 @@ the pack).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -176,7 +176,7 @@ def download(
 
 async def run_fetch_pipeline(
     name: str,
-    batches: Iterable[Batch],
+    batches: Iterable[Batch] | AsyncIterable[Batch],
     fetch: Callable[[Batch], Awaitable[Fetched]],
     *,
     downloads: int,
