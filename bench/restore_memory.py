@@ -71,7 +71,9 @@ def measure(tool: str, n: int, work: Path, checkout: Path | None = None) -> Meas
         (repo / ".backed-up").touch()
     target = work / f"restore-{tool}-{n}"
     shutil.rmtree(target, ignore_errors=True)
-    m = run_one(Command((*cmds["restore"], str(target))), env, log, 3600)
+    # Not run from this checkout: ``python -c`` puts the working directory first on
+    # sys.path, before PYTHONPATH, and --checkout would silently measure this one.
+    m = run_one(Command((*cmds["restore"], str(target)), cwd=work), env, log, 3600)
     shutil.rmtree(target, ignore_errors=True)
     return m
 
