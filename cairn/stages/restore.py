@@ -37,7 +37,7 @@ import stat
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import structlog
@@ -66,6 +66,9 @@ from cairn.stages.fetch import (
     run_fetch_pipeline,
 )
 from cairn.stages.fsmeta import apply_metadata_at, apply_metadata_fd, create_special
+
+if TYPE_CHECKING:
+    from cairn.repo.repository import Repository
 
 log = structlog.get_logger("cairn.restore")
 T = TypeVar("T")
@@ -182,7 +185,11 @@ class Restorer:
     """
 
     def __init__(
-        self, repo: Any, index: Index, options: RestoreOptions, group_entries: int = GROUP_ENTRIES
+        self,
+        repo: Repository,
+        index: Index,
+        options: RestoreOptions,
+        group_entries: int = GROUP_ENTRIES,
     ):
         self.repo = repo
         self.index = index
