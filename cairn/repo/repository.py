@@ -168,6 +168,13 @@ async def _load_key(backend: Backend, key_id: str) -> bytes | None:
         return None
 
 
+def _check_key_name(data: bytes, key_id: str) -> None:
+    """A key file is named by the BLAKE3 of its bytes: damage inside its encrypted
+    part would otherwise read as a wrong password."""
+    if storage_id(data) != key_id:
+        raise CorruptedObject("key file", key_id, "content does not match its name")
+
+
 async def _try_key(data: bytes, key_id: str, password: str | bytes) -> MasterKey | None:
     """The master key if ``password`` opens this password key file, else None."""
     try:
@@ -206,6 +213,7 @@ async def open_repository(backend: Backend, password: str | bytes) -> Repository
             if key_kind(data, key_id) == KIND_RECOVERY:
                 continue
             recovery_only = False
+            _check_key_name(data, key_id)
             master = await _try_key(data, key_id, password)
         except CorruptedObject as exc:
             # A corrupt key must not lock the user out if another one opens.
@@ -256,6 +264,7 @@ async def open_repository_with_identities(
             if data is None or key_kind(data, key_id) != KIND_RECOVERY:
                 continue
             found += 1
+            _check_key_name(data, key_id)
             opened = await anyio.to_thread.run_sync(
                 unwrap_recovery_keyfile, data, identities, key_id
             )
