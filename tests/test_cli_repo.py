@@ -35,6 +35,23 @@ def test_wrong_password_exit_12(cairn: Cairn, tmp_path: Path) -> None:  # noqa: 
     assert "Traceback" not in result.err
 
 
+def test_key_file_name_is_not_required_but_damage_is_named(cairn: Cairn) -> None:  # noqa: F811
+    """A key file under another name still opens (docs/format.md: readers must not
+    require the storage ID); one whose bytes changed is named as damaged, not taken
+    for a wrong password."""
+    (key,) = (Path(cairn.repo) / "keys").iterdir()
+    renamed = key.with_name("0" * 64)
+    key.rename(renamed)
+    assert cairn.run("snapshots").code == 0
+    data = bytearray(renamed.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    renamed.write_bytes(bytes(data))
+    renamed.rename(key)
+    result = cairn.run("snapshots")
+    assert result.code == 12, result.err
+    assert f"damaged key files: keys/{key.name} (content does not match its name)" in result.err
+
+
 def test_no_repository_exit_10(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("x")

@@ -169,9 +169,11 @@ async def _load_key(backend: Backend, key_id: str) -> bytes | None:
 
 
 def _check_key_name(data: bytes, key_id: str) -> None:
-    """A key file is named by the BLAKE3 of its bytes: damage inside its encrypted
-    part would otherwise read as a wrong password."""
-    if storage_id(data) != key_id:
+    """For a key file that did not open: it was written under the BLAKE3 of its
+    bytes, so a mismatch means damage inside its encrypted part, which would
+    otherwise read as a wrong password. (A key file that opens is used whatever
+    its name: docs/format.md.)"""
+    if is_hex_id(key_id) and storage_id(data) != key_id:
         raise CorruptedObject("key file", key_id, "content does not match its name")
 
 
@@ -213,8 +215,9 @@ async def open_repository(backend: Backend, password: str | bytes) -> Repository
             if key_kind(data, key_id) == KIND_RECOVERY:
                 continue
             recovery_only = False
-            _check_key_name(data, key_id)
             master = await _try_key(data, key_id, password)
+            if master is None:
+                _check_key_name(data, key_id)
         except CorruptedObject as exc:
             # A corrupt key must not lock the user out if another one opens.
             recovery_only = False
@@ -264,10 +267,11 @@ async def open_repository_with_identities(
             if data is None or key_kind(data, key_id) != KIND_RECOVERY:
                 continue
             found += 1
-            _check_key_name(data, key_id)
             opened = await anyio.to_thread.run_sync(
                 unwrap_recovery_keyfile, data, identities, key_id
             )
+            if opened is None:
+                _check_key_name(data, key_id)
         except CorruptedObject as exc:
             damaged.append(f"keys/{key_id} ({exc.problem})")
             continue
