@@ -18,6 +18,10 @@ A spec is a list of ``Fault`` rules, or the same written as text, comma-separate
                                 in call order), as a crash or ``kill -9`` would
     write#3=exit                the same with ``os._exit(137)`` (no signal)
 
+``#N`` numbers every call of the operation, whatever its name (``write`` every save
+and remove); a ``:prefix`` only narrows which of those calls the rule applies to, so
+``load:index/#2`` fails the 2nd load if it is of an index file, not the 2nd index load.
+
 With no rules the wrapper passes every call through unchanged. ``kill`` and ``exit``
 act before the call reaches the backend, so ``write#N=kill`` stops a process after
 exactly N-1 completed writes; sweeping N over 1..(writes of a clean run) crashes a
