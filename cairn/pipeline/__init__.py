@@ -14,6 +14,7 @@ from .errors import (
     StageError,
     WorkerCrashed,
     exit_code_for,
+    raising_causes,
 )
 from .memory import HeldBytes
 from .metrics import (
@@ -57,6 +58,7 @@ __all__ = [
     "format_bottleneck",
     "format_stats",
     "open_engine",
+    "raising_causes",
     "stats_rows",
     "stop_on_signals",
     "waiting_on_output",

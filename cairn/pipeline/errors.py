@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 #: restic's exit code for an interrupted run (128 + SIGINT).
@@ -45,6 +47,19 @@ class StageError(PipelineError):
     def __reduce__(self) -> tuple[Any, ...]:
         cause = self.__cause__ if self.__cause__ is not None else Exception("unknown")
         return (type(self), (self.stage, self.item, cause), self.__dict__)
+
+
+@contextmanager
+def raising_causes() -> Iterator[None]:
+    """Around ``await pipeline.run()``: a failed stage is raised as what failed in it
+    (a command's callers handle its own errors, not the engine's wrapper)."""
+    try:
+        yield
+    except StageError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, Exception):
+            raise cause from cause.__cause__
+        raise
 
 
 class WorkerCrashed(PipelineError):

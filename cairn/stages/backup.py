@@ -42,7 +42,7 @@ from cairn.pipeline import (
     Pipeline,
     PipelineOptions,
     PipelineSnapshot,
-    StageError,
+    raising_causes,
 )
 from cairn.pipeline.memory import HeldBytes
 from cairn.pipeline.metrics import waiting_on_output
@@ -315,25 +315,22 @@ class Archiver:
         self._out_slots = SlotPool(self.opts.slot_size + OUT_SLACK, self.out_slots)
         pipeline = self._pipeline = self._build()
         try:
-            async with anyio.create_task_group() as pool_tg:
-                self._pool_tg = pool_tg
-                try:
+            with raising_causes():
+                async with anyio.create_task_group() as pool_tg:
+                    self._pool_tg = pool_tg
                     try:
-                        await pipeline.run()
+                        try:
+                            await pipeline.run()
+                        finally:
+                            # Whatever happened, index what reached the backend so a
+                            # rerun reuses it (shielded).
+                            await self.packer.finish()
                     finally:
-                        # Whatever happened, index what reached the backend so a
-                        # rerun reuses it (shielded).
-                        await self.packer.finish()
-                finally:
-                    # Only now, with every stage task finished (also when cancelled),
-                    # may the pool close: an encode task still unwinding must not
-                    # find it closed (a RuntimeError instead of the interrupt).
-                    self._pool_done.set()
-        except StageError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, Exception):
-                raise cause from cause.__cause__
-            raise
+                        # Only now, with every stage task finished (also when
+                        # cancelled), may the pool close: an encode task still
+                        # unwinding must not find it closed (a RuntimeError instead
+                        # of the interrupt).
+                        self._pool_done.set()
         finally:
             self._slots.close()
             self._out_slots.close()

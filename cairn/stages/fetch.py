@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from cairn.backends.base import BackendError, ObjectTruncated, object_name
-from cairn.pipeline import Pipeline, PipelineOptions, PipelineSnapshot, StageError
+from cairn.pipeline import Pipeline, PipelineOptions, PipelineSnapshot, raising_causes
 from cairn.pipeline.metrics import waiting_on_output
 from cairn.pipeline.shm import Slot, SlotPool, SlotRef
 
@@ -214,11 +214,7 @@ async def run_fetch_pipeline(
         .sink(sink_name, sink_fn, hint=SINK_HINT)
     )
     try:
-        await pipeline.run()
-    except StageError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, Exception):
-            raise cause from cause.__cause__
-        raise
+        with raising_causes():
+            await pipeline.run()
     finally:
         record(pipeline.snapshot(done=True))

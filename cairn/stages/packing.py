@@ -57,7 +57,7 @@ import structlog
 
 from cairn.backends.base import object_name
 from cairn.backends.throttle import UPLOAD_PREPAID, charge, prepaid_upload_limiter
-from cairn.pipeline import Pipeline, StageError
+from cairn.pipeline import Pipeline, raising_causes
 from cairn.pipeline.memory import HeldBytes
 from cairn.repo.index import Index, IndexFile, encode_index
 from cairn.repo.pack import DATA, TREE, PackEntry, PackWriter
@@ -346,12 +346,8 @@ async def store_blobs(
     packer = Packer(repo, Index(), pack_size=size, connections=connections)
     pipeline = packer.add_to(Pipeline("store").source("blobs", blobs, sizeof=blob_bytes))
     try:
-        await pipeline.run()
-    except StageError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, Exception):
-            raise cause from cause.__cause__
-        raise
+        with raising_causes():
+            await pipeline.run()
     finally:
         await packer.finish()
     packs = packer.index.pack_entries()

@@ -35,8 +35,8 @@ from cairn.pipeline import (
     PipelineOptions,
     PipelineSnapshot,
     SlotPool,
-    StageError,
     WorkerPool,
+    raising_causes,
 )
 from cairn.pipeline.options import DEFAULT_CONNECTIONS, cores
 from cairn.repo.errors import CorruptedObject, ObjectNotFound, RepoError
@@ -409,12 +409,8 @@ async def repack(
                 )
             )
             try:
-                await pipeline.run()
-            except StageError as exc:
-                cause = exc.__cause__
-                if isinstance(cause, Exception):
-                    raise cause from cause.__cause__
-                raise
+                with raising_causes():
+                    await pipeline.run()
             finally:
                 # The packs uploaded are indexed also when the run failed: a rerun
                 # keeps them (see _assign_used) instead of repacking again.
