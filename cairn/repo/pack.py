@@ -144,10 +144,10 @@ class PackWriter:
         return [header, _LENGTH.pack(len(header))]
 
     def finish(self, crypto: Crypto) -> tuple[bytes, str, list[PackEntry]]:
-        """The pack bytes, its ID (hex storage ID) and its entries."""
+        """The pack bytes, its ID (hex storage ID) and its entries (an in-memory
+        writer; a spooling one finishes with :meth:`finish_spooled`)."""
         if self._spool_dir is not None:
-            with self.finish_spooled(crypto) as pack:
-                return bytes(pack.view), pack.pack_id, pack.entries
+            raise ValueError("a spooling writer finishes with finish_spooled")
         self._parts.extend(self._header(crypto))
         data = b"".join(self._parts)
         self._parts = []
