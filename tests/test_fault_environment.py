@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,10 @@ import pytest
 from tests.cli_helpers import CAIRN, Cairn, Result
 from tests.fault_helpers import assert_check_clean, assert_restores, snapshot_ids
 from tests.maintenance_helpers import PASSWORD
+from tests.servers import RestServer
 from tests.treeutil import snapshot_of
+
+pytest_plugins = ["tests.servers"]
 
 
 def _backup(c: Cairn, src: Path) -> str:
@@ -77,12 +81,15 @@ def test_disk_full_on_the_repository_during_backup(small_disk: Path, tmp_path: P
     assert "warning" not in assert_check_clean(c).out
 
 
-def test_full_temporary_directory_during_backup(small_disk: Path, tmp_path: Path) -> None:
-    """Packs are assembled in $TMPDIR (as restic does): when it fills up, one line
-    names it, and nothing is lost."""
+def test_full_temporary_directory_during_backup(
+    small_disk: Path, tmp_path: Path, rest_server: RestServer
+) -> None:
+    """Packs for a remote repository are assembled in $TMPDIR (as restic does): when
+    it fills up, one line names it, and nothing is lost."""
     password = tmp_path / "password"
     password.write_text(PASSWORD + "\n")
-    c = Cairn(tmp_path / "repo", password, extra_env={"TMPDIR": str(small_disk)})
+    repo = f"rest:{rest_server.url}{uuid.uuid4().hex[:12]}"
+    c = Cairn(repo, password, extra_env={"TMPDIR": str(small_disk)})
     c.run("init", check=True)
     src = tmp_path / "src"
     src.mkdir()
@@ -106,6 +113,24 @@ def test_full_temporary_directory_during_backup(small_disk: Path, tmp_path: Path
     expected[second] = snapshot_of(src)
     assert_check_clean(c)
     assert_restores(c, expected, src, tmp_path)
+
+
+def test_local_repository_assembles_packs_in_its_own_directory(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """A local repository's packs are made on its own filesystem and linked into
+    place: a full $TMPDIR does not matter to it."""
+    password = tmp_path / "password"
+    password.write_text(PASSWORD + "\n")
+    c = Cairn(tmp_path / "repo", password, extra_env={"TMPDIR": str(small_disk)})
+    c.run("init", check=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024))  # more than $TMPDIR
+    first = _backup(c, src)
+    assert os.listdir(small_disk) == []
+    assert_check_clean(c)
+    assert_restores(c, {first: snapshot_of(src)}, src, tmp_path)
 
 
 def _start(c: Cairn, *args: str) -> subprocess.Popen[bytes]:

@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cairn.backends.base import spooled_descriptor
+from cairn.backends.local import LocalBackend
 from cairn.repo import schema
 from cairn.repo.codec import decode_blob, encode_blob, encode_blob_into, seal, unseal
 from cairn.repo.config import Config, decode_config, encode_config
@@ -126,6 +128,59 @@ def test_spooled_pack_is_the_same_format(contents: list[bytes]) -> None:
                 assert decode_blob(CRYPTO, DATA, entry.id, blob) == data
         with pytest.raises(ValueError):
             pack.view  # noqa: B018 - closed
+
+
+def test_spooled_pack_of_more_blobs_than_one_writev_takes(tmp_path: Path) -> None:
+    """Blobs are spooled with writev, at most IOV_MAX buffers at a time: a run of
+    1,500 comes out whole and in order."""
+    writer = PackWriter(DATA, spool_dir=str(tmp_path))
+    contents = [i.to_bytes(2, "big") * (1 + i % 7) for i in range(1500)]
+    blobs = []
+    for data in contents:
+        blob_id = CRYPTO.blob_id(data)
+        blobs.append(
+            (DATA, blob_id, memoryview(encode_blob(CRYPTO, DATA, blob_id, data)), len(data))
+        )
+    writer.add_many(blobs[:700])
+    writer.add_many(blobs[700:])
+    with writer.finish_spooled(CRYPTO) as pack:
+        stored = bytes(pack.view)
+        assert storage_id(stored) == pack.pack_id
+        entries = parse_pack_header(CRYPTO, stored, len(stored), pack.pack_id)
+        decoded = [
+            decode_blob(CRYPTO, DATA, e.id, stored[e.offset : e.offset + e.length]) for e in entries
+        ]
+        assert decoded == contents
+
+
+@pytest.mark.anyio
+async def test_local_backend_links_a_whole_spooled_pack_and_copies_a_part(tmp_path: Path) -> None:
+    """A local repository adopts a pack spooled in its own directory: the stored file
+    *is* the spool file (same inode), not a copy. A view of part of it is copied."""
+    backend = LocalBackend(tmp_path / "repo")
+    await backend.create_layout()
+    writer = PackWriter(DATA, spool_dir=backend.spool_dir)
+    data = os.urandom(100_000)
+    blob_id = CRYPTO.blob_id(data)
+    writer.add(DATA, blob_id, encode_blob(CRYPTO, DATA, blob_id, data, 0), len(data))
+    with writer.finish_spooled(CRYPTO) as pack:
+        view = pack.view
+        assert spooled_descriptor(view) is not None
+        assert spooled_descriptor(view[:100]) is None
+        await backend.save(f"data/{pack.pack_id[:2]}/{pack.pack_id}", view)
+        await backend.save("data/00/" + "0" * 64, view[:100])
+        spool_inode = os.fstat(spooled_descriptor(view) or -1).st_ino
+        whole = tmp_path / "repo" / "data" / pack.pack_id[:2] / pack.pack_id
+        assert os.stat(whole).st_ino == spool_inode
+        assert whole.read_bytes() == bytes(view)
+        part = tmp_path / "repo" / "data" / "00" / ("0" * 64)
+        assert os.stat(part).st_ino != spool_inode
+        assert part.read_bytes() == bytes(view[:100])
+        del view
+    # Closed, the pack stays in the repository, read-only like every object.
+    assert whole.read_bytes()[:10] == part.read_bytes()[:10]
+    assert whole.stat().st_mode & 0o777 == 0o400
+    assert [n for n in os.listdir(whole.parent) if n.startswith(".tmp")] == []
 
 
 def test_spooled_writer_errors_name_the_directory(tmp_path: Path) -> None:

@@ -18,6 +18,9 @@ Contract (checked for every backend by ``tests/test_backend_conformance.py``):
   (``"data/"`` includes the fan-out subdirectories); order is unspecified.
 * ``remove(name)`` raises ``NotFound`` when there is nothing to remove.
 * ``aclose()`` releases connections and processes, and completes even on failure.
+* Optional ``spool_dir``: where a writer should assemble packs (a local repository's
+  own directory). ``save`` of a view of a whole :class:`SpoolMap` may then link that
+  file into place instead of copying it; any other backend just reads the view.
 * Errors are the subclasses of ``BackendError`` below; anything a retry may cure is a
   ``TransientError``, everything else is permanent. A failure to connect at all is
   ``Unreachable`` (a ``TransientError``), so that the retry wrapper can tell a server
@@ -26,6 +29,7 @@ Contract (checked for every backend by ``tests/test_backend_conformance.py``):
 
 from __future__ import annotations
 
+import mmap
 import re
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
@@ -139,6 +143,27 @@ def validate_prefix(prefix: str) -> str:
     if prefix == "" or prefix in {f"{kind}/" for kind in KINDS} or _DATA_DIR.match(prefix):
         return prefix
     raise InvalidName(f"invalid list prefix {prefix!r}")
+
+
+class SpoolMap(mmap.mmap):
+    """The read-only map of a spooled pack, knowing the descriptor it maps: a backend
+    on the same filesystem can link that file into place instead of copying its
+    bytes (:func:`spooled_descriptor`)."""
+
+    fd: int = -1
+
+
+def spooled_descriptor(data: bytes | memoryview) -> int | None:
+    """The descriptor of the linkable spool file ``data`` is the *whole* of, or None.
+
+    Linkable means created with ``O_TMPFILE`` (without ``O_EXCL``): ``linkat`` can
+    give it a name. A view of part of a pack (say, a cut-off upload) is never one."""
+    if not isinstance(data, memoryview):
+        return None
+    source = data.obj
+    if not isinstance(source, SpoolMap) or source.fd < 0 or data.nbytes != len(source):
+        return None
+    return source.fd
 
 
 @runtime_checkable

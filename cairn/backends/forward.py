@@ -34,6 +34,11 @@ class ForwardingBackend:
         """Whether the backend underneath sends ``save`` bodies at UPLOAD_PACER's rate."""
         return bool(getattr(self.inner, "paces_uploads", False))
 
+    @property
+    def spool_dir(self) -> str | None:
+        """Where the backend underneath wants packs assembled (None: anywhere)."""
+        return getattr(self.inner, "spool_dir", None)
+
     async def save(self, name: str, data: bytes | memoryview) -> None:
         await self.inner.save(name, data)
 

@@ -20,6 +20,7 @@ from cairn.backends.base import (
     PermissionDenied,
     QuotaExceeded,
     TransientError,
+    spooled_descriptor,
     validate_name,
     validate_prefix,
 )
@@ -66,6 +67,12 @@ class LocalBackend:
     @property
     def atomic_replace(self) -> bool:
         return True
+
+    @property
+    def spool_dir(self) -> str:
+        """Packs are assembled here, on the repository's own filesystem: a finished
+        one is linked into place, not copied (``_write_atomic``)."""
+        return str(self._root / "data")
 
     def _path(self, name: str) -> Path:
         return self._root / validate_name(name)
@@ -147,21 +154,20 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Temp file in the same directory, fsync, rename over, fsync the directory."""
+    """Temp file in the same directory, fsync, rename over, fsync the directory.
+
+    A pack spooled in this repository's own directory (``spool_dir``) is not
+    copied: its unnamed file is linked in as the temp file."""
     parent = path.parent
     if not parent.is_dir():
         parent.mkdir(parents=True, exist_ok=True)
     tmp = parent / f".tmp-{path.name}-{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    spooled = spooled_descriptor(data)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if spooled is not None and _link_spooled(spooled, tmp):
+            os.fsync(spooled)
+        else:
+            _write_new(tmp, data)
         # Objects are immutable once written: read-only like restic's.
         os.chmod(tmp, 0o400)
         os.replace(tmp, path)
@@ -172,6 +178,37 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> None:
             pass
         raise
     _fsync_dir(parent)
+
+
+def _write_new(path: Path, data: bytes | memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_spooled(fd: int, tmp: Path) -> bool:
+    """Give the spooled pack file open as ``fd`` the name ``tmp`` (``linkat`` of an
+    ``O_TMPFILE``); False where that cannot be done (another filesystem, no
+    ``/proc``): the caller then writes the bytes."""
+    # Only linkat() with AT_SYMLINK_FOLLOW resolves the /proc link to the file
+    # (plain link() would try to link the symlink itself): Python calls linkat
+    # when a directory descriptor is given.
+    dir_fd = os.open(tmp.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(f"/proc/self/fd/{fd}", tmp.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+            raise
+        return False
+    finally:
+        os.close(dir_fd)
+    return True
 
 
 def _read_range(path: Path, offset: int, length: int | None) -> bytes:

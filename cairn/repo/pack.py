@@ -12,14 +12,16 @@ without data.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
 import tempfile
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
 import blake3
 
+from cairn.backends.base import SpoolMap
 from cairn.repo import schema
 from cairn.repo.codec import seal, unseal
 from cairn.repo.crypto import OVERHEAD, Crypto, storage_id
@@ -55,31 +57,37 @@ class SpooledPack:
     then ``close``. The file's pages are page cache, not the process's memory, until
     ``view`` is read (a map of the file, made on first use)."""
 
-    def __init__(self, file: IO[bytes], size: int, pack_id: str, entries: list[PackEntry]):
-        self._file: IO[bytes] | None = file
-        self._map: mmap.mmap | None = None
+    def __init__(
+        self, fd: int, size: int, pack_id: str, entries: list[PackEntry], linkable: bool = False
+    ):
+        self._fd = fd
+        self._map: SpoolMap | None = None
+        self._linkable = linkable
         self.size = size
         self.pack_id = pack_id
         self.entries = entries
 
     @property
     def view(self) -> memoryview:
-        if self._file is None:
+        if self._fd < 0:
             raise ValueError("the pack is closed")
         if self._map is None:
-            self._map = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ)
+            self._map = SpoolMap(self._fd, self.size, access=mmap.ACCESS_READ)
+            if self._linkable:
+                self._map.fd = self._fd
         return memoryview(self._map)
 
     def close(self) -> None:
         if self._map is not None:
+            self._map.fd = -1
             try:
                 self._map.close()
             except BufferError:
                 pass  # a view is still referenced: the map goes when it does
             self._map = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> SpooledPack:
         return self
@@ -93,10 +101,12 @@ class PackWriter:
 
     In memory by default; with ``spool_dir``, in an unlinked temporary file there
     (as restic does), so a pack waiting for an upload holds no memory — see
-    :meth:`finish_spooled`.
+    :meth:`finish_spooled`. A local repository spools in its own directory, where
+    the finished file becomes the pack without a copy (``LocalBackend``).
     """
 
     def __init__(self, blob_type: int, spool_dir: str | None = None) -> None:
+        self._fd = -1
         if blob_type not in BLOB_TYPES:
             raise ValueError(f"unknown blob type {blob_type}")
         self.blob_type = blob_type
@@ -104,7 +114,7 @@ class PackWriter:
         self._entries: list[PackEntry] = []
         self._size = 0
         self._spool_dir = spool_dir
-        self._file: IO[bytes] | None = None
+        self._linkable = False
 
     @property
     def size(self) -> int:
@@ -118,22 +128,31 @@ class PackWriter:
         self, blob_type: int, blob_id: bytes, stored: bytes | memoryview, raw_length: int
     ) -> None:
         """Append one encoded blob (output of ``encode_blob``)."""
-        if blob_type != self.blob_type:
-            raise ValueError("data and tree blobs never share a pack")
-        if len(blob_id) != 32:
-            raise ValueError("a blob ID is 32 bytes")
-        self._entries.append(PackEntry(blob_type, blob_id, self._size, len(stored), raw_length))
-        if self._spool_dir is None:  # a view (of a slot) is copied: it will be reused
-            self._parts.append(bytes(stored) if isinstance(stored, memoryview) else stored)
-        else:
-            self._spool(stored)
-        self._size += len(stored)
+        self.add_many([(blob_type, blob_id, stored, raw_length)])
 
-    def _spool(self, data: bytes | memoryview) -> None:
-        if self._file is None:
-            self._file = _temporary_file(self._spool_dir)
+    def add_many(self, blobs: list[tuple[int, bytes, bytes | memoryview, int]]) -> None:
+        """Append encoded blobs ``(type, ID, stored bytes, raw length)``; spooled, in
+        one ``writev`` (blocking: a caller on the event loop runs it in a thread)."""
+        for blob_type, blob_id, _, _ in blobs:
+            if blob_type != self.blob_type:
+                raise ValueError("data and tree blobs never share a pack")
+            if len(blob_id) != 32:
+                raise ValueError("a blob ID is 32 bytes")
+        parts: list[bytes | memoryview] = []
+        for blob_type, blob_id, stored, raw_length in blobs:
+            self._entries.append(PackEntry(blob_type, blob_id, self._size, len(stored), raw_length))
+            self._size += len(stored)
+            parts.append(stored)
+        if self._spool_dir is None:  # a view (of a slot) is copied: it will be reused
+            self._parts.extend(bytes(p) if isinstance(p, memoryview) else p for p in parts)
+        else:
+            self._spool(parts)
+
+    def _spool(self, parts: list[bytes | memoryview]) -> None:
         try:
-            self._file.write(data)
+            if self._fd < 0:
+                self._fd, self._linkable = _temporary_file(self._spool_dir)
+            _write_all(self._fd, parts)
         except OSError as exc:
             raise _spool_error(exc, self._spool_dir) from exc
 
@@ -161,18 +180,41 @@ class PackWriter:
         """
         if self._spool_dir is None:
             raise ValueError("finish_spooled needs a writer made with spool_dir")
-        for part in self._header(crypto):
-            self._spool(part)
-        assert self._file is not None
-        file, self._file = self._file, None
+        self._spool(list(self._header(crypto)))
+        fd, self._fd = self._fd, -1
         try:
-            file.flush()
-            size = file.tell()
-            pack_id = _file_storage_id(file.fileno(), size)
+            size = os.lseek(fd, 0, os.SEEK_CUR)
+            pack_id = _file_storage_id(fd, size)
         except OSError as exc:
-            file.close()
+            os.close(fd)
             raise _spool_error(exc, self._spool_dir) from exc
-        return SpooledPack(file, size, pack_id, self._entries)
+        return SpooledPack(fd, size, pack_id, self._entries, self._linkable)
+
+    def discard(self) -> None:
+        """Close an unfinished spool file (its bytes vanish with it)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    __del__ = discard  # a writer abandoned by a failed run closes its file
+
+
+# At most this many buffers per writev (Linux's IOV_MAX).
+_IOV_MAX = 1024
+
+
+def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        batch = views[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        # Drop what was written; a short write leaves the rest of a buffer.
+        while batch and written >= batch[0].nbytes:
+            written -= batch[0].nbytes
+            batch.pop(0)
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
 
 
 def _file_storage_id(fd: int, size: int) -> str:
@@ -182,11 +224,23 @@ def _file_storage_id(fd: int, size: int) -> str:
     return hasher.hexdigest()
 
 
-def _temporary_file(directory: str | None) -> IO[bytes]:
-    try:
-        return tempfile.TemporaryFile(dir=directory, prefix="cairn-pack-")
-    except OSError as exc:
-        raise _spool_error(exc, directory) from exc
+def _temporary_file(directory: str | None) -> tuple[int, bool]:
+    """An unnamed file in ``directory``: (descriptor, whether it can be linked).
+
+    ``O_TMPFILE`` without ``O_EXCL`` can later be given a name (``linkat``), so a
+    backend on the same filesystem adopts the finished pack instead of copying it;
+    where the filesystem has no ``O_TMPFILE``, an unlinked ``tempfile`` serves.
+    """
+    where = directory or tempfile.gettempdir()
+    tmpfile = getattr(os, "O_TMPFILE", 0)
+    if tmpfile:
+        try:
+            return os.open(where, tmpfile | os.O_RDWR | os.O_CLOEXEC, 0o600), True
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+    with tempfile.TemporaryFile(dir=where, prefix="cairn-pack-") as file:
+        return os.dup(file.fileno()), False
 
 
 def _spool_error(exc: OSError, directory: str | None) -> OSError:

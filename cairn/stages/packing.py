@@ -70,6 +70,9 @@ log = structlog.get_logger("cairn.packing")
 PACKS_PER_INDEX = 64
 # Bytes a pack's header adds per blob (charged with each blob when prepaying).
 PACK_OVERHEAD = 64
+# A lone blob (a tree) smaller than this is spooled on the event loop: a thread hop
+# costs more than its write.
+SMALL_WRITE = 64 * 1024
 
 # What to tune when a stage of the packing limits the run (the bottleneck line).
 PACK_HINT = "none: packing runs in the main process (report it)"
@@ -152,9 +155,12 @@ class Packer:
         # burst as before; see backends/throttle.py).
         self._prepay = None if dry_run else prepaid_upload_limiter(repo.backend)
         # Packs are assembled in unlinked temporary files (as restic does): a pack
-        # filling or waiting for a connection holds page cache, not memory. A dry
-        # run uploads nothing and keeps its packs in memory.
-        self._spool = None if dry_run else (spool_dir or tempfile.gettempdir())
+        # filling or waiting for a connection holds page cache, not memory. A local
+        # repository has them made in its own directory and links each finished one
+        # into place (one write of the bytes, not two). A dry run uploads nothing and
+        # keeps its packs in memory.
+        backend_dir = getattr(repo.backend, "spool_dir", None)
+        self._spool = None if dry_run else (spool_dir or backend_dir or tempfile.gettempdir())
         self._claimed: set[bytes] = set()
         # Joining a pack briefly needs its bytes twice: one join at a time.
         self._join_lock = anyio.Lock()
@@ -204,25 +210,38 @@ class Packer:
 
     async def _pack(self, receive: Any, send: Any) -> None:
         writers = {DATA: self._writer(DATA), TREE: self._writer(TREE)}
-        async for item in receive:
-            blobs = [item] if isinstance(item, EncodedBlob) else list(item)
-            try:
-                for blob in blobs:
+        try:
+            async for item in receive:
+                blobs = [item] if isinstance(item, EncodedBlob) else list(item)
+                try:
                     if self._prepay is not None:
-                        await charge(self._prepay, len(blob.data) + PACK_OVERHEAD)
-                    writer = writers[blob.blob_type]
-                    self._add(writer, blob)
-                    if writer.size >= self._pack_size:
-                        writers[blob.blob_type] = self._writer(blob.blob_type)
-                        await self._hand_over(writer, send)
-            finally:
-                # Copied (or the run is ending): the owner may reuse the bytes.
-                for blob in blobs:
-                    if blob.release is not None:
-                        blob.release()
-        for writer in writers.values():
-            if len(writer):
-                await self._hand_over(writer, send)
+                        await charge(self._prepay, sum(len(b.data) + PACK_OVERHEAD for b in blobs))
+                    # Blobs of one type (an encode job's, or one tree), cut where a
+                    # pack fills: each run is one write, off the event loop.
+                    run: list[EncodedBlob] = []
+                    for blob in blobs:
+                        writer = writers[blob.blob_type]
+                        run.append(blob)
+                        if writer.size + _run_bytes(run) >= self._pack_size:
+                            await self._add(writer, run)
+                            run = []
+                            writers[blob.blob_type] = self._writer(blob.blob_type)
+                            await self._hand_over(writer, send)
+                    if run:
+                        await self._add(writers[run[0].blob_type], run)
+                finally:
+                    # Copied (or the run is ending): the owner may reuse the bytes.
+                    for blob in blobs:
+                        if blob.release is not None:
+                            blob.release()
+            for blob_type, writer in list(writers.items()):
+                if len(writer):
+                    writers[blob_type] = self._writer(blob_type)
+                    await self._hand_over(writer, send)
+        finally:
+            # Not handed over (the run failed): their files go now.
+            for writer in writers.values():
+                writer.discard()
 
     def _writer(self, blob_type: int) -> PackWriter:
         return PackWriter(blob_type, self._spool)
@@ -230,18 +249,22 @@ class Packer:
     async def _hand_over(self, writer: PackWriter, send: Any) -> None:
         await send.send(writer)
 
-    def _add(self, writer: PackWriter, blob: EncodedBlob) -> None:
-        data = blob.data
-        if self._spool is None:  # in memory: a view of a slot must be copied
-            data = bytes(data) if isinstance(data, memoryview) else data
-            self.held.add(len(data))
-        writer.add(blob.blob_type, blob.blob_id, data, blob.raw_length)
-        if blob.blob_type == DATA:
-            self.stats.data_blobs += 1
-            self.stats.data_added += blob.raw_length
+    async def _add(self, writer: PackWriter, blobs: list[EncodedBlob]) -> None:
+        entries = [(b.blob_type, b.blob_id, b.data, b.raw_length) for b in blobs]
+        if self._spool is None:  # in memory: a view of a slot is copied
+            writer.add_many(entries)
+            self.held.add(_run_bytes(blobs))
+        elif len(blobs) == 1 and len(blobs[0].data) < SMALL_WRITE:
+            writer.add_many(entries)  # a tree: a thread hop would cost more
         else:
-            self.stats.tree_blobs += 1
-        self.stats.data_added_packed += len(data)
+            await anyio.to_thread.run_sync(writer.add_many, entries)
+        for blob in blobs:
+            if blob.blob_type == DATA:
+                self.stats.data_blobs += 1
+                self.stats.data_added += blob.raw_length
+            else:
+                self.stats.tree_blobs += 1
+            self.stats.data_added_packed += len(blob.data)
 
     # -- upload -----------------------------------------------------------------
 
@@ -323,6 +346,10 @@ class Packer:
                 self.index.add_pack(pack_id, entries)
             self.stats.index_files.append(index_id)
             log.debug("index.saved", index=index_id, packs=len(packs))
+
+
+def _run_bytes(blobs: list[EncodedBlob]) -> int:
+    return sum(len(b.data) for b in blobs)
 
 
 def _pack_bytes(item: PackWriter) -> int:
