@@ -278,13 +278,14 @@ class Archiver:
 
     @property
     def in_slots(self) -> int:
-        """Input slots: one being filled per reader, two queued per worker, and some
-        slack so a reader never waits while a worker finishes. Behind an upload
+        """Input slots: one being filled per reader and two per worker — one being
+        encoded, one queued, so a worker that finishes starts the next job at once
+        while the slot it freed goes to a reader. Behind an upload
         limit the link sets the pace, not the disk or the CPU: one per reader and
         one per worker keep it busy, and a slow link holds no more memory than that."""
         if self._upload_limited:
             return self.opts.cpu_workers + self.opts.read_concurrency
-        return 2 * self.opts.cpu_workers + self.opts.read_concurrency + 2
+        return 2 * self.opts.cpu_workers + self.opts.read_concurrency
 
     @property
     def out_slots(self) -> int:
