@@ -239,7 +239,8 @@ def _temporary_file(directory: str | None) -> tuple[int, bool]:
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
-    with tempfile.TemporaryFile(dir=where, prefix="cairn-pack-") as file:
+    # Dot-named for the instant it has a name: never listed as an object.
+    with tempfile.TemporaryFile(dir=where, prefix=".cairn-pack-") as file:
         return os.dup(file.fileno()), False
 
 
