@@ -16,7 +16,7 @@ import click
 from cairn.cli import errors as cli_errors
 from cairn.cli.globals import GLOBAL_OPTIONS, hoist_global_options, settings_from_params
 from cairn.cli.logsetup import configure_logging, log_exit
-from cairn.cli.memory import tune_malloc
+from cairn.cli.memory import tune_gc, tune_malloc
 from cairn.config.profiles import ConfigError
 
 # Commands register themselves by module; each module defines ``command``.
@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli_errors.print_error("interrupted", as_json="--json" in args, code=code)
         sys.exit(code)
     tune_malloc()
+    tune_gc()
     sys.exit(cli_errors.run_cli(cli, args, on_exit=log_exit))
 
 
