@@ -256,6 +256,22 @@ def test_pack_header_lying_about_layout_is_corrupted() -> None:
 
 
 @relaxed
+@given(packs=st.lists(st.tuples(ids, entries_st), max_size=5))
+def test_index_entries_are_written_as_the_arrays_of_the_format(
+    packs: list[tuple[bytes, list[PackEntry]]],
+) -> None:
+    """Entries go to msgpack as tuples: the bytes are exactly those of the format's
+    ``[type, id, offset, length, raw_length]`` lists (docs/format.md)."""
+    as_lists = {
+        "v": 1,
+        "supersedes": [],
+        "packs": [{"id": p, "blobs": [list(e) for e in entries]} for p, entries in packs],
+    }
+    expected = msgpack.packb(as_lists, use_bin_type=True)
+    assert encode_index(IndexFile(packs=packs)) == expected
+
+
+@relaxed
 @given(
     packs=st.lists(st.tuples(ids, entries_st), max_size=5),
     supersedes=st.lists(ids, max_size=3),

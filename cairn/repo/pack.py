@@ -159,7 +159,7 @@ class PackWriter:
     def _header(self, crypto: Crypto) -> list[bytes]:
         if not self._entries:
             raise ValueError("an empty pack is never written")
-        header = seal(crypto, "packheader", schema.pack([list(e) for e in self._entries]))
+        header = seal(crypto, "packheader", schema.pack(self._entries))
         return [header, _LENGTH.pack(len(header))]
 
     def finish(self, crypto: Crypto) -> tuple[bytes, str, list[PackEntry]]:
