@@ -817,3 +817,42 @@ def test_unchanged_tree_ten_times_adds_no_data(cairn: Cairn, tmp_path: Path) -> 
     assert len(cairn.run("snapshots", "--json", check=True).json()) == 11
     grown = sum(p.stat().st_size for p in _packs(_repo(cairn))) - data_bytes
     assert grown < 10 * 64 * 1024
+
+
+def test_atime_changes_alone_store_no_new_trees(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
+    """A nightly backup reads files and lists directories, which (relatime) gives
+    them new atimes: that alone must not store a new tree (docs/format.md)."""
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    for rel in ("top.txt", "a/one.txt", "a/b/two.txt"):
+        (src / rel).write_text(f"content of {rel}")
+    (src / "a" / "link").symlink_to("one.txt")
+    entries = [src, *src.rglob("*")]
+    old = 1_000_000_000 * 10**9
+    for path in entries:
+        # atime before mtime: the kernel updates it on the next read or listing.
+        os.utime(path, ns=(old, path.lstat().st_mtime_ns), follow_symlinks=False)
+    first = _backup(cairn, str(src))
+    assert first["files_new"] == 3
+    for path in entries:
+        if path.is_symlink():
+            os.readlink(path)
+        elif path.is_dir():
+            os.listdir(path)
+        else:
+            path.read_bytes()
+    if all(p.lstat().st_atime_ns == old for p in entries if not p.is_symlink()):
+        pytest.skip("this filesystem does not update atimes (noatime)")
+    second = _backup(cairn, str(src))
+    assert second["files_unmodified"] == 3 and second["bytes_read"] == 0
+
+    def below_src(snapshot_id: str) -> list[dict[str, Any]]:
+        lines = cairn.run("ls", "--json", snapshot_id, check=True).json_lines()[1:]
+        return [n for n in lines if n["path"].startswith(str(src))]
+
+    # Every entry at and below src is recorded as before, atimes included, so
+    # its trees are the same blobs; only the directories above it (changed by
+    # whatever else runs on this machine) may be stored anew.
+    assert below_src(second["snapshot_id"]) == below_src(first["snapshot_id"])
+    assert second["dirs_changed"] <= len(src.parts) - 1
+    assert second["tree_blobs"] <= len(src.parts) - 1

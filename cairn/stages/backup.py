@@ -145,6 +145,23 @@ class BackupStats:
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
+def keep_parent_atime(node: Node, old: Node | None) -> None:
+    """Give ``node`` the atime of its parent-snapshot node ``old`` when that is all
+    that differs between them (docs/format.md, "Access times").
+
+    Reading a file or listing a directory updates its atime (with ``relatime``:
+    the first time after a change, then at most once a day), and a nightly backup
+    does both; recording each new atime would store a new tree for every
+    directory on every run. The atime kept is the one seen when the entry was
+    first stored in its current state.
+    """
+    if old is None or old.atime_ns == node.atime_ns or old.type != node.type:
+        return
+    atime, node.atime_ns = node.atime_ns, old.atime_ns
+    if node != old:
+        node.atime_ns = atime
+
+
 class _Dir:
     """A directory whose tree blob is pending until all its entries are complete."""
 
@@ -154,6 +171,7 @@ class _Dir:
         "node",
         "nodes",
         "old",
+        "old_node",
         "old_tree",
         "parent",
         "path",
@@ -167,13 +185,15 @@ class _Dir:
         node: Node | None,
         parent: _Dir | None,
         old: dict[bytes, Node] | None,
-        old_tree: bytes | None = None,
+        old_node: Node | None = None,
     ):
         self.path = path
         self.node = node
         self.parent = parent
         self.old = old  # the same directory's entries in the parent snapshot
-        self.old_tree = old_tree
+        # Its own node in the parent snapshot (a directory's), and that node's tree.
+        self.old_node = old_node if old_node is not None and old_node.type == "dir" else None
+        self.old_tree = self.old_node.subtree if self.old_node is not None else None
         self.nodes: list[Node] = []
         self.pending = 0
         self.walked = False
@@ -409,7 +429,8 @@ class Archiver:
             await self._walk_stdin(file_tx)
             return
         old = await self._old_entries(self.parent_tree)
-        root = _Dir(b"/", None, None, old, self.parent_tree)
+        root = _Dir(b"/", None, None, old)
+        root.old_tree = self.parent_tree
         trie = self._path_trie()
         if trie is None:  # "/" itself was given
             await self._walk_tree(root, file_tx)
@@ -481,8 +502,8 @@ class Archiver:
                 # Never silently: the paths below it would be missing from the snapshot.
                 self._warn(path, "not a directory, but a path to back up lies below it")
                 continue
-            old_tree = old.subtree if old and old.type == "dir" else None
-            child = _Dir(path, node, d, await self._old_entries(old_tree), old_tree)
+            child = _Dir(path, node, d, None, old)
+            child.old = await self._old_entries(child.old_tree)
             child.follow = follow
             d.nodes.append(node)
             d.pending += 1
@@ -501,21 +522,14 @@ class Archiver:
         d.nodes.append(node)
         if node.type == "dir":
             d.pending += 1
-            old_tree = old.subtree if old and old.type == "dir" else None
             # Its parent-snapshot entries are loaded by the scan (_scan_one).
-            await self._walk_tree(_Dir(path, node, d, None, old_tree), file_tx)
+            await self._walk_tree(_Dir(path, node, d, None, old), file_tx)
         elif node.type == "file":
-            self.stats.bytes_processed += node.size
-            self.stats.files_seen += 1
-            if self._unchanged(node, old):
-                assert old is not None
-                node.content = list(old.content)
-                node.xattrs = dict(old.xattrs)  # the same ctime: the same xattrs
-                self.stats.files_unmodified += 1
-                self.stats.bytes_unmodified += node.size
-                return
-            d.pending += 1
-            await self._queue_file(_FileJob(d, node, path, old), file_tx)
+            if not self._reuse_unchanged(node, old):
+                d.pending += 1
+                await self._queue_file(_FileJob(d, node, path, old), file_tx)
+        else:
+            keep_parent_atime(node, old)
 
     async def _walk_tree(self, top: _Dir, file_tx: ObjectSendStream[_ReadItem]) -> None:
         """Depth-first walk below one directory given on the command line."""
@@ -562,8 +576,7 @@ class Archiver:
             d.nodes.append(child)
             if child.type == "dir":
                 d.pending += 1
-                sub_old = cold.subtree if cold and cold.type == "dir" else None
-                sub = _Dir(cpath, child, d, None, sub_old)
+                sub = _Dir(cpath, child, d, None, cold)
                 sub.dev = d.dev
                 if child.name in scan.mountpoints:
                     # --one-file-system, as restic: a path given on the command line
@@ -576,17 +589,11 @@ class Archiver:
                         continue
                 subdirs.append(sub)
             elif child.type == "file":
-                self.stats.bytes_processed += child.size
-                self.stats.files_seen += 1
-                if self._unchanged(child, cold):
-                    assert cold is not None
-                    child.content = list(cold.content)
-                    child.xattrs = dict(cold.xattrs)  # the same ctime: the same xattrs
-                    self.stats.files_unmodified += 1
-                    self.stats.bytes_unmodified += child.size
-                else:
+                if not self._reuse_unchanged(child, cold):
                     d.pending += 1
                     await self._queue_file(_FileJob(d, child, cpath, cold), file_tx)
+            else:
+                keep_parent_atime(child, cold)
         d.walked = True
         await self._maybe_finish(d)
         return subdirs
@@ -620,6 +627,22 @@ class Archiver:
                 except OSError:
                     pass  # warned about by the walk
         return self._devices
+
+    def _reuse_unchanged(self, node: Node, old: Node | None) -> bool:
+        """Count a file the walk found; if it is unchanged since the parent
+        snapshot, complete its node from there (content, xattrs, atime) and
+        return True."""
+        self.stats.bytes_processed += node.size
+        self.stats.files_seen += 1
+        if not self._unchanged(node, old):
+            return False
+        assert old is not None
+        node.content = old.content  # the parent's nodes are not used elsewhere
+        node.xattrs = old.xattrs  # the same ctime: the same xattrs
+        keep_parent_atime(node, old)
+        self.stats.files_unmodified += 1
+        self.stats.bytes_unmodified += node.size
+        return True
 
     def _unchanged(self, node: Node, old: Node | None) -> bool:
         if self.opts.force or old is None or old.type != "file":
@@ -655,6 +678,7 @@ class Archiver:
                 await self._tree_inlet.send(EncodedBlob(TREE, tree_id, stored, len(payload)))
             if d.node is not None:
                 d.node.subtree = tree_id
+                keep_parent_atime(d.node, d.old_node)
             self._dirs.forget(d)  # nothing below it is read any more
             if d.old_tree is None:
                 self.stats.dirs_new += 1
