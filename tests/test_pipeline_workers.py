@@ -126,6 +126,24 @@ def no_leaks() -> Iterator[None]:
 # --- tests ---
 
 
+async def test_slots_used_one_at_a_time_allocate_one_slot_of_memory() -> None:
+    """The slot released last is used next, so a run needing one slot at a time
+    never allocates the pages of the others (memfd pages exist once written)."""
+    slots = SlotPool(64 * 1024, 4)
+    try:
+        for i in range(10):
+            slot = await slots.acquire()
+            slot.view[:] = bytes([i]) * slot.size
+            slot.release()
+        fd = shm.owned_fd(slots.name)
+        assert fd is not None
+        assert os.fstat(fd).st_blocks * 512 == slots.slot_size
+        held = [await slots.acquire() for _ in range(4)]  # all four still available
+        assert sorted(s.index for s in held) == [0, 1, 2, 3]
+    finally:
+        slots.close()
+
+
 async def test_run_returns_results_and_slots_cross_as_memoryviews(no_leaks: None) -> None:
     async with WorkerPool(2) as pool:
         assert await pool.run(add, 2, 3) == 5
