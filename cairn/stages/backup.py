@@ -83,6 +83,12 @@ WALK_CONCURRENCY = 3
 # Small files read per thread hop.
 SMALL_READ_FILES = 64
 
+# A second worker starts once an encode job has waited this long for an idle one.
+# A job (at most one 8 MiB slot) takes 10-50 ms to compress and encrypt, so an
+# initial backup grows the pool within its first tenth of a second, while a small
+# incremental one, with a few jobs now and then, keeps one worker (~30 MiB less).
+GROW_WORKERS_AFTER = 0.05
+
 # Behind an upload limit below this (bytes/s), one worker encodes faster than the
 # link takes the data (source text at ~230 MB/s, incompressible data far faster:
 # bench/ENGINE.md), so a second one would only add a process (~25 MiB) and its
@@ -412,7 +418,10 @@ class Archiver:
         """Own the pool's lifetime in one task (it is entered and left here)."""
         try:
             async with WorkerPool(
-                self.opts.cpu_workers, initializer=cpu.init_worker, initargs=(self.crypto,)
+                self.opts.cpu_workers,
+                initializer=cpu.init_worker,
+                initargs=(self.crypto,),
+                grow_after=GROW_WORKERS_AFTER,
             ) as pool:
                 self._pool = pool
                 self._pool_ready.set()
