@@ -80,6 +80,10 @@ SMALL_BATCH_BYTES = 4 * MiB
 OUT_SLACK = 256 * 1024
 # Directories scanned at once (each scan is one thread hop of syscalls).
 WALK_CONCURRENCY = 3
+# Directories a scanner takes from the queue per thread hop when more are waiting.
+# A hop costs ~50 us of CPU and, on a loaded machine, a wait for a time slice: a
+# no-change backup of 1,000 directories made 1,000 of them.
+SCAN_BATCH = 8
 # Small files read per thread hop.
 SMALL_READ_FILES = 64
 
@@ -531,7 +535,7 @@ class Archiver:
         d.nodes.append(node)
         if node.type == "dir":
             d.pending += 1
-            # Its parent-snapshot entries are loaded by the scan (_scan_one).
+            # Its parent-snapshot entries are loaded by the scan (_scan_batch).
             await self._walk_tree(_Dir(path, node, d, None, old), file_tx)
         elif node.type == "file":
             if not self._reuse_unchanged(node, old):
@@ -554,10 +558,16 @@ class Archiver:
         async def scanner() -> None:
             nonlocal outstanding
             async for d in queue_rx:
-                for sub in await self._scan_one(d, file_tx):
+                batch = [d]
+                while len(batch) < SCAN_BATCH:
+                    try:
+                        batch.append(queue_rx.receive_nowait())
+                    except anyio.WouldBlock:
+                        break  # (not closed: this task holds outstanding dirs)
+                for sub in await self._scan_batch(batch, file_tx):
                     outstanding += 1
                     queue_tx.send_nowait(sub)
-                outstanding -= 1
+                outstanding -= len(batch)
                 if outstanding == 0:
                     queue_tx.close()
 
@@ -565,17 +575,38 @@ class Archiver:
             for _ in range(WALK_CONCURRENCY):
                 tg.start_soon(scanner)
 
-    async def _scan_one(self, d: _Dir, file_tx: ObjectSendStream[_ReadItem]) -> list[_Dir]:
-        """Scan one directory, queue its changed files, return its subdirectories."""
-        if d.old is None and d.old_tree is not None:
-            d.old = await self._old_entries(d.old_tree)
-        try:
-            scan = await anyio.to_thread.run_sync(
-                self._dirs.run_at, d, scan_dir, d.path, self.opts.rules, d.dev
-            )
-        except OSError as exc:  # the directory itself could not be opened
-            self._warn(d.path, dir_problem(exc))
-            scan = ScanResult()
+    async def _scan_batch(
+        self, batch: list[_Dir], file_tx: ObjectSendStream[_ReadItem]
+    ) -> list[_Dir]:
+        """Scan directories in one thread hop, queue their changed files, return
+        their subdirectories."""
+        for d in batch:
+            if d.old is None and d.old_tree is not None:
+                d.old = await self._old_entries(d.old_tree)
+        scans = await anyio.to_thread.run_sync(self._scan_dirs, batch)
+        subdirs: list[_Dir] = []
+        for d, scan in zip(batch, scans, strict=True):
+            if isinstance(scan, OSError):  # the directory itself could not be opened
+                self._warn(d.path, dir_problem(scan))
+                scan = ScanResult()
+            subdirs += await self._take_scan(d, scan, file_tx)
+        return subdirs
+
+    def _scan_dirs(self, batch: list[_Dir]) -> list[ScanResult | OSError]:
+        """Thread side of :meth:`_scan_batch`."""
+        out: list[ScanResult | OSError] = []
+        for d in batch:
+            try:
+                out.append(self._dirs.run_at(d, scan_dir, d.path, self.opts.rules, d.dev))
+            except OSError as exc:
+                out.append(exc)
+        return out
+
+    async def _take_scan(
+        self, d: _Dir, scan: ScanResult, file_tx: ObjectSendStream[_ReadItem]
+    ) -> list[_Dir]:
+        """Add one scanned directory's entries: queue its changed files, return
+        its subdirectories."""
         for wpath, problem in scan.warnings:
             self._warn(wpath, problem)
         subdirs: list[_Dir] = []
