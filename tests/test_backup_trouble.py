@@ -856,3 +856,34 @@ def test_atime_changes_alone_store_no_new_trees(cairn: Cairn, tmp_path: Path) ->
     assert below_src(second["snapshot_id"]) == below_src(first["snapshot_id"])
     assert second["dirs_changed"] <= len(src.parts) - 1
     assert second["tree_blobs"] <= len(src.parts) - 1
+
+
+def _events(log: Path, name: str) -> list[dict[str, Any]]:
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    return [e for e in events if e["event"] == name]
+
+
+def test_small_backup_encodes_in_threads_and_a_large_one_starts_workers(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Under 32 MiB of new data no worker process starts (docs/architecture.md,
+    "Encode"); above it the pool takes over. Both restore exactly."""
+    src = tmp_path / "src"
+    small = _write_random_tree(src, 60, [], seed=7)
+    debug = ("--log-level", "debug", "--log-format", "json", "--log-file")
+    first = _backup(cairn, str(src), *debug, str(tmp_path / "one.log"))
+    assert first["data_added"] == small
+    assert _events(tmp_path / "one.log", "backup.workers_started") == []
+    small_files = _files(src)
+    (src / "big").mkdir()
+    for i in range(5):
+        (src / "big" / f"{i}.bin").write_bytes(os.urandom(10 * MiB))
+    second = _backup(cairn, str(src), *debug, str(tmp_path / "two.log"))
+    assert second["data_added"] == 50 * MiB
+    (started,) = _events(tmp_path / "two.log", "backup.workers_started")
+    assert started["encoded_here"] > 32 * MiB
+    for snap, files in ((first["snapshot_id"], small_files), (second["snapshot_id"], _files(src))):
+        target = tmp_path / f"restored-{snap}"
+        assert _restore(cairn, target, snapshot=snap).code == 0
+        assert _files(_under(target, src)) == files

@@ -11,7 +11,8 @@
   slots in threads, cuts them into content-defined chunks and hashes them there
   (pyfastcdc and BLAKE3 release the GIL); only chunks the repository lacks
   (``Packer.claim``) go on, as one item per slot that owns the slot;
-* ``encode`` compresses and encrypts them in the worker processes, slot to slot;
+* ``encode`` compresses and encrypts them in the worker processes (in threads
+  until the pool is up: a small incremental run never starts it), slot to slot;
   it releases the input slot, and its output slot goes with the blobs until
   ``pack`` has copied them;
 * ``pack``, ``upload``, ``index``: the shared stages of ``stages/packing.py``;
@@ -92,6 +93,13 @@ SMALL_READ_FILES = 64
 # initial backup grows the pool within its first tenth of a second, while a small
 # incremental one, with a few jobs now and then, keeps one worker (~30 MiB less).
 GROW_WORKERS_AFTER = 0.05
+
+# Until the worker pool is up, blobs are encoded in threads of this process (zstd
+# and AES-GCM release the GIL); the pool starts once this many bytes have been,
+# so an incremental backup that adds a few MiB never starts it: no forkserver,
+# resource tracker and worker (~50 MiB) and no ~150 ms start. An initial backup
+# starts it within its first few hundred milliseconds and encodes here meanwhile.
+ENCODE_HERE_BYTES = 32 * MiB
 
 # Behind an upload limit below this (bytes/s), one worker encodes faster than the
 # link takes the data (source text at ~230 MB/s, incompressible data far faster:
@@ -285,12 +293,14 @@ class Archiver:
         self._upload_limited = bool(getattr(limiter, "rate", None))
         self._trees = TreeCache(repo, index)
         self._pool: WorkerPool | None = None
-        # The worker pool starts on the first blob that needs encoding: a backup
-        # with nothing new (the nightly norm) never pays the ~100-200 ms start.
+        # The worker pool starts once ENCODE_HERE_BYTES have been encoded in
+        # threads: a backup with little or nothing new (the nightly norm) never
+        # pays its ~100-200 ms start and ~50 MiB.
         self._pool_tg: anyio.abc.TaskGroup | None = None
-        self._pool_ready = anyio.Event()
         self._pool_done = anyio.Event()
         self._pool_started = False
+        # Bytes encoded in threads of this process while there is no pool yet.
+        self._encoded_here = 0
         self._slots: SlotPool | None = None
         self._out_slots: SlotPool | None = None
         self._pipeline: Pipeline | None = None
@@ -408,31 +418,29 @@ class Archiver:
             return None
         return self._pipeline.snapshot()
 
-    async def _get_pool(self) -> WorkerPool:
+    def _start_pool(self) -> None:
+        """Start the worker pool in the background (once); ``_pool`` is set when
+        it is ready, and encoding moves there."""
         if not self._pool_started:
             self._pool_started = True
             assert self._pool_tg is not None
             self._pool_tg.start_soon(self._hold_pool)
-        await self._pool_ready.wait()
-        if self._pool is None:
-            raise RuntimeError("the worker pool failed to start")
-        return self._pool
 
     async def _hold_pool(self) -> None:
-        """Own the pool's lifetime in one task (it is entered and left here)."""
-        try:
-            async with WorkerPool(
-                self.opts.cpu_workers,
-                initializer=cpu.init_worker,
-                initargs=(self.crypto,),
-                grow_after=GROW_WORKERS_AFTER,
-            ) as pool:
-                self._pool = pool
-                self._pool_ready.set()
-                with anyio.CancelScope(shield=True):
-                    await self._pool_done.wait()
-        finally:
-            self._pool_ready.set()
+        """Own the pool's lifetime in one task (it is entered and left here); a
+        pool that fails to start fails the run."""
+        async with WorkerPool(
+            self.opts.cpu_workers,
+            initializer=cpu.init_worker,
+            initargs=(self.crypto,),
+            grow_after=GROW_WORKERS_AFTER,
+        ) as pool:
+            self._pool = pool
+            log.debug(
+                "backup.workers_started", workers=len(pool.pids), encoded_here=self._encoded_here
+            )
+            with anyio.CancelScope(shield=True):
+                await self._pool_done.wait()
 
     # -- walking ------------------------------------------------------------------
 
@@ -906,14 +914,30 @@ class Archiver:
         behind, output slots run out, encode waits, then read: nothing piles up
         in memory (docs/architecture.md, "Memory bound")."""
         assert self._out_slots is not None
-        pool = await self._get_pool()
+        pool = self._pool
+        if pool is None:
+            self._encoded_here += job.nbytes()
+            if self._encoded_here > ENCODE_HERE_BYTES:
+                self._start_pool()
         with waiting_on_output():
             out = await self._out_slots.acquire()
         try:
             end = max(off + length for off, length, _ in job.spans)
-            placed = await pool.run(
-                cpu.encode_into, job.slot.ref(end), out.ref(), job.spans, self.opts.level
-            )
+            if pool is None:
+                # Not abandoned on cancel: the slots are released only when the
+                # thread is done writing into them.
+                placed = await anyio.to_thread.run_sync(
+                    cpu.encode_spans,
+                    self.crypto,
+                    job.slot.view[:end],
+                    out.view,
+                    job.spans,
+                    self.opts.level,
+                )
+            else:
+                placed = await pool.run(
+                    cpu.encode_into, job.slot.ref(end), out.ref(), job.spans, self.opts.level
+                )
         except BaseException:
             out.release()
             raise
