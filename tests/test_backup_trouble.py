@@ -817,3 +817,73 @@ def test_unchanged_tree_ten_times_adds_no_data(cairn: Cairn, tmp_path: Path) -> 
     assert len(cairn.run("snapshots", "--json", check=True).json()) == 11
     grown = sum(p.stat().st_size for p in _packs(_repo(cairn))) - data_bytes
     assert grown < 10 * 64 * 1024
+
+
+def test_atime_changes_alone_store_no_new_trees(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
+    """A nightly backup reads files and lists directories, which (relatime) gives
+    them new atimes: that alone must not store a new tree (docs/format.md)."""
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    for rel in ("top.txt", "a/one.txt", "a/b/two.txt"):
+        (src / rel).write_text(f"content of {rel}")
+    (src / "a" / "link").symlink_to("one.txt")
+    entries = [src, *src.rglob("*")]
+    old = 1_000_000_000 * 10**9
+    for path in entries:
+        # atime before mtime: the kernel updates it on the next read or listing.
+        os.utime(path, ns=(old, path.lstat().st_mtime_ns), follow_symlinks=False)
+    first = _backup(cairn, str(src))
+    assert first["files_new"] == 3
+    for path in entries:
+        if path.is_symlink():
+            os.readlink(path)
+        elif path.is_dir():
+            os.listdir(path)
+        else:
+            path.read_bytes()
+    if all(p.lstat().st_atime_ns == old for p in entries if not p.is_symlink()):
+        pytest.skip("this filesystem does not update atimes (noatime)")
+    second = _backup(cairn, str(src))
+    assert second["files_unmodified"] == 3 and second["bytes_read"] == 0
+
+    def below_src(snapshot_id: str) -> list[dict[str, Any]]:
+        lines = cairn.run("ls", "--json", snapshot_id, check=True).json_lines()[1:]
+        return [n for n in lines if n["path"].startswith(str(src))]
+
+    # Every entry at and below src is recorded as before, atimes included, so
+    # its trees are the same blobs; only the directories above it (changed by
+    # whatever else runs on this machine) may be stored anew.
+    assert below_src(second["snapshot_id"]) == below_src(first["snapshot_id"])
+    assert second["dirs_changed"] <= len(src.parts) - 1
+    assert second["tree_blobs"] <= len(src.parts) - 1
+
+
+def _events(log: Path, name: str) -> list[dict[str, Any]]:
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    return [e for e in events if e["event"] == name]
+
+
+def test_small_backup_encodes_in_threads_and_a_large_one_starts_workers(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Under 32 MiB of new data no worker process starts (docs/architecture.md,
+    "Encode"); above it the pool takes over. Both restore exactly."""
+    src = tmp_path / "src"
+    small = _write_random_tree(src, 60, [], seed=7)
+    debug = ("--log-level", "debug", "--log-format", "json", "--log-file")
+    first = _backup(cairn, str(src), *debug, str(tmp_path / "one.log"))
+    assert first["data_added"] == small
+    assert _events(tmp_path / "one.log", "backup.workers_started") == []
+    small_files = _files(src)
+    (src / "big").mkdir()
+    for i in range(5):
+        (src / "big" / f"{i}.bin").write_bytes(os.urandom(10 * MiB))
+    second = _backup(cairn, str(src), *debug, str(tmp_path / "two.log"))
+    assert second["data_added"] == 50 * MiB
+    (started,) = _events(tmp_path / "two.log", "backup.workers_started")
+    assert started["encoded_here"] > 32 * MiB
+    for snap, files in ((first["snapshot_id"], small_files), (second["snapshot_id"], _files(src))):
+        target = tmp_path / f"restored-{snap}"
+        assert _restore(cairn, target, snapshot=snap).code == 0
+        assert _files(_under(target, src)) == files

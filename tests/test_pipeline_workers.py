@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -78,6 +79,14 @@ def block() -> None:
 _setting = ""
 
 
+def pid_once_two_run(folder: str) -> int:
+    """Check in, then wait until a second job has checked in too; the worker's pid."""
+    os.close(os.open(os.path.join(folder, str(os.getpid())), os.O_CREAT | os.O_WRONLY))
+    while len(os.listdir(folder)) < 2:
+        time.sleep(0.005)
+    return os.getpid()
+
+
 def remember(value: str) -> None:
     global _setting
     _setting = value
@@ -124,6 +133,24 @@ def no_leaks() -> Iterator[None]:
 
 
 # --- tests ---
+
+
+async def test_slots_used_one_at_a_time_allocate_one_slot_of_memory() -> None:
+    """The slot released last is used next, so a run needing one slot at a time
+    never allocates the pages of the others (memfd pages exist once written)."""
+    slots = SlotPool(64 * 1024, 4)
+    try:
+        for i in range(10):
+            slot = await slots.acquire()
+            slot.view[:] = bytes([i]) * slot.size
+            slot.release()
+        fd = shm.owned_fd(slots.name)
+        assert fd is not None
+        assert os.fstat(fd).st_blocks * 512 == slots.slot_size
+        held = [await slots.acquire() for _ in range(4)]  # all four still available
+        assert sorted(s.index for s in held) == [0, 1, 2, 3]
+    finally:
+        slots.close()
 
 
 async def test_run_returns_results_and_slots_cross_as_memoryviews(no_leaks: None) -> None:
@@ -188,6 +215,27 @@ async def test_cancelling_a_job_kills_its_worker(no_leaks: None) -> None:
             tg.cancel_scope.cancel()
         assert sum(alive(pid) for pid in pids) == 1
         assert await pool.run(add, 1, 2) == 3  # a fresh worker replaced it
+
+
+async def test_growing_pool_adds_a_worker_only_when_a_job_waits(
+    no_leaks: None, tmp_path: Any
+) -> None:
+    async with WorkerPool(3, grow_after=0.01) as pool:
+        for i in range(5):  # one job at a time: each finds the worker idle
+            assert await pool.run(add, i, 1) == i + 1
+        assert len(pool.pids) == 1
+        pids: list[int] = []
+
+        async def job() -> None:
+            pids.append(await pool.run(pid_once_two_run, str(tmp_path)))
+
+        # Each job finishes only once both run at once: the second finds the first
+        # worker busy, waits, and gets a worker of its own (else this times out).
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(job)
+                tg.start_soon(job)
+        assert len(set(pids)) == 2 and len(pool.pids) == 2
 
 
 async def test_pool_exit_stops_workers(no_leaks: None) -> None:

@@ -401,6 +401,36 @@ def test_tree_round_trip_and_canonical(tree: Tree) -> None:
     assert encode_tree(Tree(reversed(tree.nodes))) == payload
 
 
+_odd_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False),
+    st.text(max_size=4), st.binary(max_size=40), st.lists(ids, max_size=2),
+    st.lists(st.binary(max_size=40), max_size=2),
+    st.dictionaries(st.binary(max_size=3), st.binary(max_size=3), max_size=1),
+)  # fmt: skip
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None, max_examples=1500)
+@given(node=nodes(), data=st.data())
+def test_tree_fast_node_decoder_agrees_with_the_strict_one(node: Node, data: Any) -> None:
+    """The fast path takes only what the strict reader accepts, as the same node."""
+    from cairn.repo.tree import _decode_node_fast, _decode_node_strict, _encode_node
+
+    if data.draw(st.booleans()):  # mostly nodes of the kinds the fast path takes
+        node.xattrs = {}
+        node.type = data.draw(st.sampled_from(["file", "dir", "symlink"]))
+        node.subtree = node.subtree or bytes(32)
+    raw: dict[Any, Any] = _encode_node(node)
+    assert node.xattrs or node.type not in ("file", "dir", "symlink") or _decode_node_fast(raw)
+    key = data.draw(st.sampled_from([*raw, "xattrs", "rdev", "subtree", "content", "other"]))
+    if data.draw(st.booleans()):
+        raw.pop(key, None)
+    else:
+        raw[key] = data.draw(_odd_values)
+    fast = _decode_node_fast(raw)
+    if fast is not None:
+        assert _decode_node_strict(raw, "t") == fast
+
+
 def test_tree_keeps_non_utf8_names_and_sorts_bytewise() -> None:
     tree = Tree(
         [

@@ -43,9 +43,25 @@ def interrupt_on_signals() -> None:
         raise KeyboardInterrupt
 
 
+def import_structlog() -> None:
+    """Import structlog without rich: when rich is installed structlog imports it
+    (and rich, attrs) at once, only to offer rich tracebacks, which cairn's
+    renderers do not use (logsetup.py) — about 70 ms of CPU and 5 MiB on every
+    run, a tenth of a no-change backup. rich itself loads later, and only for
+    the progress display on a terminal."""
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # makes "import rich" fail
+    try:
+        import structlog  # noqa: F401
+    finally:
+        del sys.modules["rich"]
+
+
 def main() -> None:
     """Console-script entry point: handlers first, then load and run the CLI."""
     install()
+    import_structlog()
     from cairn.cli.main import main as run
 
     run(sys.argv[1:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 import click
@@ -112,7 +113,7 @@ def _option_names() -> tuple[set[str], set[str]]:
     return flags, valued
 
 
-def hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
+def hoist_global_options(commands: Collection[str], args: list[str]) -> list[str]:
     """Move global flags found after the command name in front of it.
 
     restic accepts ``restic backup -r REPO PATH``; click only knows group options
@@ -137,7 +138,7 @@ def hoist_global_options(group: click.Group, args: list[str]) -> list[str]:
             (moved if seen_command else kept).extend(chunk)
             i += len(chunk)
             continue
-        if not seen_command and not arg.startswith("-") and arg in group.commands:
+        if not seen_command and not arg.startswith("-") and arg in commands:
             seen_command = True
         kept.append(arg)
         i += 1

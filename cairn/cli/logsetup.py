@@ -153,7 +153,11 @@ def configure_logging(
         renderer = structlog.processors.LogfmtRenderer(key_order=list(_FIRST))
     else:
         colors = _log_file is None and sys.stderr.isatty()
-        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        # Plain tracebacks (with --debug), whether or not rich is installed:
+        # early.import_structlog() keeps structlog from loading it.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=structlog.dev.plain_traceback
+        )
         if _log_file is None:
             shared.append(_drop_printed_item_errors)
     structlog.configure(

@@ -6,7 +6,9 @@ if __name__ == "__main__":  # ``python -m cairn.cli.main``: before the slow impo
     from cairn.cli import early
 
     early.install()
+    early.import_structlog()
 
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +21,9 @@ from cairn.cli.logsetup import configure_logging, log_exit
 from cairn.cli.memory import tune_gc, tune_malloc
 from cairn.config.profiles import ConfigError
 
-# Commands register themselves by module; each module defines ``command``.
+# One module per command, ``cairn.cli.cmd_<name>``, defining ``command``. A module
+# is imported when its command runs (or help lists it): importing all of them cost
+# every run ~60 ms and ~11 MiB, which a nightly no-change backup notices.
 _COMMAND_MODULES = (
     "init",
     "key",
@@ -45,13 +49,20 @@ _COMMAND_MODULES = (
 
 
 class CairnGroup(click.Group):
-    """A group that accepts global flags after the command name, as restic does."""
+    """A group that accepts global flags after the command name, as restic does,
+    and loads a command's module when it is needed."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        return super().parse_args(ctx, hoist_global_options(self, args))
+        return super().parse_args(ctx, hoist_global_options(set(_COMMAND_MODULES), args))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(super().list_commands(ctx))
+        return sorted(_COMMAND_MODULES)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _COMMAND_MODULES and cmd_name not in self.commands:
+            module = importlib.import_module(f"cairn.cli.cmd_{cmd_name}")
+            self.add_command(module.command)
+        return super().get_command(ctx, cmd_name)
 
 
 @click.group(cls=CairnGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,17 +80,6 @@ def cli(ctx: click.Context, **params: Any) -> None:
 
 for _option in reversed(GLOBAL_OPTIONS):
     cli.params.append(_option)
-
-
-def _register() -> None:
-    import importlib
-
-    for name in _COMMAND_MODULES:
-        module = importlib.import_module(f"cairn.cli.cmd_{name}")
-        cli.add_command(module.command)
-
-
-_register()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -168,11 +168,16 @@ class SlotPool:
         self.name = f"{os.getpid()}:{self._fd}:{token}"
         _mapped[self.name] = self._buf
         _owned[self.name] = self._fd
-        # Free slot numbers travel through a memory stream: acquire() waits
-        # on an empty stream exactly like a stage waits on a full channel.
-        self._free_tx, self._free_rx = anyio.create_memory_object_stream[int](slot_count)
-        for index in range(slot_count):
-            self._free_tx.send_nowait(index)
+        # One token per free slot travels through a memory stream: acquire()
+        # waits on an empty stream exactly like a stage waits on a full channel.
+        self._free_tx, self._free_rx = anyio.create_memory_object_stream[None](slot_count)
+        # Which slots are free: a stack, so the slot released last is used next.
+        # Pages of the memory file are allocated when first written; a run that
+        # needs few slots at a time keeps reusing the same ones and never pays
+        # for the rest (a no-change or small incremental backup).
+        self._free_stack = list(range(slot_count - 1, -1, -1))
+        for _ in range(slot_count):
+            self._free_tx.send_nowait(None)
 
     @property
     def in_use(self) -> int:
@@ -181,13 +186,15 @@ class SlotPool:
 
     async def acquire(self) -> Slot:
         """Take a free slot, waiting until one is released if all are in use."""
-        index = await self._free_rx.receive()
+        await self._free_rx.receive()
+        index = self._free_stack.pop()
         start = index * self.slot_size
         return Slot(self, index, self._buf[start : start + self.slot_size])
 
     def _free(self, index: int) -> None:
         try:
-            self._free_tx.send_nowait(index)
+            self._free_tx.send_nowait(None)
+            self._free_stack.append(index)
         except anyio.ClosedResourceError:
             pass  # released after close(): nothing left to recycle into
 

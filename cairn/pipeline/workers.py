@@ -220,6 +220,11 @@ class WorkerPool:
     Use as ``async with WorkerPool(2) as pool: await pool.run(fn, *args)``.
     ``initializer(*initargs)`` runs once in each worker (load keys, import
     modules). Leaving the context stops every worker, even when cancelled.
+
+    With ``grow_after`` (seconds) the pool starts one worker and adds another,
+    up to ``workers``, each time a job has waited that long for an idle one: a
+    run with little CPU work (an incremental backup) never pays for processes
+    (~30 MiB each) it would not keep busy.
     """
 
     def __init__(
@@ -229,6 +234,7 @@ class WorkerPool:
         start_method: str = "forkserver",
         initializer: Callable[..., Any] | None = None,
         initargs: tuple = (),
+        grow_after: float | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("a pool needs at least one worker")
@@ -239,12 +245,16 @@ class WorkerPool:
         self._initializer = initializer
         self._initargs = initargs
         self._all: list[_Worker] = []
+        self._grow_after = grow_after
+        self._started = 0  # workers started or being started (grow_after)
         self._idle_tx, self._idle_rx = anyio.create_memory_object_stream[_Worker](workers)
         self._closed = False
 
     async def __aenter__(self) -> WorkerPool:
         try:
-            for worker in await self._spawn(self.workers):
+            first = self.workers if self._grow_after is None else 1
+            self._started = first
+            for worker in await self._spawn(first):
                 self._idle_tx.send_nowait(worker)
         except BaseException:
             await self.aclose()
@@ -304,7 +314,7 @@ class WorkerPool:
         if self._closed:
             raise RuntimeError("worker pool is closed")
         message = pickle.dumps((fn, args), pickle.HIGHEST_PROTOCOL)
-        worker = await self._idle_rx.receive()
+        worker = await self._idle_worker()
         try:
             if not worker.alive:
                 self._all.remove(worker)
@@ -321,6 +331,23 @@ class WorkerPool:
             raise value
         result: R = value
         return result
+
+    async def _idle_worker(self) -> _Worker:
+        """The next idle worker; with ``grow_after``, a new one if none has been
+        idle for that long and the pool may grow."""
+        if self._grow_after is None or self._started >= self.workers:
+            return await self._idle_rx.receive()
+        with anyio.move_on_after(self._grow_after):
+            return await self._idle_rx.receive()
+        if self._started >= self.workers:  # another job grew the pool meanwhile
+            return await self._idle_rx.receive()
+        self._started += 1
+        try:
+            (worker,) = await self._spawn(1)
+        except BaseException:
+            self._started -= 1
+            raise
+        return worker
 
     async def aclose(self) -> None:
         """Stop all workers: graceful EOF first, SIGKILL after a grace period."""

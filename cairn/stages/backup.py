@@ -11,7 +11,8 @@
   slots in threads, cuts them into content-defined chunks and hashes them there
   (pyfastcdc and BLAKE3 release the GIL); only chunks the repository lacks
   (``Packer.claim``) go on, as one item per slot that owns the slot;
-* ``encode`` compresses and encrypts them in the worker processes, slot to slot;
+* ``encode`` compresses and encrypts them in the worker processes (in threads
+  until the pool is up: a small incremental run never starts it), slot to slot;
   it releases the input slot, and its output slot goes with the blobs until
   ``pack`` has copied them;
 * ``pack``, ``upload``, ``index``: the shared stages of ``stages/packing.py``;
@@ -80,8 +81,25 @@ SMALL_BATCH_BYTES = 4 * MiB
 OUT_SLACK = 256 * 1024
 # Directories scanned at once (each scan is one thread hop of syscalls).
 WALK_CONCURRENCY = 3
+# Directories a scanner takes from the queue per thread hop when more are waiting.
+# A hop costs ~50 us of CPU and, on a loaded machine, a wait for a time slice: a
+# no-change backup of 1,000 directories made 1,000 of them.
+SCAN_BATCH = 8
 # Small files read per thread hop.
 SMALL_READ_FILES = 64
+
+# A second worker starts once an encode job has waited this long for an idle one.
+# A job (at most one 8 MiB slot) takes 10-50 ms to compress and encrypt, so an
+# initial backup grows the pool within its first tenth of a second, while a small
+# incremental one, with a few jobs now and then, keeps one worker (~30 MiB less).
+GROW_WORKERS_AFTER = 0.05
+
+# Until the worker pool is up, blobs are encoded in threads of this process (zstd
+# and AES-GCM release the GIL); the pool starts once this many bytes have been,
+# so an incremental backup that adds a few MiB never starts it: no forkserver,
+# resource tracker and worker (~50 MiB) and no ~150 ms start. An initial backup
+# starts it within its first few hundred milliseconds and encodes here meanwhile.
+ENCODE_HERE_BYTES = 32 * MiB
 
 # Behind an upload limit below this (bytes/s), one worker encodes faster than the
 # link takes the data (source text at ~230 MB/s, incompressible data far faster:
@@ -145,6 +163,23 @@ class BackupStats:
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
+def keep_parent_atime(node: Node, old: Node | None) -> None:
+    """Give ``node`` the atime of its parent-snapshot node ``old`` when that is all
+    that differs between them (docs/format.md, "Access times").
+
+    Reading a file or listing a directory updates its atime (with ``relatime``:
+    the first time after a change, then at most once a day), and a nightly backup
+    does both; recording each new atime would store a new tree for every
+    directory on every run. The atime kept is the one seen when the entry was
+    first stored in its current state.
+    """
+    if old is None or old.atime_ns == node.atime_ns or old.type != node.type:
+        return
+    atime, node.atime_ns = node.atime_ns, old.atime_ns
+    if node != old:
+        node.atime_ns = atime
+
+
 class _Dir:
     """A directory whose tree blob is pending until all its entries are complete."""
 
@@ -154,6 +189,7 @@ class _Dir:
         "node",
         "nodes",
         "old",
+        "old_node",
         "old_tree",
         "parent",
         "path",
@@ -167,13 +203,15 @@ class _Dir:
         node: Node | None,
         parent: _Dir | None,
         old: dict[bytes, Node] | None,
-        old_tree: bytes | None = None,
+        old_node: Node | None = None,
     ):
         self.path = path
         self.node = node
         self.parent = parent
         self.old = old  # the same directory's entries in the parent snapshot
-        self.old_tree = old_tree
+        # Its own node in the parent snapshot (a directory's), and that node's tree.
+        self.old_node = old_node if old_node is not None and old_node.type == "dir" else None
+        self.old_tree = self.old_node.subtree if self.old_node is not None else None
         self.nodes: list[Node] = []
         self.pending = 0
         self.walked = False
@@ -255,12 +293,14 @@ class Archiver:
         self._upload_limited = bool(getattr(limiter, "rate", None))
         self._trees = TreeCache(repo, index)
         self._pool: WorkerPool | None = None
-        # The worker pool starts on the first blob that needs encoding: a backup
-        # with nothing new (the nightly norm) never pays the ~100-200 ms start.
+        # The worker pool starts once ENCODE_HERE_BYTES have been encoded in
+        # threads: a backup with little or nothing new (the nightly norm) never
+        # pays its ~100-200 ms start and ~50 MiB.
         self._pool_tg: anyio.abc.TaskGroup | None = None
-        self._pool_ready = anyio.Event()
         self._pool_done = anyio.Event()
         self._pool_started = False
+        # Bytes encoded in threads of this process while there is no pool yet.
+        self._encoded_here = 0
         self._slots: SlotPool | None = None
         self._out_slots: SlotPool | None = None
         self._pipeline: Pipeline | None = None
@@ -379,28 +419,29 @@ class Archiver:
             return None
         return self._pipeline.snapshot()
 
-    async def _get_pool(self) -> WorkerPool:
+    def _start_pool(self) -> None:
+        """Start the worker pool in the background (once); ``_pool`` is set when
+        it is ready, and encoding moves there."""
         if not self._pool_started:
             self._pool_started = True
             assert self._pool_tg is not None
             self._pool_tg.start_soon(self._hold_pool)
-        await self._pool_ready.wait()
-        if self._pool is None:
-            raise RuntimeError("the worker pool failed to start")
-        return self._pool
 
     async def _hold_pool(self) -> None:
-        """Own the pool's lifetime in one task (it is entered and left here)."""
-        try:
-            async with WorkerPool(
-                self.opts.cpu_workers, initializer=cpu.init_worker, initargs=(self.crypto,)
-            ) as pool:
-                self._pool = pool
-                self._pool_ready.set()
-                with anyio.CancelScope(shield=True):
-                    await self._pool_done.wait()
-        finally:
-            self._pool_ready.set()
+        """Own the pool's lifetime in one task (it is entered and left here); a
+        pool that fails to start fails the run."""
+        async with WorkerPool(
+            self.opts.cpu_workers,
+            initializer=cpu.init_worker,
+            initargs=(self.crypto,),
+            grow_after=GROW_WORKERS_AFTER,
+        ) as pool:
+            self._pool = pool
+            log.debug(
+                "backup.workers_started", workers=len(pool.pids), encoded_here=self._encoded_here
+            )
+            with anyio.CancelScope(shield=True):
+                await self._pool_done.wait()
 
     # -- walking ------------------------------------------------------------------
 
@@ -410,7 +451,8 @@ class Archiver:
             await self._walk_stdin(file_tx)
             return
         old = await self._old_entries(self.parent_tree)
-        root = _Dir(b"/", None, None, old, self.parent_tree)
+        root = _Dir(b"/", None, None, old)
+        root.old_tree = self.parent_tree
         trie = self._path_trie()
         if trie is None:  # "/" itself was given
             await self._walk_tree(root, file_tx)
@@ -482,8 +524,8 @@ class Archiver:
                 # Never silently: the paths below it would be missing from the snapshot.
                 self._warn(path, "not a directory, but a path to back up lies below it")
                 continue
-            old_tree = old.subtree if old and old.type == "dir" else None
-            child = _Dir(path, node, d, await self._old_entries(old_tree), old_tree)
+            child = _Dir(path, node, d, None, old)
+            child.old = await self._old_entries(child.old_tree)
             child.follow = follow
             d.nodes.append(node)
             d.pending += 1
@@ -502,40 +544,46 @@ class Archiver:
         d.nodes.append(node)
         if node.type == "dir":
             d.pending += 1
-            old_tree = old.subtree if old and old.type == "dir" else None
-            # Its parent-snapshot entries are loaded by the scan (_scan_one).
-            await self._walk_tree(_Dir(path, node, d, None, old_tree), file_tx)
+            # Its parent-snapshot entries are loaded by the scan (_scan_batch).
+            await self._walk_tree(_Dir(path, node, d, None, old), file_tx)
         elif node.type == "file":
-            self.stats.bytes_processed += node.size
-            self.stats.files_seen += 1
-            if self._unchanged(node, old):
-                assert old is not None
-                node.content = list(old.content)
-                node.xattrs = dict(old.xattrs)  # the same ctime: the same xattrs
-                self.stats.files_unmodified += 1
-                self.stats.bytes_unmodified += node.size
-                return
-            d.pending += 1
-            await self._queue_file(_FileJob(d, node, path, old), file_tx)
+            if not self._reuse_unchanged(node, old):
+                d.pending += 1
+                await self._queue_file(_FileJob(d, node, path, old), file_tx)
+        else:
+            keep_parent_atime(node, old)
 
     async def _walk_tree(self, top: _Dir, file_tx: ObjectSendStream[_ReadItem]) -> None:
         """Depth-first walk below one directory given on the command line."""
         if self.opts.rules.one_file_system:
             top.dev = top.node.device if top.node else os.lstat(top.path).st_dev
         # Directories are scanned by a few tasks at once: a scan is a thread hop of
-        # mostly syscalls, so two or three overlap well. Order does not matter —
+        # mostly syscalls, so two or three overlap well. Any order is correct —
         # a directory's tree is stored when its last entry completes, whenever.
-        queue_tx, queue_rx = anyio.create_memory_object_stream[_Dir](math.inf)
+        # Depth first (a stack) keeps few directories pending at once, hence few
+        # nodes in memory; breadth first held a node for nearly every entry of the
+        # tree (200,000 files: ~70 MiB more). The stream carries one token per
+        # directory on the stack, so a scanner waits on it for work.
+        stack = [top]
+        queue_tx, queue_rx = anyio.create_memory_object_stream[None](math.inf)
         outstanding = 1
-        queue_tx.send_nowait(top)
+        queue_tx.send_nowait(None)
 
         async def scanner() -> None:
             nonlocal outstanding
-            async for d in queue_rx:
-                for sub in await self._scan_one(d, file_tx):
-                    outstanding += 1
-                    queue_tx.send_nowait(sub)
-                outstanding -= 1
+            async for _ in queue_rx:
+                batch = [stack.pop()]
+                while len(batch) < SCAN_BATCH:
+                    try:
+                        queue_rx.receive_nowait()
+                    except anyio.WouldBlock:
+                        break  # (not closed: this task holds outstanding dirs)
+                    batch.append(stack.pop())
+                subdirs = await self._scan_batch(batch, file_tx)
+                stack.extend(reversed(subdirs))  # popped in name order
+                for _ in subdirs:
+                    queue_tx.send_nowait(None)
+                outstanding += len(subdirs) - len(batch)
                 if outstanding == 0:
                     queue_tx.close()
 
@@ -543,17 +591,38 @@ class Archiver:
             for _ in range(WALK_CONCURRENCY):
                 tg.start_soon(scanner)
 
-    async def _scan_one(self, d: _Dir, file_tx: ObjectSendStream[_ReadItem]) -> list[_Dir]:
-        """Scan one directory, queue its changed files, return its subdirectories."""
-        if d.old is None and d.old_tree is not None:
-            d.old = await self._old_entries(d.old_tree)
-        try:
-            scan = await anyio.to_thread.run_sync(
-                self._dirs.run_at, d, scan_dir, d.path, self.opts.rules, d.dev
-            )
-        except OSError as exc:  # the directory itself could not be opened
-            self._warn(d.path, dir_problem(exc))
-            scan = ScanResult()
+    async def _scan_batch(
+        self, batch: list[_Dir], file_tx: ObjectSendStream[_ReadItem]
+    ) -> list[_Dir]:
+        """Scan directories in one thread hop, queue their changed files, return
+        their subdirectories."""
+        for d in batch:
+            if d.old is None and d.old_tree is not None:
+                d.old = await self._old_entries(d.old_tree)
+        scans = await anyio.to_thread.run_sync(self._scan_dirs, batch)
+        subdirs: list[_Dir] = []
+        for d, scan in zip(batch, scans, strict=True):
+            if isinstance(scan, OSError):  # the directory itself could not be opened
+                self._warn(d.path, dir_problem(scan))
+                scan = ScanResult()
+            subdirs += await self._take_scan(d, scan, file_tx)
+        return subdirs
+
+    def _scan_dirs(self, batch: list[_Dir]) -> list[ScanResult | OSError]:
+        """Thread side of :meth:`_scan_batch`."""
+        out: list[ScanResult | OSError] = []
+        for d in batch:
+            try:
+                out.append(self._dirs.run_at(d, scan_dir, d.path, self.opts.rules, d.dev))
+            except OSError as exc:
+                out.append(exc)
+        return out
+
+    async def _take_scan(
+        self, d: _Dir, scan: ScanResult, file_tx: ObjectSendStream[_ReadItem]
+    ) -> list[_Dir]:
+        """Add one scanned directory's entries: queue its changed files, return
+        its subdirectories."""
         for wpath, problem in scan.warnings:
             self._warn(wpath, problem)
         subdirs: list[_Dir] = []
@@ -563,8 +632,7 @@ class Archiver:
             d.nodes.append(child)
             if child.type == "dir":
                 d.pending += 1
-                sub_old = cold.subtree if cold and cold.type == "dir" else None
-                sub = _Dir(cpath, child, d, None, sub_old)
+                sub = _Dir(cpath, child, d, None, cold)
                 sub.dev = d.dev
                 if child.name in scan.mountpoints:
                     # --one-file-system, as restic: a path given on the command line
@@ -577,18 +645,13 @@ class Archiver:
                         continue
                 subdirs.append(sub)
             elif child.type == "file":
-                self.stats.bytes_processed += child.size
-                self.stats.files_seen += 1
-                if self._unchanged(child, cold):
-                    assert cold is not None
-                    child.content = list(cold.content)
-                    child.xattrs = dict(cold.xattrs)  # the same ctime: the same xattrs
-                    self.stats.files_unmodified += 1
-                    self.stats.bytes_unmodified += child.size
-                else:
+                if not self._reuse_unchanged(child, cold):
                     d.pending += 1
                     await self._queue_file(_FileJob(d, child, cpath, cold), file_tx)
+            else:
+                keep_parent_atime(child, cold)
         d.walked = True
+        d.old = None  # every entry has taken what it needs from it
         await self._maybe_finish(d)
         return subdirs
 
@@ -621,6 +684,22 @@ class Archiver:
                 except OSError:
                     pass  # warned about by the walk
         return self._devices
+
+    def _reuse_unchanged(self, node: Node, old: Node | None) -> bool:
+        """Count a file the walk found; if it is unchanged since the parent
+        snapshot, complete its node from there (content, xattrs, atime) and
+        return True."""
+        self.stats.bytes_processed += node.size
+        self.stats.files_seen += 1
+        if not self._unchanged(node, old):
+            return False
+        assert old is not None
+        node.content = old.content  # the parent's nodes are not used elsewhere
+        node.xattrs = old.xattrs  # the same ctime: the same xattrs
+        keep_parent_atime(node, old)
+        self.stats.files_unmodified += 1
+        self.stats.bytes_unmodified += node.size
+        return True
 
     def _unchanged(self, node: Node, old: Node | None) -> bool:
         if self.opts.force or old is None or old.type != "file":
@@ -656,6 +735,7 @@ class Archiver:
                 await self._tree_inlet.send(EncodedBlob(TREE, tree_id, stored, len(payload)))
             if d.node is not None:
                 d.node.subtree = tree_id
+                keep_parent_atime(d.node, d.old_node)
             self._dirs.forget(d)  # nothing below it is read any more
             if d.old_tree is None:
                 self.stats.dirs_new += 1
@@ -843,14 +923,30 @@ class Archiver:
         behind, output slots run out, encode waits, then read: nothing piles up
         in memory (docs/architecture.md, "Memory bound")."""
         assert self._out_slots is not None
-        pool = await self._get_pool()
+        pool = self._pool
+        if pool is None:
+            self._encoded_here += job.nbytes()
+            if self._encoded_here > ENCODE_HERE_BYTES:
+                self._start_pool()
         with waiting_on_output():
             out = await self._out_slots.acquire()
         try:
             end = max(off + length for off, length, _ in job.spans)
-            placed = await pool.run(
-                cpu.encode_into, job.slot.ref(end), out.ref(), job.spans, self.opts.level
-            )
+            if pool is None:
+                # Not abandoned on cancel: the slots are released only when the
+                # thread is done writing into them.
+                placed = await anyio.to_thread.run_sync(
+                    cpu.encode_spans,
+                    self.crypto,
+                    job.slot.view[:end],
+                    out.view,
+                    job.spans,
+                    self.opts.level,
+                )
+            else:
+                placed = await pool.run(
+                    cpu.encode_into, job.slot.ref(end), out.ref(), job.spans, self.opts.level
+                )
         except BaseException:
             out.release()
             raise

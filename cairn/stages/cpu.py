@@ -181,7 +181,17 @@ def encode_into(
 ) -> list[tuple[int, int]]:
     """Compress and encrypt the blobs at ``(offset, length, id)`` of ``src`` into
     ``dst`` one after another; returns where each landed. Nothing bulky is pickled."""
-    crypto = _worker_crypto()
+    return encode_spans(_worker_crypto(), src, dst, spans, level)
+
+
+def encode_spans(
+    crypto: Crypto,
+    src: memoryview,
+    dst: memoryview,
+    spans: list[tuple[int, int, bytes]],
+    level: int,
+) -> list[tuple[int, int]]:
+    """:func:`encode_into` with the keys given (for a thread of the main process)."""
     pos = 0
     placed = []
     for offset, length, blob_id in spans:
