@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.corpus import ensure_pristine
+from bench.measure import Command, Measurement, run_one
 
 HERE = Path(__file__).resolve().parent
 PASSWORD = "bench latency password"
@@ -364,6 +365,7 @@ class Run:
     conns: int = 0  # TCP connections opened through the proxy
     up_mb: float = 0.0  # bytes client→server, 10**6
     down_mb: float = 0.0
+    cpu_s: float = 0.0  # user + sys of the command's whole process tree
 
     @property
     def mb_per_s(self) -> float:
@@ -398,18 +400,12 @@ def tool_command(
     return [*argv, *args], env
 
 
-def timed(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, bool, str]:
-    started = time.perf_counter()
+def timed(argv: list[str], env: dict[str, str], log: Path) -> Measurement:
+    """Run one command, output appended to ``log``: wall time, CPU-s of its whole process
+    tree (workers included) and peak memory, as ``python -m bench`` measures them."""
     with log.open("ab") as out:
         out.write(f"$ {' '.join(argv)}\n".encode())
-        out.flush()
-        done = subprocess.run(argv, env=env, stdout=out, stderr=out, timeout=900, check=False)
-    seconds = time.perf_counter() - started
-    error = ""
-    if done.returncode != 0:
-        lines = log.read_text(errors="replace").strip().splitlines()
-        error = lines[-1] if lines else f"exit {done.returncode}"
-    return seconds, done.returncode == 0, error
+    return run_one(Command(tuple(argv)), env, log, timeout=900)
 
 
 def tree_bytes(root: Path) -> int:
@@ -454,16 +450,18 @@ def run_latency(
                         *args]  # fmt: skip
             argv, env = tool_command(tool, repo, n, args, tool_work)
             before = proxy.traffic.counters()
-            seconds, ok, error = timed(argv, env, log)
+            m = timed(argv, env, log)
+            seconds, ok, error = m.wall_s, m.ok, m.error or ""
             requests, conns, up, down = (
                 b - a for a, b in zip(before, proxy.traffic.counters(), strict=True)
             )
             if step != "init":
                 runs.append(Run(tool, label, step, seconds, size_mb, ok, error, server.kind,
-                                requests, conns, up / 1e6, down / 1e6))  # fmt: skip
+                                requests, conns, up / 1e6, down / 1e6, m.cpu_s))  # fmt: skip
                 print(f"  {server.kind:4} {tool:6} connections={label:7} {step:7} "
-                      f"{seconds:6.2f} s  {size_mb / seconds:6.1f} MB/s  {requests:5} requests"
-                      f"{'' if ok else '  FAILED ' + error}", flush=True)  # fmt: skip
+                      f"{seconds:6.2f} s  {size_mb / seconds:6.1f} MB/s  {m.cpu_s:5.2f} CPU-s "
+                      f"{requests:5} requests{'' if ok else '  FAILED ' + error}",
+                      flush=True)  # fmt: skip
             if not ok:
                 break
         shutil.rmtree(tool_work / "restore", ignore_errors=True)
@@ -508,13 +506,15 @@ def run_throttle(
     tool_work.mkdir()
     url = f"rest:http://127.0.0.1:{proxy.port}/throttle-{int(time.time())}"
     argv, env = tool_command("cairn", url, None, ["init"], tool_work)
-    _, ok, error = timed(argv, env, log)
+    m = timed(argv, env, log)
+    ok, error = m.ok, m.error or ""
     if ok:
         proxy.traffic.reset()
         argv, env = tool_command(
             "cairn", url, None, ["--limit-upload", str(limit_kib), "backup", str(data)], tool_work
         )
-        elapsed, ok, error = timed(argv, env, log)
+        m = timed(argv, env, log)
+        elapsed, ok, error = m.wall_s, m.ok, m.error or ""
     else:
         elapsed = 0.0
     t = proxy.traffic
@@ -548,9 +548,9 @@ def throughput_table(runs: list[Run], kind: str, corpus: str, corpus_mb: float) 
     out = [
         f"## {_SERVERS[kind]}: throughput, corpus `{corpus}` ({corpus_mb:.1f} MB)",
         "",
-        "| tool | connections | backup s | backup MB/s | backup cairn/restic "
-        "| restore s | restore MB/s | restore cairn/restic |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| tool | connections | backup s | backup MB/s | backup cairn/restic | backup CPU-s "
+        "| restore s | restore MB/s | restore cairn/restic | restore CPU-s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, conns in dict.fromkeys((r.tool, r.connections) for r in runs):
         cells = []
@@ -558,12 +558,12 @@ def throughput_table(runs: list[Run], kind: str, corpus: str, corpus_mb: float) 
             r = _find(runs, tool, conns, step)
             other = _find(runs, "restic", conns, step) if tool == "cairn" else None
             if r is None:
-                cells += ["skipped", "-", "-"]
+                cells += ["skipped", "-", "-", "-"]
             elif not r.ok:
-                cells += ["failed", r.error[:60].replace("|", "\\|"), "-"]
+                cells += ["failed", r.error[:60].replace("|", "\\|"), "-", "-"]
             else:
                 ratio = f"{other.seconds / r.seconds:.2f}x" if other and other.ok else "-"
-                cells += [f"{r.seconds:.2f}", f"{r.mb_per_s:.1f}", ratio]
+                cells += [f"{r.seconds:.2f}", f"{r.mb_per_s:.1f}", ratio, f"{r.cpu_s:.2f}"]
         out.append(f"| {tool} | {conns} | " + " | ".join(cells) + " |")
     return [*out, ""]
 
