@@ -178,12 +178,12 @@ class DelayProxy:
                     await asyncio.sleep(delay)
                 if not data:
                     break
-                direction = "up" if upstream else "down"
                 new_request = upstream and last[0] == "down"
-                last[0] = direction
+                last[0] = "up" if upstream else "down"
+                # Counted before it is written: whoever receives it sees it counted.
+                self.traffic.add(upstream, len(data), new_request)
                 writer.write(data)
                 await writer.drain()
-                self.traffic.add(upstream, len(data), new_request)
         except (ConnectionError, OSError):
             pass
         finally:
