@@ -145,11 +145,17 @@ class DelayProxy:
         with self.traffic.lock:
             self.traffic.connections += 1
         last = ["down"]  # the direction of the last chunk forwarded on this connection
-        await asyncio.gather(
-            self._pipe(client_r, server_w, last, upstream=True),
-            self._pipe(server_r, client_w, last, upstream=False),
-            return_exceptions=True,
-        )
+        try:
+            await asyncio.gather(
+                self._pipe(client_r, server_w, last, upstream=True),
+                self._pipe(server_r, client_w, last, upstream=False),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:
+            # The proxy is stopping with this connection still open (a client killed
+            # mid-run): end quietly; asyncio would print the cancellation as an error.
+            client_w.close()
+            server_w.close()
 
     async def _pipe(
         self,
