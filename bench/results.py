@@ -10,9 +10,11 @@ from dataclasses import dataclass
 class Sample:
     """One step of one tool in one repetition.
 
-    ``data_bytes`` is what the step's MB/s is computed from: the corpus size for backups,
-    restores and the reference pipelines, the repository size for ``check``; None where a
-    rate means nothing (init, forget + prune).
+    ``data_bytes`` is what the step's MB/s and CPU-s per GB are computed from: the corpus
+    size for backups, restores and the reference pipelines, the repository size for
+    ``check``; None where a rate means nothing (init, forget + prune). ``data_files`` is
+    the corpus's file count for the steps that read or write the corpus (backups,
+    restore), for CPU-s per 1,000 files.
     """
 
     tool: str
@@ -26,6 +28,7 @@ class Sample:
     data_bytes: int | None
     error: str | None = None
     load1: float = 0.0  # 1-minute load average before the step: other work on the machine
+    data_files: int | None = None  # files in the corpus, for steps that have one
 
     @property
     def mb_per_s(self) -> float | None:
@@ -33,6 +36,20 @@ class Sample:
         if self.data_bytes is None or self.wall_s <= 0:
             return None
         return self.data_bytes / 1e6 / self.wall_s
+
+    @property
+    def cpu_s_per_gb(self) -> float | None:
+        """CPU seconds of the process tree per 10**9 bytes of ``data_bytes``."""
+        if not self.data_bytes:
+            return None
+        return self.cpu_s / (self.data_bytes / 1e9)
+
+    @property
+    def cpu_s_per_kfiles(self) -> float | None:
+        """CPU seconds of the process tree per 1,000 files of the corpus."""
+        if not self.data_files:
+            return None
+        return self.cpu_s / (self.data_files / 1000)
 
 
 @dataclass(frozen=True)
@@ -57,7 +74,15 @@ class Stat:
         return cls(statistics.median(values), min(values), max(values), len(values))
 
 
-METRICS = ("wall_s", "mb_per_s", "cpu_s", "peak_bytes", "repo_bytes")
+METRICS = (
+    "wall_s",
+    "mb_per_s",
+    "cpu_s",
+    "cpu_s_per_gb",
+    "cpu_s_per_kfiles",
+    "peak_bytes",
+    "repo_bytes",
+)
 
 
 @dataclass(frozen=True)

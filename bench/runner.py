@@ -227,7 +227,7 @@ class Runner:
             run.last_backup = step
         if not m.ok and step != "backup-throttled":
             run.failed_step = step
-        data = tree_count(self.corpus_dir)[1] if step in RATE_FROM_CORPUS else None
+        files, data = tree_count(self.corpus_dir) if step in RATE_FROM_CORPUS else (None, None)
         repo = tree_size(run.repo) if run.repo.exists() else None
         if step == "check":
             data = repo
@@ -237,7 +237,7 @@ class Runner:
         if step == "restore":
             shutil.rmtree(run.restore, ignore_errors=True)
         if selected:
-            self._record(tool.name, step, rep, m, repo, data, load)
+            self._record(tool.name, step, rep, m, repo, data, load, files)
 
     def _verify_restore(self, run: ToolRun, m: Measurement) -> Measurement:
         """A restore counts only if it brought back as many files and bytes as the corpus."""
@@ -256,9 +256,21 @@ class Runner:
         repo: int | None,
         data: int | None,
         load: float,
+        files: int | None = None,
     ) -> None:
         self.samples.append(
             Sample(
-                tool, step, rep, m.ok, m.wall_s, m.cpu_s, m.peak_bytes, repo, data, m.error, load
+                tool,
+                step,
+                rep,
+                m.ok,
+                m.wall_s,
+                m.cpu_s,
+                m.peak_bytes,
+                repo,
+                data,
+                m.error,
+                load,
+                files,
             )
         )

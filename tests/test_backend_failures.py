@@ -290,6 +290,32 @@ async def test_s3_checksums_only_where_required(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_s3_uploads_do_not_wait_for_100_continue(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
+) -> None:
+    """No ``Expect: 100-continue`` on a PUT or an uploaded part: with it the client waits
+    a round trip for the server's interim answer before sending each body."""
+    url, options = servers.location_for("s3", request, tmp_path)
+    options |= {"s3.multipart-threshold": "5M", "s3.part-size": "5M"}
+    backend = parse_location(url, options)
+    await backend.create_layout()
+    client = await backend._s3()  # type: ignore[attr-defined]
+    sent: list[Any] = []
+    client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request))
+    small, large = os.urandom(100_000), os.urandom(6 * 1024 * 1024)  # one PUT; two parts
+    await backend.save(NAME, small)
+    await backend.save("data/00/" + "0" * 64, large)
+    uploads = [r for r in sent if r.method == "PUT"]
+    assert len(uploads) == 3, [(r.method, r.url) for r in sent]
+    for req in uploads:
+        assert "expect" not in {k.lower() for k in req.headers}, req.headers
+    assert await backend.load(NAME) == small
+    assert await backend.load("data/00/" + "0" * 64) == large
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_s3_body_damaged_in_transit_is_refused_and_resent(
     request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
 ) -> None:

@@ -231,6 +231,40 @@ def test_report_tables_and_ratios() -> None:
     assert "## Reference limits on the same corpus" in text
 
 
+def test_report_cpu_per_gb_and_per_thousand_files() -> None:
+    """CPU-s of the whole tree per 10**9 data bytes and per 1,000 corpus files; check
+    (repository bytes, no files) has the first and not the second."""
+
+    def sample(tool: str, step: str, cpu: float, data: int, files: int | None) -> Sample:
+        return Sample(tool, step, 1, True, 1.0, cpu, 2**20, 2**20, data, None, 0.0, files)
+
+    samples = [
+        sample("cairn", "backup", 3.0, 2 * 10**9, 20_000),
+        sample("restic", "backup", 6.0, 2 * 10**9, 20_000),
+        sample("cairn", "restore", 1.0, 2 * 10**9, 20_000),
+        sample("restic", "restore", 4.0, 2 * 10**9, 20_000),
+        sample("cairn", "check", 0.5, 10**9, None),
+        sample("restic", "check", 2.0, 10**9, None),
+        sample("reference", "tar-zstd", 4.0, 2 * 10**9, None),
+    ]
+    assert samples[0].cpu_s_per_gb == 1.5 and samples[0].cpu_s_per_kfiles == 0.15
+    assert samples[4].cpu_s_per_kfiles is None
+    meta = _meta({"cairn": "0.1", "restic": "0.14"})
+    meta["config"] = {"reps": 1, "compression": "auto", "profile": None}
+    text = render_markdown(meta, samples)
+    per_gb = text.split("## CPU-s per GB")[1].split("##")[0]
+    assert "| backup | 1.50 | 3.00 | 0.50x |" in per_gb
+    assert "| restore | 0.500 | 2.00 | 0.25x |" in per_gb
+    assert "| check | 0.500 | 2.00 | 0.25x |" in per_gb
+    per_files = text.split("## CPU-s per 1,000 files")[1].split("##")[0]
+    assert "| backup | 0.150 | 0.300 | 0.50x |" in per_files
+    assert "| restore | 0.050 | 0.200 | 0.25x |" in per_files
+    assert "check" not in per_files
+    # The reference pipelines get CPU-s per GB too: tar | zstd is the floor to compare to.
+    assert "| CPU (s) | CPU-s/GB | peak (MiB) |" in text
+    assert "wc) | 1.00 | 2000 | 4.00 | 2.00 | 1.00 | 1.00 |" in text
+
+
 def test_summaries_count_failures() -> None:
     samples = [
         _sample("restic", "init", 1, 1.0),
