@@ -39,6 +39,7 @@ from pathlib import Path
 
 from bench.corpus import ensure_pristine
 from bench.measure import Command, Measurement, run_one
+from bench.tools import Cairn as CairnTool
 
 HERE = Path(__file__).resolve().parent
 PASSWORD = "bench latency password"
@@ -682,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work: Path = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    CairnTool().prepare()  # bytecode compiled, as installed (bench/tools.py)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     log = work / f"latency-{stamp}.log"
     runs: list[Run] = []

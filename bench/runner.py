@@ -131,6 +131,8 @@ class Runner:
             self.logs / "warm-up.log",
             self.config.timeout,
         )
+        for tool in self.tools:
+            tool.prepare()
         return layout
 
     def run(self) -> list[Sample]:
