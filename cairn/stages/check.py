@@ -30,9 +30,9 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import structlog
@@ -45,8 +45,6 @@ from cairn.pipeline import (
     WorkerPool,
 )
 from cairn.pipeline.options import DEFAULT_CONNECTIONS, cores
-from cairn.repo.codec import BLOB_TYPE_NAMES, decode_blob
-from cairn.repo.crypto import storage_id
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
 from cairn.repo.index import Index, IndexFile, decode_index
 from cairn.repo.pack import (
@@ -58,6 +56,7 @@ from cairn.repo.pack import (
     required_tail_length,
 )
 from cairn.stages import cpu
+from cairn.stages.cpu import compare_entries, verify_pack
 from cairn.stages.fetch import (
     CPU_HINT,
     Batch,
@@ -203,68 +202,6 @@ class CheckResult:
     def errors(self) -> list[Problem]:
         """Problems that make ``check`` fail."""
         return [p for p in self.problems if p.severity == ERROR]
-
-
-def compare_entries(
-    pack_id: str, index_entries: Sequence[PackEntry], header_entries: Sequence[PackEntry]
-) -> list[str]:
-    """Ways the index and a pack header disagree about one pack (empty: they agree)."""
-    by_index = {e.id: e for e in index_entries}
-    by_header = {e.id: e for e in header_entries}
-    out = []
-    for blob_id, entry in by_index.items():
-        other = by_header.get(blob_id)
-        if other is None:
-            out.append(f"the index lists blob {blob_id.hex()} but the pack header does not")
-        elif other != entry:
-            out.append(
-                f"blob {blob_id.hex()}: index says {_describe(entry)}, "
-                f"pack header says {_describe(other)}"
-            )
-    for blob_id in by_header.keys() - by_index.keys():
-        out.append(f"the pack header lists blob {blob_id.hex()} but the index does not")
-    return out
-
-
-def _describe(e: PackEntry) -> str:
-    kind = BLOB_TYPE_NAMES.get(e.type, str(e.type))
-    return f"{kind} at offset {e.offset}, length {e.length}, raw length {e.raw_length}"
-
-
-def verify_pack(
-    view: memoryview, pack_id: str, entries: list[tuple[int, bytes, int, int, int]]
-) -> tuple[list[tuple[str, str, str]], int]:
-    """Worker job for ``--read-data``: hash, header and every blob of one whole pack.
-
-    Returns ``([(kind, id, message), ...], blobs decoded)``.
-    """
-    crypto = cpu._worker_crypto()
-    problems: list[tuple[str, str, str]] = []
-    if storage_id(view) != pack_id:
-        problems.append(("pack", pack_id, "content does not match its name (hash mismatch)"))
-    index_entries = [PackEntry(*e) for e in entries]
-    try:
-        # parse_pack_header only slices and unpacks: a memoryview serves as well as bytes.
-        header = parse_pack_header(crypto, cast(bytes, view), len(view), pack_id)
-    except CorruptedObject as exc:
-        problems.append(("pack", pack_id, f"unreadable header: {exc.problem}"))
-    else:
-        problems.extend(
-            ("pack", pack_id, m) for m in compare_entries(pack_id, index_entries, header)
-        )
-    decoded = 0
-    for e in index_entries:
-        kind = f"{BLOB_TYPE_NAMES[e.type]} blob"
-        if e.offset + e.length > len(view):
-            problems.append((kind, e.id.hex(), f"in pack {pack_id}: extends past the pack's end"))
-            continue
-        try:
-            decode_blob(crypto, e.type, e.id, view[e.offset : e.offset + e.length])
-        except CorruptedObject as exc:
-            problems.append((kind, e.id.hex(), f"in pack {pack_id}: {exc.problem}"))
-        else:
-            decoded += 1
-    return problems, decoded
 
 
 async def read_pack_header(backend: Any, crypto: Any, pack_id: str, size: int) -> list[PackEntry]:
