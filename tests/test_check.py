@@ -101,6 +101,30 @@ def test_truncated_pack(repo: Cairn) -> None:
     assert len(lines) == 1 and lines[0].startswith(f"error: pack {pack}"), r.out
 
 
+def test_damaged_tree_spoils_only_that_tree(tmp_path: Path) -> None:
+    # Trees are read a range of neighbouring blobs at a time: one bad tree in the
+    # range must not hide its neighbours (each is authenticated on its own).
+    c = new_cairn(tmp_path)
+    src = tmp_path / "src"
+    for name in ("a", "b", "c"):
+        (src / name).mkdir(parents=True)
+        (src / name / "file").write_bytes(os.urandom(1000))
+    c.run("backup", str(src), check=True)
+    clean = c.run("check", "--json").json_lines()[-1]
+    info = describe(c.repo)
+    (tree_pack,) = (p for p, t in info["pack_type"].items() if t == 1)
+    # Trees are written children first: the first is a/, the next two b/ and c/.
+    offset, length = sorted(info["blobs"][tree_pack])[0]
+    flip_byte(pack_files(c.repo)[tree_pack], offset + length // 2)
+    r = c.run("check", "--json")
+    assert r.code == 1
+    problems = [line for line in r.json_lines() if line.get("message_type") == "error"]
+    assert len(problems) == 1 and problems[0]["object"] == "tree", problems
+    assert "cannot be read" in problems[0]["message"] and problems[0]["path"].endswith("/a")
+    summary = r.json_lines()[-1]
+    assert (summary["trees"], summary["data_blobs"]) == (clean["trees"], clean["data_blobs"] - 1)
+
+
 def test_flipped_byte_in_snapshot(repo: Cairn) -> None:
     snaps = objects(repo.repo, "snapshots")
     sid = sorted(snaps)[1]

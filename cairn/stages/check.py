@@ -45,8 +45,9 @@ from cairn.pipeline import (
     WorkerPool,
 )
 from cairn.pipeline.options import DEFAULT_CONNECTIONS, cores
+from cairn.repo.codec import decode_blob
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
-from cairn.repo.index import Index, IndexFile, decode_index
+from cairn.repo.index import BlobLocation, Index, IndexFile, decode_index
 from cairn.repo.pack import (
     DATA,
     TREE,
@@ -55,6 +56,7 @@ from cairn.repo.pack import (
     parse_pack_header,
     required_tail_length,
 )
+from cairn.repo.tree import Tree, decode_tree
 from cairn.stages import cpu
 from cairn.stages.cpu import compare_entries, verify_pack
 from cairn.stages.fetch import (
@@ -63,6 +65,7 @@ from cairn.stages.fetch import (
     Fetched,
     PackSizeChanged,
     download,
+    plan_ranges,
     run_fetch_pipeline,
     whole_pack,
 )
@@ -79,6 +82,9 @@ _SLOT_BUDGET = 512 * 1024 * 1024
 # What the verify stage hands the sink: the batch, then the worker's findings and
 # blobs decoded, or the error that kept the pack from being read.
 _Verified = tuple[Batch, tuple[list[tuple[str, str, str]], int] | None, BaseException | None]
+# Trees larger than this are decoded in a thread, off the event loop (as
+# Repository.read_blob does).
+_INLINE_DECODE = 64 * 1024
 # Individual duplicate-blob lines shown before summarising the rest.
 _MAX_DUPLICATE_LINES = 20
 
@@ -403,12 +409,73 @@ class Checker:
                     seen_trees.add(item[0])
                     todo.append(item)
             children: list[tuple[bytes, str, str]] = []
-            async with anyio.create_task_group() as tg:
-                for tree_id, sid, path in todo:
-                    tg.start_soon(self._check_tree, tree_id, sid, path, children, seen_blobs)
+            await self._check_level(todo, children, seen_blobs)
             level = children
         self.result.trees = len(seen_trees)
         self.result.data_blobs = len(seen_blobs)
+
+    async def _check_level(
+        self,
+        todo: list[tuple[bytes, str, str]],
+        children: list[tuple[bytes, str, str]],
+        seen_blobs: set[bytes],
+    ) -> None:
+        """Load and check one level of trees: a ranged read per run of neighbouring
+        tree blobs in a pack (as restore plans its reads), not one per tree — one
+        backend call per tree was a third of the main process's CPU on the default
+        corpus (1006 trees)."""
+        wanted = []
+        for tree_id, sid, path in todo:
+            loc = self._tree_location(tree_id, sid, path)
+            if loc is not None:
+                wanted.append((loc.pack_id, loc.offset, loc.length, (tree_id, sid, path, loc)))
+        async with anyio.create_task_group() as tg:
+            for batch in plan_ranges(wanted):
+                tg.start_soon(self._check_trees_in, batch, children, seen_blobs)
+
+    def _tree_location(self, tree_id: bytes, sid: str, path: str) -> BlobLocation | None:
+        """Where the index has the tree, or None (reported) when it is not a tree there."""
+        loc = self.index.lookup(tree_id)
+        if loc is None:
+            self._error("tree", tree_id.hex(), "not in the index", sid, path)
+            return None
+        if loc.type != TREE:
+            self._error("tree", tree_id.hex(), "the index lists it as a data blob", sid, path)
+            return None
+        return loc
+
+    async def _check_trees_in(
+        self, batch: Batch, children: list[tuple[bytes, str, str]], seen_blobs: set[bytes]
+    ) -> None:
+        name = object_name("data", batch.pack_id.hex())
+        data = None
+        async with self._limiter:
+            try:
+                data = await self.backend.load(name, batch.offset, batch.length)
+            except (NotFound, ObjectTruncated):
+                pass
+        if data is None or len(data) != batch.length:
+            # A missing or short pack: tree by tree, so each tree still readable is
+            # checked and each one not gets its own error.
+            for tree_id, sid, path, _loc in batch.blobs:
+                await self._check_tree(tree_id, sid, path, children, seen_blobs)
+            return
+        view = memoryview(data)
+        for tree_id, sid, path, loc in batch.blobs:
+            start = loc.offset - batch.offset
+            stored = view[start : start + loc.length]
+            try:
+                if loc.length <= _INLINE_DECODE:
+                    plain = decode_blob(self.repo.crypto, TREE, tree_id, stored)
+                else:
+                    plain = await anyio.to_thread.run_sync(
+                        decode_blob, self.repo.crypto, TREE, tree_id, stored
+                    )
+                tree = decode_tree(plain, tree_id.hex())
+            except CorruptedObject as exc:
+                self._error("tree", tree_id.hex(), f"cannot be read: {exc}", sid, path)
+                continue
+            self._check_nodes(tree, sid, path, children, seen_blobs)
 
     async def _check_tree(
         self,
@@ -418,12 +485,8 @@ class Checker:
         children: list[tuple[bytes, str, str]],
         seen_blobs: set[bytes],
     ) -> None:
-        loc = self.index.lookup(tree_id)
-        if loc is None:
-            self._error("tree", tree_id.hex(), "not in the index", sid, path)
-            return
-        if loc.type != TREE:
-            self._error("tree", tree_id.hex(), "the index lists it as a data blob", sid, path)
+        """Load (on its own) and check one tree."""
+        if self._tree_location(tree_id, sid, path) is None:
             return
         async with self._limiter:
             try:
@@ -431,6 +494,17 @@ class Checker:
             except CorruptedObject as exc:
                 self._error("tree", tree_id.hex(), f"cannot be read: {exc}", sid, path)
                 return
+        self._check_nodes(tree, sid, path, children, seen_blobs)
+
+    def _check_nodes(
+        self,
+        tree: Tree,
+        sid: str,
+        path: str,
+        children: list[tuple[bytes, str, str]],
+        seen_blobs: set[bytes],
+    ) -> None:
+        """Queue a tree's subtrees; check that its files' blobs are indexed as data."""
         base = path.rstrip("/")
         for node in tree.nodes:
             child = f"{base}/{node.name.decode('utf-8', 'backslashreplace')}"
