@@ -17,7 +17,6 @@ from cairn.repo.codec import (
     encode_blob,
     seal,
     unseal,
-    verify_blob,
 )
 from cairn.repo.crypto import (
     CONTEXT_BLOB_ID,
@@ -126,40 +125,6 @@ def test_blob_round_trip(data: bytes, level: int, blob_type: int) -> None:
     assert len(stored) <= len(data) + 1 + OVERHEAD
 
 
-@relaxed
-@given(
-    data=blobs,
-    level=st.sampled_from([0, 3]),
-    blob_type=st.sampled_from([DATA, TREE]),
-    room=st.integers(-20, 20),
-)
-def test_verify_blob_accepts_what_decodes(
-    data: bytes, level: int, blob_type: int, room: int
-) -> None:
-    # The scratch buffer may be exactly large enough, larger, or too small (then
-    # the plaintext goes to a fresh buffer): the answer is the same.
-    blob_id = CRYPTO.blob_id(data)
-    stored = encode_blob(CRYPTO, blob_type, blob_id, data, level)
-    scratch = memoryview(bytearray(max(0, len(stored) - OVERHEAD + room)))
-    verify_blob(CRYPTO, blob_type, blob_id, stored, scratch)
-    with pytest.raises(CorruptedObject, match="tree blob" if blob_type == DATA else "data blob"):
-        verify_blob(CRYPTO, TREE if blob_type == DATA else DATA, blob_id, stored, scratch)
-
-
-def test_decrypt_into_round_trip_binding_and_room() -> None:
-    stored = CRYPTO.encrypt(b"payload" * 100, b"ad")
-    out = memoryview(bytearray(800))
-    assert out[: CRYPTO.decrypt_into(stored, b"ad", out)] == b"payload" * 100
-    with pytest.raises(CorruptedObject, match="authentication failed"):
-        CRYPTO.decrypt_into(stored, b"other ad", out)
-    with pytest.raises(CorruptedObject, match="authentication failed"):
-        OTHER.decrypt_into(stored, b"ad", out)
-    with pytest.raises(CorruptedObject, match="truncated"):
-        CRYPTO.decrypt_into(stored[: OVERHEAD - 1], b"ad", out)
-    with pytest.raises(ValueError, match="too small"):
-        CRYPTO.decrypt_into(stored, b"ad", out[:699])
-
-
 def test_compression_used_only_when_it_helps() -> None:
     text = b"a" * 100_000
     noise = os.urandom(100_000)
@@ -180,16 +145,12 @@ def test_blob_binds_type_and_id() -> None:
         decode_blob(CRYPTO, DATA, other_id, stored)
 
 
-@pytest.mark.parametrize("level", [0, 3])
-def test_blob_with_wrong_id_is_detected_after_decryption(level: int) -> None:
-    # A writer that lies about the ID (bug or malice by a key holder) is caught,
-    # whether the blob was stored raw or compressed.
+def test_blob_with_wrong_id_is_detected_after_decryption() -> None:
+    # A writer that lies about the ID (bug or malice by a key holder) is caught.
     wrong_id = CRYPTO.blob_id(b"something else")
-    stored = encode_blob(CRYPTO, DATA, wrong_id, b"actual content" * 100, level)
+    stored = encode_blob(CRYPTO, DATA, wrong_id, b"actual content")
     with pytest.raises(CorruptedObject, match="does not match its ID"):
         decode_blob(CRYPTO, DATA, wrong_id, stored)
-    with pytest.raises(CorruptedObject, match="does not match its ID"):
-        verify_blob(CRYPTO, DATA, wrong_id, stored, memoryview(bytearray(len(stored))))
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], deadline=None, max_examples=200)
@@ -209,8 +170,6 @@ def test_damaged_blob_always_raises_corrupted(data: st.DataObject) -> None:
         damaged = data.draw(st.binary(max_size=200))
     with pytest.raises(CorruptedObject):
         decode_blob(CRYPTO, DATA, blob_id, damaged)
-    with pytest.raises(CorruptedObject):
-        verify_blob(CRYPTO, DATA, blob_id, damaged, memoryview(bytearray(len(damaged))))
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow], deadline=None, max_examples=100)

@@ -11,7 +11,7 @@ import threading
 
 import zstandard
 
-from cairn.repo.crypto import OVERHEAD, Crypto
+from cairn.repo.crypto import Crypto
 from cairn.repo.errors import CorruptedObject
 
 FLAG_RAW = 0x00
@@ -82,18 +82,12 @@ def _pack_body(data: bytes | bytearray | memoryview, level: int) -> bytes:
 
 
 def _unpack_body(plain: bytes, kind: str, name: str, limit: int) -> bytes:
-    body = _unpack_view(memoryview(plain), kind, name, limit)
-    return body if isinstance(body, bytes) else bytes(body)
-
-
-def _unpack_view(plain: memoryview, kind: str, name: str, limit: int) -> bytes | memoryview:
-    """The body of a plaintext: a view of it when stored raw, else decompressed."""
     if not plain:
         raise CorruptedObject(kind, name, "empty plaintext")
     flag = plain[0]
-    body = plain[1:]
+    body = memoryview(plain)[1:]
     if flag == FLAG_RAW:
-        return body
+        return bytes(body)
     if flag != FLAG_ZSTD:
         raise CorruptedObject(kind, name, f"unknown compression flag {flag}")
     try:
@@ -151,7 +145,8 @@ def decode_blob(
 ) -> bytes:
     """Decrypt, decompress and verify one blob; ``CorruptedObject`` on any mismatch."""
     _check_blob_args(blob_type, blob_id)
-    kind, name = f"{BLOB_TYPE_NAMES[blob_type]} blob", blob_id.hex()
+    kind = f"{BLOB_TYPE_NAMES[blob_type]} blob"
+    name = blob_id.hex()
     try:
         plain = crypto.decrypt(stored, blob_ad(blob_type, blob_id))
     except CorruptedObject as exc:
@@ -160,33 +155,6 @@ def decode_blob(
     if crypto.blob_id(data) != blob_id:
         raise CorruptedObject(kind, name, "content does not match its ID")
     return data
-
-
-def verify_blob(
-    crypto: Crypto,
-    blob_type: int,
-    blob_id: bytes,
-    stored: bytes | bytearray | memoryview,
-    scratch: memoryview,
-) -> None:
-    """Every check :func:`decode_blob` makes — authenticate, decompress, compare the
-    ID — keeping nothing: the plaintext goes into ``scratch`` (a fresh buffer when
-    it is too small), a raw body is hashed where it lies, only a zstd body is
-    decompressed. ``check --read-data`` verified 1.8x the bytes per CPU-second
-    this way (no allocation, page faults or copy per blob)."""
-    _check_blob_args(blob_type, blob_id)
-    kind, name = f"{BLOB_TYPE_NAMES[blob_type]} blob", blob_id.hex()
-    ad = blob_ad(blob_type, blob_id)
-    try:
-        if len(scratch) >= len(stored) - OVERHEAD:
-            plain = scratch[: crypto.decrypt_into(stored, ad, scratch)]
-        else:
-            plain = memoryview(crypto.decrypt(stored, ad))
-    except CorruptedObject as exc:
-        raise exc.naming(kind, name) from None
-    data = _unpack_view(plain, kind, name, MAX_BLOB_PLAINTEXT)
-    if crypto.blob_id(data) != blob_id:
-        raise CorruptedObject(kind, name, "content does not match its ID")
 
 
 def seal(

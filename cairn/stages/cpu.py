@@ -8,10 +8,10 @@ carry only slot references or small byte strings.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import cast
 
-from cairn.repo.codec import BLOB_TYPE_NAMES, decode_blob, encode_blob_into, verify_blob
+from cairn.repo.codec import BLOB_TYPE_NAMES, decode_blob, encode_blob_into
 from cairn.repo.crypto import Crypto, storage_id
 from cairn.repo.errors import CorruptedObject
 from cairn.repo.pack import DATA, PackEntry, parse_pack_header
@@ -34,31 +34,17 @@ def _worker_crypto() -> Crypto:
     return _crypto
 
 
-# Plaintext buffer for verifying blobs, reused by every job of this worker (grown
-# to the largest blob met): decrypting into fresh bytes cost more than the AES.
-_scratch = bytearray()
-
-
-def _scratch_for(stored_lengths: Iterable[int]) -> memoryview:
-    global _scratch
-    need = max(stored_lengths, default=0)
-    if len(_scratch) < need:
-        _scratch = bytearray(need)
-    return memoryview(_scratch)
-
-
 def verify_spans(
     view: memoryview, spans: list[tuple[int, int, int, bytes]]
 ) -> list[tuple[bytes, str]]:
-    """Verify (decrypt, decompress, check the ID of) the blobs at ``(offset, length,
+    """Decode (decrypt, decompress, check the ID of) the blobs at ``(offset, length,
     type, id)`` in a slot; return the ones that fail as ``(blob ID, why)``. Nothing
     bulky travels back: the caller keeps using the stored bytes in the slot."""
     crypto = _worker_crypto()
-    scratch = _scratch_for(span[1] for span in spans)
     bad = []
     for offset, length, blob_type, blob_id in spans:
         try:
-            verify_blob(crypto, blob_type, blob_id, view[offset : offset + length], scratch)
+            decode_blob(crypto, blob_type, blob_id, view[offset : offset + length])
         except CorruptedObject as exc:
             bad.append((blob_id, str(exc)))
     return bad
@@ -114,7 +100,6 @@ def verify_pack(
         problems.extend(
             ("pack", pack_id, m) for m in compare_entries(pack_id, index_entries, header)
         )
-    scratch = _scratch_for(e.length for e in index_entries)
     verified = 0
     for e in index_entries:
         kind = f"{BLOB_TYPE_NAMES[e.type]} blob"
@@ -122,7 +107,7 @@ def verify_pack(
             problems.append((kind, e.id.hex(), f"in pack {pack_id}: extends past the pack's end"))
             continue
         try:
-            verify_blob(crypto, e.type, e.id, view[e.offset : e.offset + e.length], scratch)
+            decode_blob(crypto, e.type, e.id, view[e.offset : e.offset + e.length])
         except CorruptedObject as exc:
             problems.append((kind, e.id.hex(), f"in pack {pack_id}: {exc.problem}"))
         else:
