@@ -9,11 +9,21 @@ from pathlib import Path
 
 import anyio
 import pytest
+import trio
+import trio.testing
 
 from cairn.backends.faulty import FaultyBackend
 from cairn.backends.local import LocalBackend
 from cairn.repo.repository import open_repository
-from cairn.stages.check import Checker, CheckOptions, Subset, parse_subset, select_packs
+from cairn.stages.check import (
+    Checker,
+    CheckOptions,
+    DownloadPace,
+    Subset,
+    downloads_needed,
+    parse_subset,
+    select_packs,
+)
 from tests.cli_helpers import Cairn
 from tests.maintenance_helpers import (
     PASSWORD,
@@ -232,3 +242,39 @@ def test_check_exit_code_is_1_with_problem_count_on_stderr(repo: Cairn) -> None:
     assert docs[0]["message_type"] == "error" and docs[0]["object"] == "pack"
     assert docs[-1]["errors"] == 1
     assert "check found 1 errors" in r.err
+
+
+def test_downloads_needed_keeps_the_workers_fed_and_no_more() -> None:
+    # A local disk: a pack in 8 ms, a worker verifies one in 25 ms.
+    assert downloads_needed(2, 0.008, 0.025, 4) == 1
+    assert downloads_needed(2, 0.02, 0.025, 4) == 2
+    # A remote store slower per pack than the workers: every connection.
+    assert downloads_needed(2, 0.5, 0.025, 5) == 5
+    # Nothing measured yet: no limit below the connections.
+    assert downloads_needed(2, 0.0, 0.025, 5) == 5
+
+
+class _SlowLoads:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        await trio.sleep(self.seconds)
+        return b"pack"
+
+
+@pytest.mark.trio
+async def test_download_pace_follows_the_slower_side(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = _SlowLoads(1.0)
+    pace = DownloadPace(backend, workers=2, most=5)
+    assert pace.limiter.total_tokens == 1  # one load until both sides are measured
+    assert await pace.load("data/00/00") == b"pack"
+    pace.verified(0.1)
+    assert pace.limiter.total_tokens == 5  # downloads are the slow side: all of them
+    backend.seconds = 0.001
+    for _ in range(20):  # downloads became fast: back to one
+        await pace.load("data/00/00")
+        pace.verified(0.1)
+    assert pace.limiter.total_tokens == 1

@@ -8,14 +8,17 @@ Structure (always):
   them, and ``prune`` removes them);
 * every pack header agrees with the index entries for that pack;
 * every snapshot decodes, and each of its trees and data blobs is in the index with
-  the right type; trees are read and decoded;
+  the right type; trees are read (a range of neighbouring tree blobs per backend
+  call) and decoded;
 * a blob stored in several packs is reported as info.
 
 ``--read-data`` (or a subset) is a pipeline of the stages restore uses too
 (:mod:`cairn.stages.fetch`): ``plan`` (whole packs) → ``download`` (``connections``
-tasks, each pack into a shared-memory slot) → ``verify`` (a worker job per pack,
-two per worker at once; the slot is released when the job is done) → ``report``.
-Downloads run ahead of verification by the slots free. The worker hashes the pack
+tasks, each pack into a shared-memory slot, as many loads in flight as keep the
+workers busy: :class:`DownloadPace`) → ``verify`` (a worker job per pack,
+:func:`cairn.stages.cpu.verify_pack`, two per worker at once; the slot is released
+when the job is done) → ``report``. It needs only the index, so it runs while the
+trees are walked. Downloads run ahead of verification by the slots free. The worker hashes the pack
 (its name is its BLAKE3), parses its header and compares it with the index, and
 decodes every blob: decrypt (the AEAD tag proves the ciphertext is what was
 written), then decompress and check the blob ID. The ID is a keyed hash of the
@@ -27,6 +30,7 @@ every blob is decoded in full (blobs stored uncompressed are not decompressed).
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import defaultdict
@@ -44,6 +48,7 @@ from cairn.pipeline import (
     SlotPool,
     WorkerPool,
 )
+from cairn.pipeline.metrics import waiting_on_output
 from cairn.pipeline.options import DEFAULT_CONNECTIONS, cores
 from cairn.repo.codec import decode_blob
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
@@ -220,6 +225,75 @@ async def read_pack_header(backend: Any, crypto: Any, pack_id: str, size: int) -
         tail = await backend.load(name, size - needed, needed)
     entries: list[PackEntry] = parse_pack_header(crypto, tail, size, pack_id)
     return entries
+
+
+def downloads_needed(workers: int, download_s: float, verify_s: float, most: int) -> int:
+    """Whole-pack downloads to keep in flight so ``workers`` never wait for one: a
+    download takes ``download_s``, a worker verifies a pack in ``verify_s``."""
+    if download_s <= 0 or verify_s <= 0:
+        return most
+    return max(1, min(most, math.ceil(workers * download_s / verify_s)))
+
+
+class DownloadPace:
+    """The backend's ``load`` for ``--read-data``, with as many loads in flight as
+    keep the workers busy (at most ``most``), measured as the packs go.
+
+    Each pack being downloaded is a pack-sized buffer in the main process before it
+    is copied into its slot. A local disk hands over a 16 MiB pack in a few ms while
+    a worker verifies one in ~25 ms: one load at a time keeps two workers busy, and
+    four cost four buffers (64 MiB of the default corpus's peak) for no speed. A
+    remote store, slower per load than a worker, gets every connection it has.
+    It starts at one load and adjusts after each download and each verification.
+    """
+
+    # Weight of the newest measurement in the running averages.
+    _ALPHA = 0.3
+
+    def __init__(self, backend: Any, workers: int, most: int) -> None:
+        self._backend = backend
+        self._workers = workers
+        self._most = max(1, most)
+        self.limiter = anyio.CapacityLimiter(1)
+        self._download_s = 0.0
+        self._verify_s = 0.0
+
+    async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """``backend.load``, waiting for a turn; its duration feeds the pace."""
+        # Waiting for a turn is waiting for the workers, as waiting for a slot is.
+        with waiting_on_output():
+            await self.limiter.acquire()
+        try:
+            started = anyio.current_time()
+            data: bytes = await self._backend.load(name, offset, length)
+            self._download_s = self._average(self._download_s, anyio.current_time() - started)
+        finally:
+            self.limiter.release()
+        self._adjust()
+        return data
+
+    def verified(self, seconds: float) -> None:
+        """A worker job took ``seconds`` (waiting for a free worker included)."""
+        self._verify_s = self._average(self._verify_s, seconds)
+        self._adjust()
+
+    def log(self) -> None:
+        """Record where the pace settled (``--debug``)."""
+        log.debug(
+            "check.download_pace",
+            downloads=self.limiter.total_tokens,
+            download_seconds=round(self._download_s, 4),
+            verify_seconds=round(self._verify_s, 4),
+        )
+
+    def _average(self, mean: float, sample: float) -> float:
+        return sample if mean == 0 else mean + self._ALPHA * (sample - mean)
+
+    def _adjust(self) -> None:
+        if self._download_s and self._verify_s:
+            self.limiter.total_tokens = downloads_needed(
+                self._workers, self._download_s, self._verify_s, self._most
+            )
 
 
 class Checker:
@@ -541,29 +615,34 @@ class Checker:
         # wall time of 300 MB grew by ~20% (a worker waited for the loop to hand
         # it the next pack).
         count = max(1, min(workers + connections, _SLOT_BUDGET // biggest))
-        batches = [
+        # Made as the plan stage reaches them: a copy of every index entry up front
+        # would be a second index for the length of the run.
+        batches = (
             whole_pack(
                 bytes.fromhex(pack_id),
                 self.packs_on_backend[pack_id],
                 [tuple(e) for e in self.pack_entries[pack_id][1]],
             )
             for pack_id in pack_ids
-        ]
+        )
         slots = SlotPool(biggest, count)
         options = PipelineOptions(cpu_workers=workers, connections=connections)
+        pace = DownloadPace(self.backend, workers, min(count, connections))
 
         async def verify(fetched: Fetched) -> _Verified:
             if fetched.error is not None:
                 return fetched.batch, None, fetched.error
             pack_id = fetched.batch.pack_id.hex()
+            started = anyio.current_time()
             result = await pool.run(verify_pack, fetched.ref(), pack_id, fetched.batch.blobs)
+            pace.verified(anyio.current_time() - started)
             return fetched.batch, result, None
 
         try:
             await run_fetch_pipeline(
                 "check",
                 batches,
-                download(self.backend, slots, (NotFound, ObjectTruncated)),
+                download(pace, slots, (NotFound, ObjectTruncated)),
                 downloads=min(count, connections),
                 work=("verify", verify, 2 * workers, CPU_HINT),
                 sink=("report", self._verified),
@@ -572,6 +651,7 @@ class Checker:
             )
         finally:
             slots.close()
+            pace.log()
 
     def _record_metrics(self, snapshot: PipelineSnapshot) -> None:
         self.result.pipeline = snapshot
