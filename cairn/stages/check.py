@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
+import anyio.lowlevel
 import structlog
 
 from cairn.backends.base import NotFound, ObjectTruncated, object_name
@@ -550,6 +551,9 @@ class Checker:
                 self._error("tree", tree_id.hex(), f"cannot be read: {exc}", sid, path)
                 continue
             self._check_nodes(tree, sid, path, children, seen_blobs)
+            # Let the --read-data pipeline in between trees: a worker waits for the
+            # event loop to hand it its next pack.
+            await anyio.lowlevel.checkpoint()
 
     async def _check_tree(
         self,
