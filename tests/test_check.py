@@ -14,6 +14,7 @@ import trio.testing
 
 from cairn.backends.faulty import FaultyBackend
 from cairn.backends.local import LocalBackend
+from cairn.pipeline import SlotPool
 from cairn.repo.repository import open_repository
 from cairn.stages.check import (
     Checker,
@@ -24,6 +25,7 @@ from cairn.stages.check import (
     parse_subset,
     select_packs,
 )
+from cairn.stages.fetch import Batch, download
 from tests.cli_helpers import Cairn
 from tests.maintenance_helpers import (
     PASSWORD,
@@ -270,11 +272,34 @@ async def test_download_pace_follows_the_slower_side(
     backend = _SlowLoads(1.0)
     pace = DownloadPace(backend, workers=2, most=5)
     assert pace.limiter.total_tokens == 1  # one load until both sides are measured
-    assert await pace.load("data/00/00") == b"pack"
+    assert await pace.load("data/00/00") == b"pack"  # (the first is not measured)
+    await pace.load("data/00/00")
     pace.verified(0.1)
-    assert pace.limiter.total_tokens == 5  # downloads are the slow side: all of them
+    assert pace.limiter.total_tokens == 2  # downloads are the slow side: one more each time
+    for _ in range(5):
+        await pace.load("data/00/00")
+    assert pace.limiter.total_tokens == 5  # up to every connection
     backend.seconds = 0.001
     for _ in range(20):  # downloads became fast: back to one
         await pace.load("data/00/00")
         pace.verified(0.1)
     assert pace.limiter.total_tokens == 1
+
+
+@pytest.mark.trio
+async def test_a_download_waiting_for_its_turn_holds_no_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pace = DownloadPace(_SlowLoads(1.0), workers=2, most=4)
+    slots = SlotPool(16, 3)
+    fetch = pace.paced(download(pace, slots))
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(fetch, Batch(bytes(32), 0, 4, []))
+            await trio.sleep(0.5)
+            # One turn: one download under way with its slot, two waiting with none.
+            assert slots.in_use == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        slots.close()

@@ -34,7 +34,7 @@ import math
 import random
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -237,8 +237,10 @@ def downloads_needed(workers: int, download_s: float, verify_s: float, most: int
 
 
 class DownloadPace:
-    """The backend's ``load`` for ``--read-data``, with as many loads in flight as
-    keep the workers busy (at most ``most``), measured as the packs go.
+    """Paces the download stage of ``--read-data``: as many downloads at once as keep
+    the workers busy (at most ``most``), measured as the packs go. Pass it to
+    :func:`~cairn.stages.fetch.download` as the backend (it times ``load``) and wrap
+    that stage's function in :meth:`paced`.
 
     Each pack being downloaded is a pack-sized buffer in the main process before it
     is copied into its slot. A local disk hands over a 16 MiB pack in a few ms while
@@ -256,20 +258,34 @@ class DownloadPace:
         self._workers = workers
         self._most = max(1, most)
         self.limiter = anyio.CapacityLimiter(1)
+        self._loads = 0
         self._download_s = 0.0
         self._verify_s = 0.0
 
+    def paced(
+        self, fetch: Callable[[Batch], Awaitable[Fetched]]
+    ) -> Callable[[Batch], Awaitable[Fetched]]:
+        """The download stage's ``fetch``, one turn per download: a turn is taken
+        before the download's slot, so a download waiting for its turn holds none."""
+
+        async def run(batch: Batch) -> Fetched:
+            # Waiting for a turn is waiting for the workers, as waiting for a slot is.
+            with waiting_on_output():
+                await self.limiter.acquire()
+            try:
+                return await fetch(batch)
+            finally:
+                self.limiter.release()
+
+        return run
+
     async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        """``backend.load``, waiting for a turn; its duration feeds the pace."""
-        # Waiting for a turn is waiting for the workers, as waiting for a slot is.
-        with waiting_on_output():
-            await self.limiter.acquire()
-        try:
-            started = anyio.current_time()
-            data: bytes = await self._backend.load(name, offset, length)
+        """``backend.load``, timed: its duration feeds the pace."""
+        started = anyio.current_time()
+        data: bytes = await self._backend.load(name, offset, length)
+        if self._loads:  # the first one also faulted in its buffer's pages
             self._download_s = self._average(self._download_s, anyio.current_time() - started)
-        finally:
-            self.limiter.release()
+        self._loads += 1
         self._adjust()
         return data
 
@@ -291,10 +307,14 @@ class DownloadPace:
         return sample if mean == 0 else mean + self._ALPHA * (sample - mean)
 
     def _adjust(self) -> None:
-        if self._download_s and self._verify_s:
-            self.limiter.total_tokens = downloads_needed(
-                self._workers, self._download_s, self._verify_s, self._most
-            )
+        if not (self._download_s and self._verify_s):
+            return
+        wanted = downloads_needed(self._workers, self._download_s, self._verify_s, self._most)
+        # Down at once, up one at a time: the first packs' times are inflated
+        # (first touch of slot memory in both processes, a cold disk), and every
+        # extra download costs a pack-sized buffer for the rest of the run.
+        current = int(self.limiter.total_tokens)
+        self.limiter.total_tokens = wanted if wanted <= current else current + 1
 
 
 class Checker:
@@ -646,7 +666,7 @@ class Checker:
             await run_fetch_pipeline(
                 "check",
                 batches,
-                download(pace, slots, (NotFound, ObjectTruncated)),
+                pace.paced(download(pace, slots, (NotFound, ObjectTruncated))),
                 downloads=min(count, connections),
                 work=("verify", verify, 2 * workers, CPU_HINT),
                 sink=("report", self._verified),
