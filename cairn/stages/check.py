@@ -18,10 +18,10 @@ tasks, each pack into a shared-memory slot, as many loads in flight as keep the
 workers busy: :class:`DownloadPace`) → ``verify`` (a worker job per pack,
 :func:`cairn.stages.cpu.verify_pack`, two per worker at once; the slot is released
 when the job is done) → ``report``. It needs only the index, so it runs while the
-trees are walked. Downloads run ahead of verification by the slots free. The worker hashes the pack
-(its name is its BLAKE3), parses its header and compares it with the index, and
-decodes every blob: decrypt (the AEAD tag proves the ciphertext is what was
-written), then decompress and check the blob ID. The ID is a keyed hash of the
+trees are walked. Downloads run ahead of verification by the slots free. The worker
+hashes the pack (its name is its BLAKE3), parses its header and compares it with the
+index, and decodes every blob: decrypt (the AEAD tag proves the ciphertext is what
+was written), then decompress and check the blob ID. The ID is a keyed hash of the
 plaintext, so it cannot be checked without decompressing; skipping that would
 trust that the backup wrote the right bytes under the right ID and that the
 compressed stream is sound — exactly what ``--read-data`` is run to find out, so
