@@ -633,12 +633,17 @@ class Checker:
             return
         biggest = max(1, *(self.packs_on_backend[p] for p in pack_ids))
         workers, connections = self.opts.cpu_workers, self.opts.connections
-        # One slot per worker and per connection, as many as the budget allows (packs
-        # are large): 2 x workers + connections raised the peak by two packs for no
-        # speed. Two verify jobs per worker, as every CPU stage: with one, the
-        # wall time of 300 MB grew by ~20% (a worker waited for the loop to hand
+        # Slots for what either bound needs, as many as the budget allows (packs are
+        # large). Bound by the workers (a local disk), the pace keeps one download
+        # under way and each worker has a pack in work and one queued: 2 x workers
+        # + 1. Bound by the downloads (a remote store), every connection downloads
+        # while a worker verifies: connections + 1. Never more than one per worker
+        # and per connection (2 x workers + connections raised the peak by two packs
+        # for no speed). Two verify jobs per worker, as every CPU stage: with one,
+        # the wall time of 300 MB grew by ~20% (a worker waited for the loop to hand
         # it the next pack).
-        count = max(1, min(workers + connections, _SLOT_BUDGET // biggest))
+        needed = min(workers + connections, max(2 * workers + 1, connections + 1))
+        count = max(1, min(needed, _SLOT_BUDGET // biggest))
         # Made as the plan stage reaches them: a copy of every index entry up front
         # would be a second index for the length of the run.
         batches = (
