@@ -9,11 +9,23 @@ from pathlib import Path
 
 import anyio
 import pytest
+import trio
+import trio.testing
 
 from cairn.backends.faulty import FaultyBackend
 from cairn.backends.local import LocalBackend
+from cairn.pipeline import SlotPool
 from cairn.repo.repository import open_repository
-from cairn.stages.check import Checker, CheckOptions, Subset, parse_subset, select_packs
+from cairn.stages.check import (
+    Checker,
+    CheckOptions,
+    DownloadPace,
+    Subset,
+    downloads_needed,
+    parse_subset,
+    select_packs,
+)
+from cairn.stages.fetch import Batch, download
 from tests.cli_helpers import Cairn
 from tests.maintenance_helpers import (
     PASSWORD,
@@ -99,6 +111,30 @@ def test_truncated_pack(repo: Cairn) -> None:
     assert r.code == 1
     lines = error_lines(r.out)
     assert len(lines) == 1 and lines[0].startswith(f"error: pack {pack}"), r.out
+
+
+def test_damaged_tree_spoils_only_that_tree(tmp_path: Path) -> None:
+    # Trees are read a range of neighbouring blobs at a time: one bad tree in the
+    # range must not hide its neighbours (each is authenticated on its own).
+    c = new_cairn(tmp_path)
+    src = tmp_path / "src"
+    for name in ("a", "b", "c"):
+        (src / name).mkdir(parents=True)
+        (src / name / "file").write_bytes(os.urandom(1000))
+    c.run("backup", str(src), check=True)
+    clean = c.run("check", "--json").json_lines()[-1]
+    info = describe(c.repo)
+    (tree_pack,) = (p for p, t in info["pack_type"].items() if t == 1)
+    # Trees are written children first: the first is a/, the next two b/ and c/.
+    offset, length = sorted(info["blobs"][tree_pack])[0]
+    flip_byte(pack_files(c.repo)[tree_pack], offset + length // 2)
+    r = c.run("check", "--json")
+    assert r.code == 1
+    problems = [line for line in r.json_lines() if line.get("message_type") == "error"]
+    assert len(problems) == 1 and problems[0]["object"] == "tree", problems
+    assert "cannot be read" in problems[0]["message"] and problems[0]["path"].endswith("/a")
+    summary = r.json_lines()[-1]
+    assert (summary["trees"], summary["data_blobs"]) == (clean["trees"], clean["data_blobs"] - 1)
 
 
 def test_flipped_byte_in_snapshot(repo: Cairn) -> None:
@@ -208,3 +244,62 @@ def test_check_exit_code_is_1_with_problem_count_on_stderr(repo: Cairn) -> None:
     assert docs[0]["message_type"] == "error" and docs[0]["object"] == "pack"
     assert docs[-1]["errors"] == 1
     assert "check found 1 errors" in r.err
+
+
+def test_downloads_needed_keeps_the_workers_fed_and_no_more() -> None:
+    # A local disk: a pack in 8 ms, a worker verifies one in 25 ms.
+    assert downloads_needed(2, 0.008, 0.025, 4) == 1
+    assert downloads_needed(2, 0.02, 0.025, 4) == 2
+    # A remote store slower per pack than the workers: every connection.
+    assert downloads_needed(2, 0.5, 0.025, 5) == 5
+    # Nothing measured yet: no limit below the connections.
+    assert downloads_needed(2, 0.0, 0.025, 5) == 5
+
+
+class _SlowLoads:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def load(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        await trio.sleep(self.seconds)
+        return b"pack"
+
+
+@pytest.mark.trio
+async def test_download_pace_follows_the_slower_side(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = _SlowLoads(1.0)
+    pace = DownloadPace(backend, workers=2, most=5)
+    assert pace.limiter.total_tokens == 1  # one load until both sides are measured
+    assert await pace.load("data/00/00") == b"pack"  # (the first is not measured)
+    await pace.load("data/00/00")
+    pace.verified(0.1)
+    assert pace.limiter.total_tokens == 2  # downloads are the slow side: one more each time
+    for _ in range(5):
+        await pace.load("data/00/00")
+    assert pace.limiter.total_tokens == 5  # up to every connection
+    backend.seconds = 0.001
+    for _ in range(20):  # downloads became fast: back to one
+        await pace.load("data/00/00")
+        pace.verified(0.1)
+    assert pace.limiter.total_tokens == 1
+
+
+@pytest.mark.trio
+async def test_a_download_waiting_for_its_turn_holds_no_slot(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    pace = DownloadPace(_SlowLoads(1.0), workers=2, most=4)
+    slots = SlotPool(16, 3)
+    fetch = pace.paced(download(pace, slots))
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(fetch, Batch(bytes(32), 0, 4, []))
+            await trio.sleep(0.5)
+            # One turn: one download under way with its slot, two waiting with none.
+            assert slots.in_use == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        slots.close()

@@ -8,11 +8,13 @@ carry only slot references or small byte strings.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import cast
 
-from cairn.repo.codec import decode_blob, encode_blob_into
-from cairn.repo.crypto import Crypto
+from cairn.repo.codec import BLOB_TYPE_NAMES, decode_blob, encode_blob_into
+from cairn.repo.crypto import Crypto, storage_id
 from cairn.repo.errors import CorruptedObject
-from cairn.repo.pack import DATA
+from cairn.repo.pack import DATA, PackEntry, parse_pack_header
 from cairn.repo.tree import Node
 from cairn.stages.dirfds import DirFds, open_dir_path
 from cairn.stages.fsmeta import apply_metadata_fd
@@ -46,6 +48,71 @@ def verify_spans(
         except CorruptedObject as exc:
             bad.append((blob_id, str(exc)))
     return bad
+
+
+def compare_entries(
+    pack_id: str, index_entries: Sequence[PackEntry], header_entries: Sequence[PackEntry]
+) -> list[str]:
+    """Ways the index and a pack header disagree about one pack (empty: they agree)."""
+    by_index = {e.id: e for e in index_entries}
+    by_header = {e.id: e for e in header_entries}
+    out = []
+    for blob_id, entry in by_index.items():
+        other = by_header.get(blob_id)
+        if other is None:
+            out.append(f"the index lists blob {blob_id.hex()} but the pack header does not")
+        elif other != entry:
+            out.append(
+                f"blob {blob_id.hex()}: index says {_describe(entry)}, "
+                f"pack header says {_describe(other)}"
+            )
+    for blob_id in by_header.keys() - by_index.keys():
+        out.append(f"the pack header lists blob {blob_id.hex()} but the index does not")
+    return out
+
+
+def _describe(e: PackEntry) -> str:
+    kind = BLOB_TYPE_NAMES.get(e.type, str(e.type))
+    return f"{kind} at offset {e.offset}, length {e.length}, raw length {e.raw_length}"
+
+
+def verify_pack(
+    view: memoryview, pack_id: str, entries: list[tuple[int, bytes, int, int, int]]
+) -> tuple[list[tuple[str, str, str]], int]:
+    """Worker job of ``check --read-data``: the hash, header and every blob of one
+    whole pack. Returns ``([(kind, id, message), ...], blobs verified)``.
+
+    The pack's name is the BLAKE3 of its bytes; its header must list what the index
+    lists; each blob must authenticate, decompress and hash to its ID (the ID is a
+    keyed hash of the plaintext, so there is no checking it without decoding).
+    """
+    crypto = _worker_crypto()
+    problems: list[tuple[str, str, str]] = []
+    if storage_id(view) != pack_id:
+        problems.append(("pack", pack_id, "content does not match its name (hash mismatch)"))
+    index_entries = [PackEntry(*e) for e in entries]
+    try:
+        # parse_pack_header only slices and unpacks: a memoryview serves as well as bytes.
+        header = parse_pack_header(crypto, cast(bytes, view), len(view), pack_id)
+    except CorruptedObject as exc:
+        problems.append(("pack", pack_id, f"unreadable header: {exc.problem}"))
+    else:
+        problems.extend(
+            ("pack", pack_id, m) for m in compare_entries(pack_id, index_entries, header)
+        )
+    verified = 0
+    for e in index_entries:
+        kind = f"{BLOB_TYPE_NAMES[e.type]} blob"
+        if e.offset + e.length > len(view):
+            problems.append((kind, e.id.hex(), f"in pack {pack_id}: extends past the pack's end"))
+            continue
+        try:
+            decode_blob(crypto, e.type, e.id, view[e.offset : e.offset + e.length])
+        except CorruptedObject as exc:
+            problems.append((kind, e.id.hex(), f"in pack {pack_id}: {exc.problem}"))
+        else:
+            verified += 1
+    return problems, verified
 
 
 # A place a decoded blob goes: (directory below the target, file name, offset in the
