@@ -149,6 +149,7 @@ class _Group:
     __slots__ = (
         "entries",
         "links",
+        "locs",
         "meta",
         "others",
         "pending",
@@ -161,6 +162,8 @@ class _Group:
     def __init__(self, seq: int) -> None:
         self.seq = seq
         self.writes: _Writes = {}
+        # Where each blob of ``writes`` is, found when planned (not looked up again).
+        self.locs: list[tuple[BlobLocation, bytes]] = []
         # Files the planner created (multi-blob, empty) or kept: their metadata is
         # set after the writes (a worker sets that of the files it creates).
         self.meta: list[tuple[bytes, Node]] = []
@@ -170,6 +173,15 @@ class _Group:
         self.entries = 0
         self.targets = 0
         self.pending = 0  # ranges not yet accounted (set when the group closes)
+
+    def add(self, loc: BlobLocation, blob_id: bytes, target: cpu.Target) -> None:
+        """Plan one write of blob ``blob_id`` (at ``loc``)."""
+        targets = self.writes.get(blob_id)
+        if targets is None:
+            self.writes[blob_id] = targets = []
+            self.locs.append((loc, blob_id))
+        targets.append(target)
+        self.targets += 1
 
     def full(self, entries: int) -> bool:
         return self.entries >= entries or self.targets >= GROUP_WRITES
@@ -471,13 +483,11 @@ class Restorer:
             return
         if self.opts.verify:
             group.verify.append((rel, node))
-        writes = group.writes
         if len(node.content) == 1 and st is None:
             # The common small file: the worker that writes its only blob creates
             # it (O_EXCL) and sets its metadata, so 20,000 file creations run in
             # the workers, in parallel, instead of one after another here.
-            writes.setdefault(node.content[0], []).append((parent, name, 0, cpu.file_meta(node)))
-            group.targets += 1
+            group.add(locations[0], node.content[0], (parent, name, 0, cpu.file_meta(node)))
             self.stats.files += 1
             return
         _create_empty(parent_fd, name, node.size)
@@ -485,9 +495,8 @@ class Restorer:
         group.meta.append((rel, node))
         offset = 0
         for blob_id, loc in zip(node.content, locations, strict=True):
-            writes.setdefault(blob_id, []).append((parent, name, offset, None))
+            group.add(loc, blob_id, (parent, name, offset, None))
             offset += loc.raw_length
-        group.targets += len(locations)
 
     def _locate(self, rel: bytes, node: Node) -> list[BlobLocation] | None:
         out = []
@@ -529,12 +538,11 @@ class Restorer:
         group = self._group
         self._group = _Group(group.seq + 1)
         self._unfinished[group.seq] = group
-        lookup = self.index.lookup
         batches = plan_ranges(
             (loc.pack_id, loc.offset, loc.length, (loc, blob_id, group))
-            for blob_id in group.writes
-            if (loc := lookup(blob_id)) is not None
+            for loc, blob_id in group.locs
         )
+        group.locs = []
         group.pending = len(batches)
         if not batches:
             await self._fs(self._advance)
