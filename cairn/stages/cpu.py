@@ -88,6 +88,8 @@ def _meta_node(name: bytes, meta: FileMeta) -> Node:
         mtime_ns=mtime_ns,
         xattrs=xattrs,
     )
+
+
 # (offset and length in the slot, blob type, blob ID, where it goes)
 WriteSpan = tuple[int, int, int, bytes, list[Target]]
 # (directory, name, problem, whether the file's content is lost)
