@@ -418,9 +418,10 @@ class Restorer:
     def _plan_entries(self, rel: bytes, nodes: list[Node]) -> list[tuple[bool, bytes, Node | None]]:
         """Plan the entries of one directory's slice; return its subdirectories."""
         subdirs: list[tuple[bool, bytes, Node | None]] = []
+        filtered = self._include is not None or bool(self.opts.excludes)
         for child in nodes:
             crel = rel + b"/" + child.name
-            if not self._wanted(crel, child.type == "dir"):
+            if filtered and not self._wanted(crel, child.type == "dir"):
                 continue
             if child.type == "dir":
                 subdirs.append((True, crel, child))
