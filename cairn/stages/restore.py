@@ -352,7 +352,9 @@ class Restorer:
                 continue
             step = min(SLICE, self._group_entries)
             # Entering and the first slice in one thread call: most directories
-            # hold less than a slice, and a call costs the loop ~50 µs of CPU.
+            # hold less than a slice, and each call is a hand-off to a thread and
+            # back (queue, wake-up, reply through the loop: ~10 % of the main
+            # process's samples on 200,000 small files, with two calls per directory).
             subdirs = await self._fs(self._enter_and_plan, rel, nodes, nodes[:step])
             if subdirs is None:
                 continue
