@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -63,8 +60,7 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
     )
     started = time.time()
     log.info("restore.started", snapshot=snapshot, target=target, dry_run=options.dry_run)
-    with _few_collections():
-        sid, stats = run_async(lambda: _restore(settings, snapshot, options, opts))
+    sid, stats = run_async(lambda: _restore(settings, snapshot, options, opts))
     duration = time.time() - started
     log.info(
         "restore.finished",
@@ -117,31 +113,6 @@ def command(settings: Settings, snapshot: str, target: str, **opts: Any) -> int:
             noun = "entry" if n == 1 else "entries"
             click.echo(f"{n} {noun} could not be restored (see the warnings)")
     return EXIT_FATAL if stats.errors else EXIT_OK
-
-
-# The cyclic garbage collector's first-generation threshold during a restore. The
-# restore allocates a few objects per file and blob (tree nodes, write targets,
-# job descriptions), nearly all acyclic and short-lived; at Python's default (700)
-# the collector ran ~2,500 times on 200,000 small files and took 1.8-2.6 of the
-# main process's CPU-s (tracked with gc.callbacks); at 20,000 it took 0.7 s, and
-# the main process is the busiest one on small files.
-GC_THRESHOLD = 20_000
-
-
-@contextmanager
-def _few_collections() -> Iterator[None]:
-    """Collect cyclic garbage rarely while restoring: what is imported and set up
-    before is frozen (never traversed again), and the first generation is collected
-    every :data:`GC_THRESHOLD` allocations instead of 700. Cycles are still
-    collected, later; the settings are put back afterwards."""
-    old = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, *old[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*old)
-        gc.unfreeze()
 
 
 async def _restore(settings: Settings, ref: str, options: Any, opts: dict[str, Any]) -> Any:
