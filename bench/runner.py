@@ -153,6 +153,7 @@ class Runner:
                 for tool in order:
                     shutil.rmtree(self.work / "reps" / tool.name, ignore_errors=True)
         corpus_mod.revert(self.corpus_dir)
+        shutil.rmtree(self.work / "restores", ignore_errors=True)
         return self.samples
 
     def _fresh_run(self, tool: Tool, rep: int) -> ToolRun:
@@ -165,7 +166,8 @@ class Runner:
             corpus=self.corpus_dir,
             repo=base / "repo",
             home=base / "home",
-            restore=base / "restore",
+            # Kept until the run ends (see _step): its own directory per repetition.
+            restore=self.work / "restores" / f"{tool.name}-r{rep}",
             password_file=password_file,
             compression=self.config.compression,
             limit_upload=self.config.limit_upload,
@@ -236,8 +238,11 @@ class Runner:
         self.say(
             f"  {tool.name:7} {step:16} " + (f"{m.wall_s:8.2f} s" if m.ok else f"FAILED: {m.error}")
         )
-        if step == "restore":
-            shutil.rmtree(run.restore, ignore_errors=True)
+        # The restore target stays until the run ends: on ext4 without a journal,
+        # creating an inode skips every inode of its block group freed in the last
+        # minute, and a restore made right after 20,000 files were deleted spent
+        # 4-20x more kernel time than one made without (docs/architecture.md,
+        # Restore, "CPU shape"): it would measure the deletion, not the tool.
         if selected:
             self._record(tool.name, step, rep, m, repo, data, load, files)
 
