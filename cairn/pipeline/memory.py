@@ -9,6 +9,7 @@ account, unlike RSS or tracemalloc, which the allocator and other code blur.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,3 +41,16 @@ class HeldBytes:
             yield
         finally:
             self.sub(nbytes)
+
+
+def trim_heap() -> None:
+    """Hand the allocator's free memory back to the system (glibc ``malloc_trim``).
+
+    cli/memory.py lets freed buffers of up to 64 MiB stay on the heap, which is
+    right while they are reused; after a phase that will not come back (a backup's
+    first blobs encoded in threads before its workers start), they would stay for
+    the rest of the run."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

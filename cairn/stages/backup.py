@@ -45,7 +45,7 @@ from cairn.pipeline import (
     PipelineSnapshot,
     raising_causes,
 )
-from cairn.pipeline.memory import HeldBytes
+from cairn.pipeline.memory import HeldBytes, trim_heap
 from cairn.pipeline.metrics import waiting_on_output
 from cairn.pipeline.options import DEFAULT_CONNECTIONS, DEFAULT_READ_CONCURRENCY, cores
 from cairn.pipeline.shm import Slot, SlotPool
@@ -943,6 +943,11 @@ class Archiver:
                     job.spans,
                     self.opts.level,
                 )
+                if self._pool_started:
+                    # The workers encode from now on: the threads' freed
+                    # compression buffers (up to 8 MiB each, in two arenas)
+                    # would otherwise stay on this process's heap.
+                    await anyio.to_thread.run_sync(trim_heap)
             else:
                 placed = await pool.run(
                     cpu.encode_into, job.slot.ref(end), out.ref(), job.spans, self.opts.level
