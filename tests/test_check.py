@@ -19,13 +19,11 @@ from cairn.repo.repository import open_repository
 from cairn.stages.check import (
     Checker,
     CheckOptions,
-    DownloadPace,
     Subset,
-    downloads_needed,
     parse_subset,
     select_packs,
 )
-from cairn.stages.fetch import Batch, download
+from cairn.stages.fetch import Batch, DownloadPace, download, downloads_needed
 from tests.cli_helpers import Cairn
 from tests.maintenance_helpers import (
     PASSWORD,

@@ -219,12 +219,14 @@ class Packer:
                     # Blobs of one type (an encode job's, or one tree), cut where a
                     # pack fills: each run is one write, off the event loop.
                     run: list[EncodedBlob] = []
+                    run_bytes = 0
                     for blob in blobs:
                         writer = writers[blob.blob_type]
                         run.append(blob)
-                        if writer.size + _run_bytes(run) >= self._pack_size:
+                        run_bytes += len(blob.data)
+                        if writer.size + run_bytes >= self._pack_size:
                             await self._add(writer, run)
-                            run = []
+                            run, run_bytes = [], 0
                             writers[blob.blob_type] = self._writer(blob.blob_type)
                             await self._hand_over(writer, send)
                     if run:
@@ -253,7 +255,7 @@ class Packer:
         entries = [(b.blob_type, b.blob_id, b.data, b.raw_length) for b in blobs]
         if self._spool is None:  # in memory: a view of a slot is copied
             writer.add_many(entries)
-            self.held.add(_run_bytes(blobs))
+            self.held.add(sum(len(b.data) for b in blobs))
         elif len(blobs) == 1 and len(blobs[0].data) < SMALL_WRITE:
             writer.add_many(entries)  # a tree: a thread hop would cost more
         else:
@@ -346,10 +348,6 @@ class Packer:
                 self.index.add_pack(pack_id, entries)
             self.stats.index_files.append(index_id)
             log.debug("index.saved", index=index_id, packs=len(packs))
-
-
-def _run_bytes(blobs: list[EncodedBlob]) -> int:
-    return sum(len(b.data) for b in blobs)
 
 
 def _pack_bytes(item: PackWriter) -> int:
