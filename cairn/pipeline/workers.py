@@ -57,13 +57,22 @@ def _worker_main(
     # Log events ride back to the parent with each reply (see worklog.py).
     worklog.capture(log_level)
     _fix_mmap_threshold()
+    started = True
     try:
         if initializer is not None:
             initializer(*initargs)
     except BaseException as exc:
-        conn.send_bytes(_dump_result(False, exc))
+        started, ready = False, _dump_result(False, exc)
+    else:
+        ready = _dump_result(True, os.getpid())
+    try:
+        conn.send_bytes(ready)
+    except OSError:
+        # The parent stopped (an interrupt) while this worker was starting, which
+        # a pool growing during the run makes likely: nobody waits for it.
         return
-    conn.send_bytes(_dump_result(True, os.getpid()))
+    if not started:
+        return
     while True:
         try:
             message = conn.recv_bytes()
