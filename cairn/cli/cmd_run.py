@@ -201,9 +201,7 @@ def run_step(settings: Settings, step: Step) -> None:
         step.seconds = time.monotonic() - started
         logsetup.RUN_CONTEXT.pop("step", None)
     if step.error:
-        print_error(
-            f"{step.name}: {step.error}", as_json=settings.json, during=step.name
-        )
+        print_error(f"{step.name}: {step.error}", as_json=settings.json, during=step.name)
         logsetup.note_error(f"{step.name}: {step.error}")
     event = log.info if step.exit_code == EXIT_OK else log.warning
     if step.exit_code not in (EXIT_OK, EXIT_PARTIAL):

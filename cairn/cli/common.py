@@ -194,6 +194,8 @@ async def open_repo(settings: Settings, identities: Any = None) -> AsyncIterator
             no_cache=settings.no_cache,
             env=settings.env,
         )
+        if settings.cleanup_cache and repo.cache is not None:
+            cleanup_old_caches(settings, repo.cache.directory.parent)
         bind_repository(repo.config.id)
         structlog.get_logger("cairn.cli").info(
             "repository.opened", backend=type(_innermost(backend)).__name__
@@ -203,6 +205,24 @@ async def open_repo(settings: Settings, identities: Any = None) -> AsyncIterator
     finally:
         with anyio.CancelScope(shield=True):
             await backend.aclose()
+
+
+#: Days after which --cleanup-cache (and ``cairn cache --cleanup``) removes a cache.
+CACHE_MAX_AGE_DAYS = 30
+
+
+def cleanup_old_caches(
+    settings: Settings, root: Any, max_age_days: float = CACHE_MAX_AGE_DAYS
+) -> int:
+    """Remove the caches under ``root`` unused for ``max_age_days``; say how many."""
+    import time
+
+    from cairn.repo.cache import remove_old_caches
+
+    removed = remove_old_caches(root, max_age_days, time.time())
+    if removed and not settings.quiet and not settings.json:
+        stderr(f"removed {len(removed)} old cache directories")
+    return len(removed)
 
 
 def _innermost(backend: Any) -> Any:
@@ -295,6 +315,15 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "__dict__"):
         return vars(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def human_bytes(n: float) -> str:
+    """``1.50 MiB``: sizes as people read them (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def stderr(message: str) -> None:

@@ -83,6 +83,12 @@ GLOBAL_OPTIONS: list[click.Option] = [
     ),
     click.Option(["--cache-dir"], help="Directory of the local metadata cache."),
     click.Option(["--no-cache"], is_flag=True, default=None, help="Do not use a local cache."),
+    click.Option(
+        ["--cleanup-cache"],
+        is_flag=True,
+        default=None,
+        help="Remove the caches of repositories not used for 30 days.",
+    ),
     click.Option(["--no-lock"], is_flag=True, default=None, help="Do not lock the repository."),
     click.Option(["--retry-lock"], type=float, help="Seconds to keep retrying a held lock."),
     click.Option(

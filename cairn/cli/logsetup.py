@@ -131,9 +131,14 @@ def configure_logging(
     if settings.log_file:
         _log_file = open(settings.log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
     fmt = settings.log_format
-    if settings.json and not settings.log_file and settings.sources.get("log_format") in (
-        None,
-        "default",
+    if (
+        settings.json
+        and not settings.log_file
+        and settings.sources.get("log_format")
+        in (
+            None,
+            "default",
+        )
     ):
         fmt = "json"  # --json: every line on stderr is JSON too
     shared: list[Any] = [

@@ -45,6 +45,9 @@ _COMMAND_MODULES = (
     "dump",
     "config",
     "run",
+    "list",
+    "cache",
+    "generate",
 )
 
 

@@ -119,6 +119,7 @@ SETTINGS_KEYS: dict[str, tuple[str, str]] = {
     "compression": ("str", "compression"),
     "cache_dir": ("str", "cache_dir"),
     "no_cache": ("bool", "no_cache"),
+    "cleanup_cache": ("bool", "cleanup_cache"),
     "retry_lock": ("num", "retry_lock"),
     "retry_max_time": ("duration", "retry_max_time"),
 }

@@ -52,6 +52,7 @@ class Settings:
     compression: str = "auto"
     cache_dir: str | None = None
     no_cache: bool = False
+    cleanup_cache: bool = False  # remove caches unused for 30 days when opening
     no_lock: bool = False
     retry_lock: float = 0.0
     retry_max_time: float | None = None  # seconds; None: 10 attempts, no first-contact retry

@@ -88,6 +88,9 @@ class MetadataCache:
         directory = root / repo_id
         for kind in CACHED_KINDS:
             (directory / kind).mkdir(parents=True, exist_ok=True)
+        # The directory's mtime says when the repository was last used from this
+        # machine: ``cairn cache`` and --cleanup-cache go by it (as restic's do).
+        os.utime(directory)
         return cls(directory)
 
     def path(self, kind: str, object_id: str) -> Path:
@@ -202,6 +205,55 @@ def open_cache(
     except OSError as exc:
         log.warning("cache.unavailable", path=str(root), error=str(exc))
         return None
+
+
+@dataclass
+class CacheDir:
+    """One repository's cache directory under a cache root."""
+
+    repo_id: str
+    path: Path
+    last_used: float  # seconds since the epoch (the directory's mtime)
+
+    def age_days(self, now: float) -> float:
+        return max(0.0, now - self.last_used) / 86400
+
+    def size(self) -> int:
+        """Bytes of the files below it (a walk: as slow as the cache is large)."""
+        total = 0
+        for top, _dirs, files in os.walk(self.path):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(top, name)).st_size
+                except OSError:
+                    pass
+        return total
+
+
+def list_caches(root: Path) -> list[CacheDir]:
+    """The repository caches under ``root``, oldest first (none if it is missing)."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False) and is_hex_id(entry.name):
+            out.append(CacheDir(entry.name, Path(entry.path), entry.stat().st_mtime))
+    return sorted(out, key=lambda c: c.last_used)
+
+
+def remove_old_caches(root: Path, max_age_days: float, now: float) -> list[CacheDir]:
+    """Remove the caches not used for more than ``max_age_days``; return them."""
+    import shutil
+
+    removed = []
+    for cache in list_caches(root):
+        if cache.age_days(now) > max_age_days:
+            shutil.rmtree(cache.path, ignore_errors=True)
+            removed.append(cache)
+            log.info("cache.removed", repository=cache.repo_id, path=str(cache.path))
+    return removed
 
 
 def _write_atomic(path: Path, data: bytes | memoryview) -> None:
