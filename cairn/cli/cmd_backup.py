@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from dataclasses import replace
 from typing import Any
 
@@ -59,6 +60,43 @@ class NoSourceData(Exception):
         return (rebuild_error, (type(self), self.args, self.__dict__))
 
 
+class SourceCommandFailed(Exception):
+    """``--stdin-from-command``: the command failed, so no snapshot is saved (exit 1)."""
+
+    exit_code = EXIT_FATAL
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (rebuild_error, (type(self), self.args, self.__dict__))
+
+
+def _start_source_command(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Run ``argv`` with its output as this process's standard input (which the
+    backup reads as for ``--stdin``); its stderr stays the user's."""
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    except OSError as exc:
+        raise UsageError(f"cannot run {argv[0]!r}: {exc.strerror or exc}") from None
+    assert proc.stdout is not None
+    os.dup2(proc.stdout.fileno(), 0)
+    proc.stdout.close()
+    return proc
+
+
+def _source_command_check(proc: subprocess.Popen[bytes], argv: list[str]) -> Any:
+    async def check() -> None:
+        import anyio.to_thread
+
+        code = await anyio.to_thread.run_sync(proc.wait)
+        if code != 0:
+            raise SourceCommandFailed(
+                f"no snapshot saved: {' '.join(argv)!r} exited with code {code}"
+                if code > 0
+                else f"no snapshot saved: {' '.join(argv)!r} was killed by signal {-code}"
+            )
+
+    return check
+
+
 def _existing(targets: list[bytes]) -> tuple[list[bytes], list[tuple[str, str]]]:
     """The targets that exist, and ``(path, problem)`` for those that do not.
 
@@ -92,30 +130,77 @@ def _human(n: float) -> str:
 @click.option("--iexclude", multiple=True, help="Like --exclude, ignoring case.")
 @click.option("--exclude-file", multiple=True, help="Read exclude patterns from a file.")
 @click.option("--exclude-if-present", multiple=True, help="Skip dirs holding this file name.")
+@click.option(
+    "--exclude-caches",
+    is_flag=True,
+    help="Skip the contents of cache directories (CACHEDIR.TAG with its signature).",
+)
 @click.option("--exclude-larger-than", type=SIZE, help="Skip files larger than this (e.g. 1G).")
 @click.option("-x", "--one-file-system", is_flag=True, help="Don't cross filesystems.")
 @click.option("--files-from", multiple=True, help="Read paths from a file, one per line.")
 @click.option("--files-from-raw", multiple=True, help="Read NUL-separated paths from a file.")
 @click.option("--stdin", "use_stdin", is_flag=True, help="Back up standard input as a file.")
+@click.option(
+    "--stdin-from-command",
+    is_flag=True,
+    help="Back up the output of the command given as arguments (after --); "
+    "no snapshot if it fails.",
+)
 @click.option("--stdin-filename", default="stdin", show_default=True)
 @click.option("--tag", multiple=True, help="Add tags (comma-separated, repeatable).")
 @click.option("--host", help="Host name to record (default: this host).")
 @click.option("--parent", help="Snapshot to compare with (default: latest of same host+paths).")
+@click.option(
+    "-g",
+    "--group-by",
+    default="host,paths",
+    show_default=True,
+    help="Parent: the latest snapshot with the same host, paths and/or tags.",
+)
 @click.option("-f", "--force", is_flag=True, help="Re-read every file, ignoring the parent.")
+@click.option(
+    "--skip-if-unchanged",
+    is_flag=True,
+    help="Save no snapshot when nothing changed since the parent.",
+)
+@click.option(
+    "--no-scan",
+    is_flag=True,
+    help="Accepted for restic's scripts: cairn never scans ahead (totals grow as it walks).",
+)
 @click.option("-n", "--dry-run", is_flag=True, help="Do everything but write to the repository.")
 @click.pass_obj
 def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
     """Back up PATHS into a new snapshot."""
     from cairn.repo.codec import compression_level
     from cairn.stages.backup import BackupOptions
-    from cairn.stages.excludes import ExcludeRules
+    from cairn.stages.backup_run import parse_group_by
+    from cairn.stages.excludes import CACHEDIR_TAG, ExcludeRules
 
-    if opts["use_stdin"] and (paths or opts["files_from"] or opts["files_from_raw"]):
+    source_argv: list[str] = []
+    if opts["stdin_from_command"]:
+        # restic's: the arguments are the command, its output the file.
+        if opts["use_stdin"]:
+            raise UsageError("--stdin and --stdin-from-command cannot be combined")
+        if opts["files_from"] or opts["files_from_raw"]:
+            raise UsageError("--stdin-from-command takes no --files-from")
+        if not paths:
+            raise UsageError(
+                "--stdin-from-command needs a command: cairn backup "
+                "--stdin-from-command -- COMMAND [ARG...]"
+            )
+        source_argv, paths = list(paths), ()
+        opts["use_stdin"] = True
+    elif opts["use_stdin"] and (paths or opts["files_from"] or opts["files_from_raw"]):
         # restic's rule; the data comes from stdin, its name from --stdin-filename.
         raise UsageError(
             "--stdin was given together with files or directories to back up; "
             "name the stdin data with --stdin-filename"
         )
+    try:
+        group_by = parse_group_by(opts["group_by"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     targets = (
         []
         if opts["use_stdin"]
@@ -130,7 +215,10 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         list(opts["exclude_file"]),
         patterns=list(opts["exclude"]),
         ipatterns=list(opts["iexclude"]),
-        if_present=list(opts["exclude_if_present"]),
+        if_present=[
+            *opts["exclude_if_present"],
+            *([CACHEDIR_TAG] if opts["exclude_caches"] else []),
+        ],
         larger_than=opts["exclude_larger_than"],
         one_file_system=opts["one_file_system"],
     )
@@ -152,7 +240,23 @@ def command(settings: Settings, paths: tuple[str, ...], **opts: Any) -> int:
         tags=options.tags,
         dry_run=options.dry_run,
     )
-    result = run_async(lambda: _backup(settings, options, opts["parent"], missing))
+    proc = _start_source_command(source_argv) if source_argv else None
+    try:
+        result = run_async(
+            lambda: _backup(
+                settings,
+                options,
+                opts["parent"],
+                missing,
+                group_by=group_by,
+                skip_if_unchanged=opts["skip_if_unchanged"],
+                before_snapshot=_source_command_check(proc, source_argv) if proc else None,
+            )
+        )
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
     _log_finished(result)
     click.get_current_context().meta["cairn.backup.result"] = result  # for ``cairn run``
     _report(settings, result)
@@ -179,7 +283,11 @@ def _log_finished(result: dict[str, Any]) -> None:
 
 
 async def _backup(
-    settings: Settings, options: Any, parent_ref: str | None, missing: list[tuple[str, str]]
+    settings: Settings,
+    options: Any,
+    parent_ref: str | None,
+    missing: list[tuple[str, str]],
+    **run_options: Any,
 ) -> dict[str, Any]:
     from cairn.pipeline.options import cores
     from cairn.stages.backup import default_cpu_workers
@@ -205,6 +313,7 @@ async def _backup(
             parent_ref=parent_ref,
             missing=missing,
             username=username(),
+            **run_options,
             watch=lambda archiver: track(
                 settings,
                 "backup",
@@ -217,6 +326,7 @@ async def _backup(
         "parent": result.parent,
         "errors": result.errors,
         "dry_run": result.dry_run,
+        "skipped": result.skipped,
         "pipeline": result.pipeline,
     }
 
@@ -233,6 +343,7 @@ def _report(settings: Settings, result: dict[str, Any]) -> None:
                     "snapshot_id": result["snapshot_id"],
                     "parent": result["parent"],
                     "dry_run": result["dry_run"],
+                    "skipped": result["skipped"],
                     **summary_fields(result["pipeline"]),
                 }
             )
@@ -261,6 +372,8 @@ def _report(settings: Settings, result: dict[str, Any]) -> None:
     echo_table(settings, result["pipeline"])
     if result["snapshot_id"]:
         click.echo(f"snapshot {result['snapshot_id'][:8]} saved")
+    elif result["skipped"]:
+        click.echo("skipped creating snapshot: nothing changed since the parent")
     else:
         click.echo("dry run: nothing was written")
     if result["errors"]:

@@ -87,8 +87,13 @@ def _backup_args(job: Profile) -> list[str]:
             args += [flag, value]
     if job.get("exclude_larger_than"):
         args += ["--exclude-larger-than", job.get("exclude_larger_than")]
-    if job.get("one_file_system"):
-        args.append("--one-file-system")
+    for key, flag in (
+        ("one_file_system", "--one-file-system"),
+        ("exclude_caches", "--exclude-caches"),
+        ("skip_if_unchanged", "--skip-if-unchanged"),
+    ):
+        if job.get(key):
+            args.append(flag)
     if job.get("host"):
         args += ["--host", job.get("host")]
     return [*args, "--", *paths]

@@ -133,6 +133,8 @@ JOB_KEYS: dict[str, str] = {
     "exclude_if_present": "strs",
     "exclude_larger_than": "str",
     "one_file_system": "bool",
+    "exclude_caches": "bool",
+    "skip_if_unchanged": "bool",
     "tags": "strs",
     "host": "str",
     "keep_last": "int",

@@ -91,8 +91,7 @@ def parse_recipient(text: str) -> Recipient:
         else:
             return Recipient(str(plugin), "plugin", str(plugin))
     raise BadRecipient(
-        f"not an age recipient (age1…) or SSH public key (ssh-ed25519, ssh-rsa): "
-        f"{short(text)!r}"
+        f"not an age recipient (age1…) or SSH public key (ssh-ed25519, ssh-rsa): {short(text)!r}"
     )
 
 

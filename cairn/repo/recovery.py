@@ -64,9 +64,7 @@ class IdentityMismatch(RepoError):
     exit_code = 12
 
     def __init__(self, detail: str = "") -> None:
-        super().__init__(
-            "this identity does not match any recovery key of the repository" + detail
-        )
+        super().__init__("this identity does not match any recovery key of the repository" + detail)
 
 
 class NoRecoveryKey(RepoError):

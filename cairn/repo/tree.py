@@ -166,9 +166,7 @@ def _decode_node_fast(raw: object) -> Node | None:
         return None
     if kind == "file":
         content = n.content
-        if type(content) is not list or not all(
-            type(b) is bytes and len(b) == 32 for b in content
-        ):
+        if type(content) is not list or not all(type(b) is bytes and len(b) == 32 for b in content):
             return None
     elif kind == "dir":
         if type(n.subtree) is not bytes or len(n.subtree) != 32:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +36,7 @@ class BackupResult:
     parent: str | None
     errors: list[tuple[str, str]] = field(default_factory=list)
     dry_run: bool = False
+    skipped: bool = False  # --skip-if-unchanged, and nothing had changed
     pipeline: PipelineSnapshot | None = None
 
 
@@ -46,18 +47,43 @@ def snapshot_paths(options: BackupOptions) -> list[str]:
     ]
 
 
+GROUP_FIELDS = ("host", "paths", "tags")
+
+
+def parse_group_by(text: str) -> frozenset[str]:
+    """``--group-by host,paths,tags`` (any of them; empty: every snapshot is a
+    candidate parent). Raises ``ValueError`` naming an unknown field."""
+    fields = frozenset(f.strip() for f in text.split(",") if f.strip())
+    unknown = sorted(fields - set(GROUP_FIELDS))
+    if unknown:
+        raise ValueError(f"--group-by: unknown field {unknown[0]!r} (host, paths, tags)")
+    return fields
+
+
 async def find_parent(
-    repo: Repository, options: BackupOptions, parent_ref: str | None
+    repo: Repository,
+    options: BackupOptions,
+    parent_ref: str | None,
+    group_by: frozenset[str] = frozenset({"host", "paths"}),
 ) -> tuple[str | None, bytes | None]:
     """``(snapshot ID, tree)`` of the parent: ``parent_ref`` if given, else the
-    latest snapshot of the same host and paths (none with --force or --stdin)."""
+    latest snapshot of the same group (``--group-by``: by default the same host and
+    paths; none with --force or --stdin)."""
     if parent_ref:
         parent_id, parent_snap = await find_snapshot(repo, parent_ref)
         return parent_id, parent_snap.tree
     if options.force or options.stdin_name is not None:
         return None, None
-    flt = SnapshotFilter(hosts=[options.host], paths=snapshot_paths(options))
-    matching = [(i, s) for i, s in await load_snapshots(repo) if flt.matches(s)]
+    flt = SnapshotFilter(
+        hosts=[options.host] if "host" in group_by else [],
+        paths=snapshot_paths(options) if "paths" in group_by else [],
+    )
+    tags = sorted(set(options.tags))
+    matching = [
+        (i, s)
+        for i, s in await load_snapshots(repo)
+        if flt.matches(s) and ("tags" not in group_by or sorted(set(s.tags)) == tags)
+    ]
     if not matching:
         return None, None
     return matching[-1][0], matching[-1][1].tree
@@ -71,16 +97,22 @@ async def run_backup(
     missing: list[tuple[str, str]] | None = None,
     username: str = "",
     watch: Watch | None = None,
+    group_by: frozenset[str] = frozenset({"host", "paths"}),
+    skip_if_unchanged: bool = False,
+    before_snapshot: Callable[[], Awaitable[None]] | None = None,
 ) -> BackupResult:
     """Back up ``options.paths`` into a new snapshot of the (locked) ``repo``.
 
     ``missing``: paths left out before the run (counted as errors, as restic).
-    ``watch(archiver)`` wraps the run (progress). Errors are raised as themselves.
+    ``watch(archiver)`` wraps the run (progress). ``before_snapshot()`` runs once
+    the data is stored and may raise to save no snapshot (``--stdin-from-command``:
+    the command failed). With ``skip_if_unchanged``, no snapshot is saved when the
+    root tree is the parent's. Errors are raised as themselves.
     """
     started = time.time()
     missing = list(missing or [])
     index = await repo.load_index()
-    parent_id, parent_tree = await find_parent(repo, options, parent_ref)
+    parent_id, parent_tree = await find_parent(repo, options, parent_ref, group_by)
     archiver = Archiver(repo, index, options, None if options.force else parent_tree)
     async with watch(archiver) if watch is not None else nullcontext():
         root = await archiver.run()
@@ -103,8 +135,11 @@ async def run_backup(
         "errors": len(missing) + len(stats.errors),
         "duration_seconds": round(time.time() - started, 3),
     }
+    if before_snapshot is not None:
+        await before_snapshot()
     snapshot_id = None
-    if not options.dry_run:
+    skipped = skip_if_unchanged and parent_tree is not None and root == parent_tree
+    if not options.dry_run and not skipped:
         snap = Snapshot(
             time_ns=int(started * 1e9),
             tree=root,
@@ -126,5 +161,6 @@ async def run_backup(
         parent=parent_id,
         errors=missing + list(stats.errors),
         dry_run=options.dry_run,
+        skipped=skipped,
         pipeline=archiver.snapshot(),
     )

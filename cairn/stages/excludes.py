@@ -78,6 +78,25 @@ def _compile_icase(pattern: str) -> re.Pattern[str] | None:
     return re.compile(text, re.DOTALL | re.IGNORECASE)
 
 
+#: ``--exclude-caches``: a directory tagged as a cache (https://bford.info/cachedir/).
+CACHEDIR_TAG = "CACHEDIR.TAG:Signature: 8a477f597d28d172789f06886806bc55"
+
+
+def _starts_with(dir_fd: int, name: bytes, header: bytes) -> bool:
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:
+        return False  # not readable (or a symlink): it excludes nothing
+    try:
+        return os.pread(fd, len(header), 0) == header
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class ExcludeRules:
     """All exclusion rules of one backup run."""
@@ -115,9 +134,18 @@ class ExcludeRules:
         text = os.fsdecode(path) + "/"
         return any(rx.match(text) for rx in self._icompiled)
 
-    def excluded_dir_contents(self, path: bytes, names: set[bytes]) -> bool:
-        """``--exclude-if-present``: the directory holds a marker file."""
-        return any(os.fsencode(marker) in names for marker in self.if_present)
+    def exclusion_tags(self, dir_fd: int, names: set[bytes]) -> list[bytes]:
+        """``--exclude-if-present NAME[:HEADER]`` (and ``--exclude-caches``): the tag
+        files in the directory open as ``dir_fd`` that exclude its contents; empty if
+        none does. As restic's: with a HEADER, the file must begin with it; the tag
+        files themselves are kept."""
+        found = []
+        for marker in self.if_present:
+            name, sep, header = marker.partition(":")
+            tag = os.fsencode(name)
+            if tag in names and (not sep or _starts_with(dir_fd, tag, os.fsencode(header))):
+                found.append(tag)
+        return found
 
     def too_large(self, size: int) -> bool:
         return self.larger_than is not None and size > self.larger_than

@@ -44,9 +44,11 @@ def scan_dir(dir_fd: int, path: bytes, rules: ExcludeRules, root_device: int | N
     except OSError as exc:
         result.warnings.append((path, exc.strerror or str(exc)))
         return result
-    if rules.if_present and rules.excluded_dir_contents(path, set(entries)):
-        result.excluded += len(entries)
-        return result
+    if rules.if_present:
+        tags = rules.exclusion_tags(dir_fd, set(entries))
+        if tags:  # only the tag files stay, as restic keeps them
+            result.excluded += len(entries) - len(tags)
+            entries = tags
     prefix = path.rstrip(b"/") + b"/"
     for name in entries:
         full = prefix + name
