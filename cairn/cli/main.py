@@ -46,6 +46,7 @@ _COMMAND_MODULES = (
     "config",
     "run",
     "rewrite",
+    "recover",
 )
 
 
