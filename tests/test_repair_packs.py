@@ -8,18 +8,19 @@ import subprocess
 from pathlib import Path
 
 import cairn as cairn_package
+from cairn.backends.faulty import ENV_VAR
 from tests.cli_helpers import CAIRN, Cairn, Result
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
-from tests.maintenance_helpers import describe, flip_byte, pack_files
+from tests.maintenance_helpers import copy_repo, describe, flip_byte, pack_files
 
 # The copies of the packs land in the current directory (as restic's do): run the
 # command in a directory of the test's own, importing this cairn.
 _SOURCE_ROOT = str(Path(cairn_package.__file__).parents[1])
 
 
-def _run_in(c: Cairn, cwd: Path, *args: str) -> Result:
+def _run_in(c: Cairn, cwd: Path, *args: str, faults: str = "") -> Result:
     cmd = [*CAIRN, "-r", str(c.repo), "--password-file", str(c.password_file), "--insecure-kdf"]
-    env = c.env | {"PYTHONPATH": _SOURCE_ROOT}
+    env = c.env | {"PYTHONPATH": _SOURCE_ROOT} | ({ENV_VAR: faults} if faults else {})
     proc = subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, timeout=600)
     return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
@@ -117,3 +118,31 @@ def test_repair_packs_wrong_input_changes_nothing(cairn: Cairn, tmp_path: Path) 
         assert len(lines) == 1 and phrase in lines[0], (args, r.err)
     assert sorted(p.name for p in Path(cairn.repo).rglob("*") if p.is_file()) == before
     assert cairn.run("check", "--read-data").code == 0
+
+
+def test_repair_packs_killed_at_each_write_then_run_again(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Writes: lock, new pack, its index, the superseding index, old index removed,
+    damaged pack removed, lock removed. A kill before any of them loses nothing, and
+    the command run again (reusing its copy of the pack) finishes the job."""
+    src = tmp_path / "src"
+    pack, blobs = _data_pack(cairn, src)
+    path = pack_files(cairn.repo)[pack]
+    path.chmod(0o600)
+    flip_byte(path, blobs[0][0] + 100)
+    for n in range(2, 7):
+        run = tmp_path / f"kill{n}"
+        run.mkdir()
+        c = copy_repo(cairn, run)
+        killed = _run_in(c, run, "repair", "packs", pack, faults=f"write#{n}=kill")
+        assert killed.code == -9, (n, killed.err)
+        again = _run_in(c, run, "repair", "packs", pack)
+        assert again.code == 0, (n, again.err)
+        assert pack not in pack_files(c.repo), n
+        c.run("repair", "snapshots", "--forget", check=True)
+        r = c.run("check", "--read-data")
+        assert r.code == 0, (n, r.out)
+        restored = _restored(c, src, run / "t")
+        assert sum(restored[x] == (src / x).read_bytes() for x in restored) == 2, n

@@ -117,7 +117,7 @@ def _report(settings: Settings, done: list[Any], options: Any) -> None:
     if settings.json:
         for r in done:
             line = {
-                "message_type": "snapshot_rewritten",
+                "message_type": "rewritten",
                 "old_id": r.old_id,
                 "new_id": r.new_id,
                 "excluded": r.excluded,

@@ -143,12 +143,14 @@ class _Salvager:
 
 
 def _save_copy(directory: Path, pack_id: str, data: bytes) -> str:
-    """``pack-<ID>`` in ``directory``, never over an existing file."""
+    """``pack-<ID>`` in ``directory``, never over another file of that name."""
     path = directory / f"pack-{pack_id}"
     try:
         with open(path, "xb") as f:
             f.write(data)
     except FileExistsError:
+        if path.read_bytes() == data:  # from an interrupted run: the same copy
+            return str(path)
         raise RepairPacksRefused(
             f"{path} already exists: move it away (nothing was deleted)"
         ) from None
