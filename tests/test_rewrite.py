@@ -153,12 +153,31 @@ def test_rewrite_new_host_and_time_keep_the_tree(cairn: Cairn, tmp_path: Path) -
     assert sorted(str(s["hostname"]) for s in _snapshots(cairn).values()).count("again") == 1
 
 
+def test_rewrite_include_keeps_only_what_matches(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
+    src = tmp_path / "src"
+    ids = _two_backups(cairn, src)
+    r = cairn.run("rewrite", "--include", "nothing-is-called-this", check=True)
+    assert "no snapshots were modified" in r.out  # nothing included: left alone
+    r = cairn.run("rewrite", "--iinclude", "SECRET", "--forget", ids[1], "--json", check=True)
+    (line, _summary) = r.json_lines()
+    target = tmp_path / "t"
+    cairn.run("restore", line["new_id"], "--target", str(target), check=True)
+    assert _files(target / str(src).lstrip("/")) == {
+        "secret/creds.txt": b"hunter2\n",
+        "secret/notes.txt": b"keep me\n",
+    }
+    assert not (target / str(src).lstrip("/") / "other").exists()  # emptied: dropped
+    summary = cairn.run("cat", "snapshot", line["new_id"], check=True).json()["summary"]
+    assert summary["total_files_processed"] == 2
+
+
 def test_rewrite_wrong_input_is_one_line_and_exit_1(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
     _two_backups(cairn, tmp_path / "src")
     cases = [
         (("rewrite",), "nothing to do"),
         (("rewrite", "-e", "x", "deadbeef"), "deadbeef"),
         (("rewrite", "--new-time", "yesterday-ish"), "error in time option"),
+        (("rewrite", "-e", "a", "-i", "b"), "mutually exclusive"),
         (("rewrite", "--exclude-file", str(tmp_path / "missing")), "cannot read exclude file"),
     ]
     before = _listing(Path(cairn.repo))

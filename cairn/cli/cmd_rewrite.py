@@ -27,21 +27,21 @@ def parse_new_time(text: str) -> int:
     return int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000
 
 
-def exclude_rules(opts: dict[str, Any]) -> Any:
-    """The exclude rules of the four exclude options, None when none is given."""
+def pattern_rules(opts: dict[str, Any], kind: str) -> Any:
+    """The rules of the four ``--exclude``-like (``kind`` "exclude") or
+    ``--include``-like options, None when none is given."""
     from cairn.stages.excludes import ExcludeRules
 
-    if not (opts["exclude"] or opts["iexclude"] or opts["exclude_file"] or opts["iexclude_file"]):
+    files, ifiles = opts[f"{kind}_file"], opts[f"i{kind}_file"]
+    if not (opts[kind] or opts[f"i{kind}"] or files or ifiles):
         return None
     try:
-        ipatterns = ExcludeRules.from_files(list(opts["iexclude_file"])).patterns
+        ipatterns = ExcludeRules.from_files(list(ifiles)).patterns
         return ExcludeRules.from_files(
-            list(opts["exclude_file"]),
-            patterns=list(opts["exclude"]),
-            ipatterns=[*opts["iexclude"], *ipatterns],
+            list(files), patterns=list(opts[kind]), ipatterns=[*opts[f"i{kind}"], *ipatterns]
         )
     except OSError as exc:
-        raise UsageError(f"cannot read exclude file {exc.filename}: {exc.strerror}") from None
+        raise UsageError(f"cannot read {kind} file {exc.filename}: {exc.strerror}") from None
 
 
 @click.command("rewrite")
@@ -50,6 +50,10 @@ def exclude_rules(opts: dict[str, Any]) -> Any:
 @click.option("--iexclude", multiple=True, help="Like --exclude, ignoring case.")
 @click.option("--exclude-file", multiple=True, help="Read exclude patterns from a file.")
 @click.option("--iexclude-file", multiple=True, help="Like --exclude-file, ignoring case.")
+@click.option("-i", "--include", multiple=True, help="Keep only what matches (repeatable).")
+@click.option("--iinclude", multiple=True, help="Like --include, ignoring case.")
+@click.option("--include-file", multiple=True, help="Read include patterns from a file.")
+@click.option("--iinclude-file", multiple=True, help="Like --include-file, ignoring case.")
 @click.option("--forget", is_flag=True, help="Remove the original snapshots afterwards.")
 @click.option("-n", "--dry-run", is_flag=True, help="Only show what would be rewritten.")
 @click.option("--new-host", help="Replace the hostname.")
@@ -66,19 +70,27 @@ def command(settings: Settings, ids: tuple[str, ...], **opts: Any) -> int:
     """Rewrite snapshots to exclude files or change metadata.
 
     Selects the snapshots by ID and/or --host/--path/--tag (all snapshots if none).
+    With --include and the like, only the matching files (and the directories above
+    them) are kept; excludes and includes cannot be mixed.
     The new snapshots share every unchanged directory with the originals, keep their
     metadata (unless --new-host/--new-time) and get the tag 'rewrite' — unless
     --forget, which removes the originals instead. Run `prune` to free the space.
     """
     from cairn.stages.rewrite import RewriteOptions
 
-    rules = exclude_rules(opts)
-    if rules is None and not (opts["new_host"] or opts["new_time"] or opts["snapshot_summary"]):
-        raise UsageError("nothing to do: no excludes provided and no new metadata provided")
+    rules, includes = pattern_rules(opts, "exclude"), pattern_rules(opts, "include")
+    if rules is not None and includes is not None:
+        raise UsageError("exclude and include patterns are mutually exclusive")
+    metadata = opts["new_host"] or opts["new_time"] or opts["snapshot_summary"]
+    if rules is None and includes is None and not metadata:
+        raise UsageError(
+            "nothing to do: no excludes/includes provided and no new metadata provided"
+        )
     from cairn.repo.codec import compression_level
 
     options = RewriteOptions(
         rules=rules,
+        includes=includes,
         new_host=opts["new_host"] or None,
         new_time_ns=parse_new_time(opts["new_time"]) if opts["new_time"] else None,
         snapshot_summary=opts["snapshot_summary"],

@@ -5,7 +5,9 @@ Each selected snapshot's trees are rewritten bottom-up by the shared
 exclude pattern (backup's rules, :mod:`cairn.stages.excludes`) is left out, and only
 the trees above it change — every other subtree keeps its ID and is shared with the
 original. A snapshot in which nothing matches (and no new metadata is asked for) is
-left alone.
+left alone. With include patterns instead (restic 0.19), only the files they match
+stay, with the directories above them and the directories they match; a snapshot in
+which nothing is included is left alone.
 
 The new snapshot keeps everything else (time, host, paths, tags, parent…), gets
 ``original`` (the ID it replaces), the tag ``rewrite`` unless the original is
@@ -42,9 +44,11 @@ _TOTALS = ("total_files_processed", "total_bytes_processed")
 
 @dataclass(frozen=True)
 class RewriteOptions:
-    """What to change. ``rules`` None: no excludes (metadata only)."""
+    """What to change. ``rules``: the excludes; ``includes``: the include patterns
+    (as exclude rules: a path they match is kept); at most one of them."""
 
     rules: ExcludeRules | None = None
+    includes: ExcludeRules | None = None
     new_host: str | None = None
     new_time_ns: int | None = None
     snapshot_summary: bool = False  # add the file totals to summaries lacking them
@@ -67,23 +71,29 @@ class Rewritten:
     forgotten: bool = False
 
 
-class _Excluder(TreeRewriter):
-    """Leaves out every entry whose path an exclude pattern matches."""
+class _Filter(TreeRewriter):
+    """Leaves out every entry whose path an exclude pattern matches (noting it) or,
+    with includes, every file no include pattern matches and every directory left
+    empty that none matches (restic's include filter)."""
 
     by_path = True
 
-    def __init__(
-        self, repo: Repository, index: Index, level: int, rules: ExcludeRules | None
-    ) -> None:
-        super().__init__(repo, index, level)
-        self.rules = rules
+    def __init__(self, repo: Repository, index: Index, opts: RewriteOptions) -> None:
+        super().__init__(repo, index, opts.level)
+        self.rules = opts.rules
+        self.includes = opts.includes
         self._totals: dict[bytes, tuple[int, int]] = {}
 
     async def edit_node(self, node: Node, path: bytes, notes: list[str]) -> Node | None:
         if self.rules is not None and self.rules.excluded_path(path):
             notes.append("/" + show_path(node.name))
             return None
-        return node
+        if self.includes is None or node.type == "dir":
+            return node  # a directory may hold included entries: see keep_empty
+        return node if self.includes.excluded_path(path) else None
+
+    def keep_empty(self, path: bytes) -> bool:
+        return self.includes is None or self.includes.excluded_path(path)
 
     async def totals(self, tree_id: bytes) -> tuple[int, int]:
         """Files and their bytes below a tree (new or stored), each tree counted once
@@ -109,10 +119,12 @@ async def rewrite_snapshots(
 ) -> list[Rewritten]:
     """Rewrite ``snapshots`` as ``opts`` says; the ones changed (or that would be)."""
     index = repo.index if repo.index is not None else await repo.load_index()
-    rewriter = _Excluder(repo, index, opts.level, opts.rules)
+    rewriter = _Filter(repo, index, opts)
     plans = []
     for sid, snap in snapshots:
         new_root, excluded = await rewriter.rewrite(snap.tree)
+        if opts.includes is not None and new_root in rewriter.empty:
+            continue  # nothing included: left alone, as restic does
         summary = dict(snap.summary)
         if new_root != snap.tree or (
             opts.snapshot_summary and any(k not in summary for k in _TOTALS)

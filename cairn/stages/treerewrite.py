@@ -3,10 +3,11 @@
 
 A subclass decides, entry by entry, what goes into the new tree
 (:meth:`TreeRewriter.edit_node`: the node as it is, a changed node, or ``None`` to
-leave it out). Only a tree whose entries changed — or one below it — is stored anew;
-every unchanged subtree keeps its ID, so the rewritten snapshot shares it with the
-original. A tree is rewritten once per run (once per path, when the decision depends
-on the path), however many snapshots reach it.
+leave it out), and whether a directory left empty stays
+(:meth:`TreeRewriter.keep_empty`). Only a tree whose entries changed — or one below
+it — is stored anew; every unchanged subtree keeps its ID, so the rewritten snapshot
+shares it with the original. A tree is rewritten once per run (once per path, when
+the decision depends on the path), however many snapshots reach it.
 
 New trees are encoded as they are made and kept until :meth:`TreeRewriter.flush`
 stores them through the shared packing stages (``pack`` → ``upload`` → ``index``),
@@ -53,6 +54,7 @@ class TreeRewriter:
         self.new_trees: list[EncodedBlob] = []
         self.new_ids: set[bytes] = set()
         self.made: dict[bytes, Tree] = {}  # the new trees, readable before the flush
+        self.empty: set[bytes] = set()  # IDs of the trees met or made with no entries
 
     async def load(self, tree_id: bytes, notes: list[str]) -> Tree:
         """The tree to rewrite. A subclass may stand in for one it cannot read
@@ -63,6 +65,10 @@ class TreeRewriter:
         """The entry at ``path`` as it goes into the new tree, ``None`` to leave it
         out. A directory's subtree is rewritten after this, by :meth:`rewrite`."""
         return node
+
+    def keep_empty(self, path: bytes) -> bool:
+        """Whether the directory at ``path`` stays when nothing is left in it."""
+        return True
 
     async def rewrite(self, tree_id: bytes, path: bytes = b"") -> tuple[bytes, list[str]]:
         """The rewritten tree's ID (``tree_id`` itself when nothing below changed)
@@ -90,11 +96,16 @@ class TreeRewriter:
                 sub_id, sub_notes = await self._rewrite(new.subtree, child)
                 name = "/" + show_path(node.name)
                 notes.extend(name + note for note in sub_notes)
+                if sub_id in self.empty and not self.keep_empty(child):
+                    changed = True
+                    continue
                 if sub_id != new.subtree:
                     new = dataclasses.replace(new, subtree=sub_id)
             changed = changed or new is not node
             nodes.append(new)
         new_id = self.store(Tree(nodes)) if changed else tree_id
+        if not nodes:
+            self.empty.add(new_id)
         self._done[key] = (new_id, notes)
         return new_id, notes
 
