@@ -188,3 +188,21 @@ def test_rewrite_wrong_input_is_one_line_and_exit_1(cairn: Cairn, tmp_path: Path
         assert len(lines) == 1 and phrase in lines[0], (args, r.err)
         assert "Traceback" not in r.err
     assert _listing(Path(cairn.repo)) == before
+
+
+def test_rewrite_stops_before_writing_when_a_tree_is_unreadable(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ids = _two_backups(cairn, tmp_path / "src")
+    info = describe(cairn.repo)
+    for pack, kind in info["pack_type"].items():
+        if kind == 1:  # tree packs: both snapshots lose their trees
+            (Path(cairn.repo) / "data" / pack[:2] / pack).unlink()
+    before = _listing(Path(cairn.repo))
+    r = cairn.run("--no-cache", "rewrite", "-e", "creds.txt", "--forget")
+    assert r.code == 1 and "Traceback" not in r.err
+    (line,) = [x for x in r.err.splitlines() if x.startswith("cairn: ")]
+    assert line.startswith(f"cairn: unable to rewrite snapshot {ids[0][:8]}: ")
+    assert "nothing was written" in line
+    assert _listing(Path(cairn.repo)) == before

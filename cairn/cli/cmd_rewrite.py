@@ -146,6 +146,12 @@ def _report(settings: Settings, done: list[Any], options: Any) -> None:
         if settings.verbosity >= 1:
             for path in r.excluded:
                 click.echo(f"excluding {path}")
+        verb = "would set" if dry else "setting"
+        if options.new_time_ns is not None:
+            when = datetime.fromtimestamp(options.new_time_ns / 1e9).astimezone()
+            click.echo(f"{verb} time to {when:%Y-%m-%d %H:%M:%S %z}")
+        if options.new_host is not None:
+            click.echo(f"{verb} host to {options.new_host}")
         if dry:
             click.echo("would save new snapshot")
             if r.forgotten:

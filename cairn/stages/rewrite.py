@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from cairn.backends.base import NotFound, object_name
+from cairn.repo.errors import CorruptedObject, ObjectNotFound, RepoError
 from cairn.repo.tree import Node
 from cairn.stages.treerewrite import TreeRewriter, show_path
 
@@ -40,6 +41,10 @@ log = structlog.get_logger("cairn.rewrite")
 
 REWRITE_TAG = "rewrite"
 _TOTALS = ("total_files_processed", "total_bytes_processed")
+
+
+class RewriteFailed(RepoError):
+    """A selected snapshot's trees cannot be read; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,13 @@ async def rewrite_snapshots(
     rewriter = _Filter(repo, index, opts)
     plans = []
     for sid, snap in snapshots:
-        new_root, excluded = await rewriter.rewrite(snap.tree)
+        try:
+            new_root, excluded = await rewriter.rewrite(snap.tree)
+        except (CorruptedObject, ObjectNotFound) as exc:
+            raise RewriteFailed(
+                f"unable to rewrite snapshot {sid[:8]}: {exc}; nothing was written "
+                "(`cairn check` tells more, `cairn repair snapshots` repairs it)"
+            ) from None
         if opts.includes is not None and new_root in rewriter.empty:
             continue  # nothing included: left alone, as restic does
         summary = dict(snap.summary)
