@@ -27,7 +27,7 @@ import anyio
 import structlog
 
 from cairn import __version__
-from cairn.backends.base import NotFound, ObjectTruncated
+from cairn.backends.base import NotFound, ObjectTruncated, is_hex_id
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
 from cairn.repo.pack import TREE, PackEntry
 from cairn.repo.snapshot import Snapshot
@@ -60,12 +60,12 @@ class RecoverResult:
 async def index_unindexed_packs(repo: Repository, index: Index, connections: int) -> int:
     """Write one index file for the packs on the backend that no index lists (their
     headers read; an unreadable one is left for ``repair index``/``prune``)."""
-    known = set(index.packs())
-    sizes = {
-        name.rsplit("/", 1)[-1]: size
-        async for name, size in repo.backend.list("data/")
-        if bytes.fromhex(name.rsplit("/", 1)[-1]) not in known
-    }
+    known = {p.hex() for p in index.packs()}
+    sizes = {}
+    async for name, size in repo.backend.list("data/"):
+        pack_id = name.rsplit("/", 1)[-1]
+        if is_hex_id(pack_id) and pack_id not in known:  # not a stray file
+            sizes[pack_id] = size
     found: list[tuple[bytes, list[PackEntry]]] = []
     limiter = anyio.CapacityLimiter(max(1, connections))
 
@@ -94,22 +94,24 @@ async def find_roots(
         blob_id: False for blob_id, loc in index.blobs() if loc.type == TREE
     }
     result.trees = len(referenced)
-    limiter = anyio.CapacityLimiter(max(1, connections))
+    todo = iter(list(referenced))
 
-    async def one(tree_id: bytes) -> None:
-        async with limiter:
+    async def reader() -> None:
+        # A few readers share one iterator: a repository holds millions of trees,
+        # too many for a task each.
+        for tree_id in todo:
             try:
                 tree = await repo.load_tree(tree_id)
             except (CorruptedObject, ObjectNotFound) as exc:
                 result.unreadable.append((tree_id.hex(), str(exc)))
-                return
-        for node in tree.nodes:
-            if node.type == "dir" and node.subtree is not None:
-                referenced[node.subtree] = True
+                continue
+            for node in tree.nodes:
+                if node.type == "dir" and node.subtree is not None:
+                    referenced[node.subtree] = True
 
     async with anyio.create_task_group() as tg:
-        for tree_id in list(referenced):
-            tg.start_soon(one, tree_id)
+        for _ in range(max(1, connections)):
+            tg.start_soon(reader)
     for _sid, snap in await load_snapshots(repo):
         referenced[snap.tree] = True
     result.unreadable.sort()
