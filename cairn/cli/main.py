@@ -39,14 +39,14 @@ _COMMAND_MODULES = (
     "tag",
     "stats",
     "repair",
+    "rewrite",
+    "recover",
     "ls",
     "find",
     "diff",
     "dump",
     "config",
     "run",
-    "rewrite",
-    "recover",
 )
 
 
