@@ -206,3 +206,20 @@ def test_rewrite_stops_before_writing_when_a_tree_is_unreadable(
     assert line.startswith(f"cairn: unable to rewrite snapshot {ids[0][:8]}: ")
     assert "nothing was written" in line
     assert _listing(Path(cairn.repo)) == before
+
+
+def test_rewrite_snapshot_summary_adds_missing_totals(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
+    """A `recover` snapshot has no summary; -s adds the file totals, and leaves
+    snapshots that have them alone."""
+    src = tmp_path / "src"
+    ids = _two_backups(cairn, src)
+    assert "no snapshots were modified" in cairn.run("rewrite", "-s", check=True).out
+    objects = {p.name: p for p in (Path(cairn.repo) / "snapshots").iterdir()}
+    objects[ids[0]].unlink()
+    recovered = cairn.run("recover", "--json", check=True).json_lines()[-1]["snapshot_id"]
+    r = cairn.run("rewrite", "-s", "--json", check=True)
+    (line, summary) = r.json_lines()
+    assert line["old_id"] == recovered and summary["modified"] == 1
+    totals = cairn.run("cat", "snapshot", line["new_id"], check=True).json()["summary"]
+    size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and p.name != "top.txt")
+    assert totals == {"total_files_processed": 3, "total_bytes_processed": size}
