@@ -1,13 +1,14 @@
-"""``cairn repair index`` and ``cairn repair snapshots``."""
+"""``cairn repair index``, ``cairn repair snapshots`` and ``cairn repair packs``."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
 
-from cairn.cli.common import concurrency, echo_json, open_repo, run_async
+from cairn.cli.common import concurrency, echo_json, open_repo, run_async, stderr
 from cairn.cli.errors import EXIT_OK
 from cairn.config.settings import Settings
 
@@ -96,4 +97,58 @@ def snapshots(settings: Settings, forget: bool, dry_run: bool) -> int:
     if not settings.quiet:
         verb = "would repair" if dry_run else "repaired"
         click.echo(f"{verb} {len(repaired)} snapshots")
+    return EXIT_OK
+
+
+@command.command("packs")
+@click.argument("pack_ids", nargs=-1)
+@click.pass_obj
+def packs(settings: Settings, pack_ids: tuple[str, ...]) -> int:
+    """Salvage the intact blobs of damaged packs, then remove the packs.
+
+    Keeps a copy of each pack (pack-<ID>) in the current directory first, as restic
+    does. Run `cairn repair snapshots --forget` afterwards.
+    """
+    from cairn.stages.locking import repository_lock
+    from cairn.stages.repair_packs import check_pack_ids, repair_packs
+
+    ids = check_pack_ids(list(pack_ids))  # before the repository is even opened
+
+    async def main() -> Any:
+        async with (
+            open_repo(settings) as repo,
+            repository_lock(repo, exclusive=True, retry_seconds=settings.retry_lock),
+        ):
+            repo.cache = None  # salvage what the backend holds
+            return await repair_packs(
+                repo,
+                ids,
+                copy_dir=Path.cwd(),
+                connections=concurrency(settings, repo.backend).connections,
+                pack_size=settings.pack_size * 1024 * 1024 if settings.pack_size else None,
+            )
+
+    result = run_async(main)
+    if settings.json:
+        lost = [{"pack": p, "blob": b, "error": why} for p, b, why in result.lost]
+        unreadable = [{"pack": p, "error": why} for p, why in result.unreadable]
+        echo_json(
+            {"message_type": "summary", **vars(result), "lost": lost, "unreadable": unreadable}
+        )
+        return EXIT_OK
+    for pack_id, blob_id, why in result.lost:
+        stderr(f"pack {pack_id[:8]}: blob {blob_id} lost: {why}")
+    for pack_id, why in result.unreadable:
+        stderr(f"pack {pack_id[:8]}: {why}")
+    if not settings.quiet:
+        for path in result.copies:
+            click.echo(f"saved a copy of the pack to {path}")
+        click.echo(
+            f"salvaged {result.salvaged} blobs into {result.packs_written} new packs, "
+            f"lost {len(result.lost)}; removed {len(result.packs_removed)} packs"
+        )
+    stderr(
+        "\nUse `cairn repair snapshots --forget` to remove the corrupted data blobs "
+        "from all snapshots"
+    )
     return EXIT_OK

@@ -39,6 +39,8 @@ _COMMAND_MODULES = (
     "tag",
     "stats",
     "repair",
+    "rewrite",
+    "recover",
     "ls",
     "find",
     "diff",

@@ -22,15 +22,13 @@ import structlog
 
 from cairn.backends.base import NotFound, ObjectTruncated, object_name
 from cairn.pipeline.options import DEFAULT_CONNECTIONS
-from cairn.repo.codec import encode_blob
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
-from cairn.repo.index import Index
-from cairn.repo.pack import TREE, PackEntry
-from cairn.repo.tree import Node, Tree, encode_tree
+from cairn.repo.pack import PackEntry
+from cairn.repo.tree import Node, Tree
 from cairn.stages.check import read_pack_header
-from cairn.stages.packing import EncodedBlob, store_blobs
 from cairn.stages.prune import write_index_files
 from cairn.stages.snapshots import load_snapshots
+from cairn.stages.treerewrite import TreeRewriter, show_path
 
 if TYPE_CHECKING:
     from cairn.repo.repository import Repository
@@ -97,74 +95,33 @@ class SnapshotRepair:
     lost: list[str]
 
 
-class _TreeRewriter:
-    """Rewrites trees bottom-up, remembering results so shared subtrees are done once."""
+class _LossRewriter(TreeRewriter):
+    """Keeps what the index still has: a file keeps the data blobs that remain, a
+    directory whose tree is lost or unreadable becomes empty; notes say what was lost."""
 
-    def __init__(self, repo: Repository, index: Index, level: int) -> None:
-        self.repo = repo
-        self.index = index
-        self.level = level
-        self.done: dict[bytes, tuple[bytes, list[str]]] = {}
-        self.new_trees: list[EncodedBlob] = []
-        self.new_ids: set[bytes] = set()
-
-    def _store(self, tree: Tree) -> bytes:
-        payload = encode_tree(tree)
-        tree_id: bytes = self.repo.crypto.blob_id(payload)
-        if tree_id not in self.index and tree_id not in self.new_ids:
-            stored = encode_blob(self.repo.crypto, TREE, tree_id, payload, self.level)
-            self.new_trees.append(EncodedBlob(TREE, tree_id, stored, len(payload)))
-            self.new_ids.add(tree_id)
-        return tree_id
-
-    async def rewrite(self, tree_id: bytes, path: str) -> tuple[bytes, list[str]]:
-        """The repaired tree's ID (maybe unchanged) and the losses below ``path``."""
-        if tree_id in self.done:
-            new_id, lost = self.done[tree_id]
-            return new_id, [f"{path}{item}" for item in lost]
+    async def load(self, tree_id: bytes, notes: list[str]) -> Tree:
         try:
-            tree = await self.repo.load_tree(tree_id) if tree_id in self.index else None
+            if tree_id in self.index:
+                return await self.repo.load_tree(tree_id)
         except (CorruptedObject, ObjectNotFound):
-            tree = None
-        rel_lost: list[str] = []
-        if tree is None:
-            new_id = self._store(Tree())
-            rel_lost.append(f": directory contents lost (tree {tree_id.hex()})")
-        else:
-            nodes = []
-            for node in tree.nodes:
-                name = "/" + node.name.decode("utf-8", "backslashreplace")
-                nodes.append(await self._node(node, name, rel_lost))
-            new_id = self._store(Tree(nodes)) if rel_lost else tree_id
-        self.done[tree_id] = (new_id, rel_lost)
-        return new_id, [f"{path}{item}" for item in rel_lost]
+            pass
+        notes.append(f": directory contents lost (tree {tree_id.hex()})")
+        return Tree()
 
-    async def _node(self, node: Node, name: str, lost: list[str]) -> Node:
-        if node.type == "dir" and node.subtree is not None:
-            sub_id, sub_lost = await self.rewrite(node.subtree, name)
-            lost.extend(sub_lost)
-            return dataclasses.replace(node, subtree=sub_id)
-        if node.type == "file":
-            kept = [b for b in node.content if b in self.index]
-            if len(kept) != len(node.content):
-                missing = len(node.content) - len(kept)
-                lost.append(f"{name}: {missing} of {len(node.content)} data blobs lost")
-                size = 0
-                for blob_id in kept:
-                    loc = self.index.lookup(blob_id)
-                    size += loc.raw_length if loc is not None else 0
-                return dataclasses.replace(node, content=kept, size=size)
-        return node
-
-    async def flush(self) -> None:
-        """Store the new trees (packs, then index: the shared packing stages) before
-        any snapshot refers to them."""
-        if not self.new_trees:
-            return
-        trees, self.new_trees = self.new_trees, []
-        packs, _index_files = await store_blobs(self.repo, trees)
-        for pack_id, entries in packs:
-            self.index.add_pack(pack_id, entries)
+    async def edit_node(self, node: Node, path: bytes, notes: list[str]) -> Node | None:
+        if node.type != "file":
+            return node
+        kept = [b for b in node.content if b in self.index]
+        if len(kept) == len(node.content):
+            return node
+        missing = len(node.content) - len(kept)
+        name = "/" + show_path(node.name)
+        notes.append(f"{name}: {missing} of {len(node.content)} data blobs lost")
+        size = 0
+        for blob_id in kept:
+            loc = self.index.lookup(blob_id)
+            size += loc.raw_length if loc is not None else 0
+        return dataclasses.replace(node, content=kept, size=size)
 
 
 @dataclass
@@ -182,11 +139,11 @@ async def repair_snapshots(
 ) -> SnapshotsRepair:
     """Rewrite every snapshot that references missing data; see the module docstring."""
     index = repo.index if repo.index is not None else await repo.load_index()
-    rewriter = _TreeRewriter(repo, index, level)
+    rewriter = _LossRewriter(repo, index, level)
     plans = []
     snapshots = await load_snapshots(repo)
     for sid, snap in snapshots:
-        new_root, lost = await rewriter.rewrite(snap.tree, "")
+        new_root, lost = await rewriter.rewrite(snap.tree)
         if lost:
             plans.append((sid, snap, new_root, lost))
     if dry_run:
