@@ -142,6 +142,9 @@ def test_tag_notes_the_original(cairn: Cairn, tmp_path: Path) -> None:  # noqa: 
     r2 = cairn.run("tag", "--add", "t2", "--json", check=True).json()["changed"]
     assert r2[0][0] == r[0][1]
     assert anyio.run(_original, cairn.repo, r2[0][1]) == first  # the first original stays
+    # As restic's: `snapshots --json` shows it.
+    (listed,) = cairn.run("snapshots", "--json", check=True).json()
+    assert (listed["id"], listed["original"]) == (r2[0][1], first)
 
 
 def test_stats_modes(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811

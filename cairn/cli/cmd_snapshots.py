@@ -29,6 +29,7 @@ def snapshot_json(snapshot_id: str, snap: Any) -> dict[str, Any]:
         "excludes": snap.excludes,
         "program_version": snap.program_version,
         "summary": snap.summary,
+        "original": snap.original,
         "id": snapshot_id,
         "short_id": snapshot_id[:8],
     }
