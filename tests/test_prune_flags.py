@@ -208,3 +208,16 @@ def test_no_lock_dry_run_ignores_a_held_lock(template: Cairn, tmp_path: Path) ->
     assert c.run("prune", "--dry-run").code == 11  # the other host's exclusive lock
     out = c.run("--no-lock", "prune", "--dry-run", "--json")
     assert out.code == 0 and out.json()["dry_run"], out.err
+
+
+def test_repack_uncompressed_is_accepted_and_changes_nothing(
+    template: Cairn, tmp_path: Path
+) -> None:
+    """cairn compresses every blob zstd can shrink: the flag is a no-op (see
+    docs/maintenance.md), accepted so that restic's scripts run."""
+    c = copy_repo(template, tmp_path)
+    plain = _dry(c, "-v")
+    flagged = _dry(c, "-v", "--repack-uncompressed")
+    assert flagged["pack_ids"] == plain["pack_ids"]
+    r = c.run("forget", "--keep-last", "1", "--prune", "--repack-uncompressed")
+    assert r.code == 0, r.err

@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import click
+import structlog
 
 from cairn.cli.common import SIZE, concurrency, open_repo, run_async
 from cairn.cli.errors import EXIT_OK, UsageError
@@ -22,8 +23,16 @@ def check_prune_flags(settings: Settings, opts: dict[str, Any]) -> None:
     smaller = opts.get("repack_smaller_than")
     if smaller is not None and smaller <= 0:
         raise UsageError("--repack-smaller-than must be larger than zero")
-    if opts.get("repack_uncompressed") and settings.compression.strip().lower() in ("off", "0"):
-        raise UsageError("--compression off and --repack-uncompressed exclude each other")
+    if opts.get("repack_uncompressed"):
+        if settings.compression.strip().lower() in ("off", "0"):
+            raise UsageError("--compression off and --repack-uncompressed exclude each other")
+        # Accepted so that restic's scripts run, and changes nothing: cairn stores a
+        # blob raw only when zstd does not shrink it (or with --compression off), and
+        # the index cannot tell the two apart, so "repack what is uncompressed" would
+        # rewrite every pack of incompressible data on every run (docs/maintenance.md).
+        structlog.get_logger("cairn.prune").info(
+            "prune.repack_uncompressed_ignored", reason="blobs are compressed when it helps"
+        )
 
 
 def _max_unused(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
