@@ -233,3 +233,26 @@ def test_an_internal_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert err.splitlines()[0] == "cairn: internal error: ZeroDivisionError: division by zero"
     assert "--debug" in err and "Traceback" not in err
+
+
+def test_profile_repository_file_and_key_hint(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
+    where = tmp_path / "where"
+    where.write_text(str(cairn.repo))
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[profiles.p]\nrepository_file = "{where}"\nkey_hint = "0123"\n'
+        f'password_file = "{cairn.password_file}"\n'
+    )
+    args = ("--config", str(config), "--profile", "p", "--insecure-kdf")
+    r = cairn.run(*args, "snapshots", "--json", base=False)
+    assert r.code == 0 and r.json() == [], r.err
+    shown = cairn.run(*args, "config", "show", "--json", base=False).json()["settings"]
+    assert shown["repository_file"] == {"value": str(where), "source": "profile:p"}
+    assert shown["key_hint"] == {"value": "0123", "source": "profile:p"}
+    # The environment's location replaces the profile's as a whole.
+    env = {"CAIRN_REPOSITORY": str(cairn.repo)}
+    shown = cairn.run(*args, "config", "show", "--json", base=False, env=env).json()["settings"]
+    assert shown["repo"]["source"] == "env" and shown["repository_file"]["value"] is None
+    config.write_text(f'[profiles.p]\nrepository_file = "{where}"\nrepository = "/x"\n')
+    r = cairn.run(*args, "snapshots", base=False)
+    assert r.code == 1 and "mutually exclusive" in _one_error_line(r.err)
