@@ -219,5 +219,7 @@ def test_repack_uncompressed_is_accepted_and_changes_nothing(
     plain = _dry(c, "-v")
     flagged = _dry(c, "-v", "--repack-uncompressed")
     assert flagged["pack_ids"] == plain["pack_ids"]
+    # restic's deprecated --repack-small is accepted too (small packs merge anyway).
+    assert _dry(c, "-v", "--repack-small")["pack_ids"] == plain["pack_ids"]
     r = c.run("forget", "--keep-last", "1", "--prune", "--repack-uncompressed")
     assert r.code == 0, r.err

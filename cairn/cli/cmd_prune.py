@@ -66,6 +66,9 @@ prune_options = [
         is_flag=True,
         help="Only repack tree packs (data packs are kept unless wholly unused).",
     ),
+    # restic deprecated --repack-small when small packs started to merge by
+    # themselves; accepted (and ignored) so that older scripts run.
+    click.option("--repack-small", is_flag=True, hidden=True),
     click.option(
         "--repack-uncompressed",
         is_flag=True,
