@@ -119,7 +119,8 @@ class Problem:
             where = (
                 f" (snapshot {self.snapshot[:8]}" + (f", {self.path}" if self.path else "") + ")"
             )
-        return f"{self.severity}: {self.kind} {self.id}{where}: {self.message}"
+        what = f"{self.kind} {self.id}" if self.id else self.kind
+        return f"{self.severity}: {what}{where}: {self.message}"
 
     def as_json(self) -> dict[str, str]:
         """The ``--json`` form (one object per line)."""
