@@ -47,6 +47,12 @@ def test_repository_file_flag_and_env(cairn: Cairn, tmp_path: Path) -> None:  # 
     # Also after the command name, as every global flag.
     after = cairn.run(*pw, "snapshots", "--repository-file", str(where), base=False)
     assert after.code == 0, after.err
+    # init, too, creates the repository the file names, and says where.
+    fresh = tmp_path / "fresh-location"
+    fresh.write_text(str(tmp_path / "fresh"))
+    made = cairn.run(*pw, "--repository-file", str(fresh), "init", "--json", base=False)
+    assert made.code == 0 and made.json()["repository"] == str(tmp_path / "fresh"), made.err
+    assert (tmp_path / "fresh" / "config").is_file()
 
 
 def test_repository_file_problems_are_one_line(cairn: Cairn, tmp_path: Path) -> None:  # noqa: F811
