@@ -23,16 +23,9 @@ def check_prune_flags(settings: Settings, opts: dict[str, Any]) -> None:
     smaller = opts.get("repack_smaller_than")
     if smaller is not None and smaller <= 0:
         raise UsageError("--repack-smaller-than must be larger than zero")
-    if opts.get("repack_uncompressed"):
-        if settings.compression.strip().lower() in ("off", "0"):
-            raise UsageError("--compression off and --repack-uncompressed exclude each other")
-        # Accepted so that restic's scripts run, and changes nothing: cairn stores a
-        # blob raw only when zstd does not shrink it (or with --compression off), and
-        # the index cannot tell the two apart, so "repack what is uncompressed" would
-        # rewrite every pack of incompressible data on every run (docs/maintenance.md).
-        structlog.get_logger("cairn.prune").info(
-            "prune.repack_uncompressed_ignored", reason="blobs are compressed when it helps"
-        )
+    off = settings.compression.strip().lower() in ("off", "0")
+    if opts.get("repack_uncompressed") and off:
+        raise UsageError("--compression off and --repack-uncompressed exclude each other")
 
 
 def _max_unused(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
@@ -87,6 +80,14 @@ def prune_settings(
     pack_size = (settings.pack_size or 0) * 1024 * 1024 or repo.config.pack_size
     widths = concurrency(settings, repo.backend)
     check_prune_flags(settings, opts)
+    if opts.get("repack_uncompressed"):
+        # Accepted so that restic's scripts run, and changes nothing: cairn stores a
+        # blob raw only when zstd does not shrink it (or with --compression off), and
+        # the index cannot tell the two apart, so "repack what is uncompressed" would
+        # rewrite every pack of incompressible data on every run (docs/maintenance.md).
+        structlog.get_logger("cairn.prune").info(
+            "prune.repack_uncompressed_ignored", reason="blobs are compressed when it helps"
+        )
     smaller = opts.get("repack_smaller_than")
     if smaller is not None and smaller > pack_size:
         raise UsageError(
