@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from cairn.cli.common import concurrency, open_repo, run_async
-from cairn.cli.errors import EXIT_FATAL, EXIT_OK, print_error
+from cairn.cli.common import concurrency, open_repo, run_async, snapshot_filter_options
+from cairn.cli.errors import EXIT_FATAL, EXIT_OK, UsageError, print_error
 from cairn.cli.stagetable import echo_table, summary_fields
 from cairn.config.settings import Settings
 
@@ -27,6 +27,7 @@ def _subset(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
 
 
 @click.command("check")
+@click.argument("snapshot_ids", nargs=-1, metavar="[SNAPSHOT_ID]...")
 @click.option("--read-data", is_flag=True, help="Download and verify every pack and blob.")
 @click.option(
     "--read-data-subset",
@@ -35,15 +36,32 @@ def _subset(_ctx: click.Context, _param: click.Parameter, value: str | None) -> 
     help="Read only a subset of packs: n/t, x% or a size like 500M.",
 )
 @click.option("--seed", type=int, hidden=True, help="Seed for random subsets (tests).")
+@snapshot_filter_options
 @click.pass_obj
-def command(settings: Settings, read_data: bool, subset: Any, seed: int | None) -> int:
-    """Check the repository for errors; exit 1 if any are found."""
+def command(
+    settings: Settings,
+    snapshot_ids: tuple[str, ...],
+    read_data: bool,
+    subset: Any,
+    seed: int | None,
+    flt: Any,
+) -> int:
+    """Check the repository for errors; exit 1 if any are found.
+
+    With snapshot IDs or --host/--path/--tag, only the trees of those snapshots are
+    walked and, with --read-data, only the packs holding their blobs are read; the
+    index and the pack headers are checked in full.
+    """
     from cairn.stages.check import CheckOptions, Problem
 
+    if read_data and subset is not None:
+        raise UsageError("--read-data and --read-data-subset cannot be used together")
     options = CheckOptions(
         read_data=read_data or subset is not None,
         subset=subset,
         seed=seed,
+        snapshot_filter=flt,
+        snapshot_ids=snapshot_ids,
     )
 
     def report(problem: Problem) -> None:
@@ -59,6 +77,13 @@ def command(settings: Settings, read_data: bool, subset: Any, seed: int | None) 
     summary = {
         "message_type": "summary",
         "errors": errors,
+        # restic's names (check --json): the same count, the packs with errors (for
+        # `repair packs`), and whether `repair index` or `prune` would help.
+        "num_errors": errors,
+        "broken_packs": sorted({p.id for p in result.errors if p.kind == "pack"}),
+        "suggest_repair_index": any(p.kind == "index" for p in result.errors),
+        "suggest_prune": any(p.kind == "pack" and p.severity == "warning" for p in result.problems),
+        "filtered": options.filtered,
         "warnings": sum(p.severity == "warning" for p in result.problems),
         "snapshots": result.snapshots,
         "trees": result.trees,

@@ -45,7 +45,7 @@ def command(settings: Settings, recipients: list[Any], recipients_files: list[An
             await backend.aclose()
 
     repo_id = run_async(main)
-    location = redact_location(settings.repo or "")  # a URL's password stays off the screen
+    location = redact_location(settings.repository() or "")  # a URL's password stays hidden
     if settings.json:
         line = {"message_type": "initialized", "id": repo_id, "repository": location}
         echo_json(line | {"recovery_recipients": [r.text for r in everyone]})

@@ -30,7 +30,10 @@ class NoRepositoryGiven(Exception):
     exit_code = 1
 
     def __init__(self) -> None:
-        super().__init__("no repository given: use -r/--repo or set CAIRN_REPOSITORY")
+        super().__init__(
+            "no repository given: use -r/--repo or --repository-file, or set "
+            "CAIRN_REPOSITORY or CAIRN_REPOSITORY_FILE"
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         from cairn.backends.base import rebuild_error
@@ -83,7 +86,8 @@ def open_backend(settings: Settings) -> tuple[Any, Throttles]:
     :func:`cairn.backends.wrap.wrap_backend`; :func:`open_repo` drives the returned
     throttles from a bandwidth schedule.
     """
-    if not settings.repo:
+    location = settings.repository()  # --repository-file is read here, when needed
+    if not location:
         raise NoRepositoryGiven()
     from cairn.backends.faulty import ENV_VAR as FAULTS_ENV_VAR
     from cairn.backends.location import parse_location
@@ -91,7 +95,7 @@ def open_backend(settings: Settings) -> tuple[Any, Throttles]:
     from cairn.backends.wrap import wrap_backend
     from cairn.pipeline.throttle import Throttle
 
-    backend = parse_location(settings.repo, settings.backend_options)
+    backend = parse_location(location, settings.backend_options)
     upload = _throttle(Throttle, settings.limit_upload, settings.limit_upload_schedule)
     download = _throttle(Throttle, settings.limit_download, settings.limit_download_schedule)
     wrapped = wrap_backend(
@@ -187,7 +191,9 @@ async def open_repo(settings: Settings, identities: Any = None) -> AsyncIterator
         if identities is not None:
             repo = await open_repository_with_identities(backend, identities)
         else:
-            repo = await open_repository(backend, read_password(settings))
+            repo = await open_repository(
+                backend, read_password(settings), key_hint=settings.key_hint
+            )
         repo.cache = open_cache(
             repo.config.id,
             cache_dir=settings.cache_dir,

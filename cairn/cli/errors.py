@@ -1,7 +1,8 @@
 """Turning exceptions into one line on stderr and restic's exit codes.
 
-Exit codes: 0 ok, 1 fatal, 3 some files could not be read, 10 no repository,
-11 lock failed, 12 wrong password, 130 interrupted.
+Exit codes: 0 ok, 1 fatal (usage errors included, as restic's), 2 internal error
+(a bug: what restic's Go runtime errors exit with), 3 some files could not be read,
+10 no repository, 11 lock failed, 12 wrong password, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import click
 
 EXIT_OK = 0
 EXIT_FATAL = 1
+EXIT_INTERNAL = 2
 EXIT_PARTIAL = 3
 EXIT_NO_REPOSITORY = 10
 EXIT_LOCK_FAILED = 11
@@ -70,7 +72,19 @@ def describe(exc: BaseException, *, debug: bool = False) -> tuple[int, str]:
         return code, str(err)
     if isinstance(err, OSError):
         return EXIT_FATAL, f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")
-    return EXIT_FATAL, f"internal error: {type(err).__name__}: {err}"
+    # An exception nobody anticipated is a bug: restic exits 2 on a Go runtime
+    # error (a panic), so scripts can tell "cairn broke" from "the job failed".
+    return EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}"
+
+
+def _usage_message(exc: click.ClickException) -> str:
+    """One line for a usage error (restic prints one, without the usage text):
+    click's message, and where to read about the command."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
 
 
 ExitHook = Callable[[int, "str | None"], None]
@@ -96,12 +110,11 @@ def _run(group: click.Group, args: list[str]) -> tuple[int, str | None]:
     except click.exceptions.Exit as exc:
         return int(exc.exit_code), None
     except click.ClickException as exc:
+        # click's usage errors carry 2; restic (cobra) exits 1 for them, and so do we.
         code = EXIT_FATAL if exc.exit_code == 2 else int(exc.exit_code)
-        if as_json:
-            print_error(exc.format_message(), as_json=True, code=code)
-        else:
-            exc.show()
-        return code, exc.format_message()
+        message = _usage_message(exc)
+        print_error(message, as_json=as_json, code=code)
+        return code, message
     except (KeyboardInterrupt, click.exceptions.Abort):
         print_error("interrupted", as_json=as_json, code=EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED, "interrupted"

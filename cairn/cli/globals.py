@@ -41,6 +41,16 @@ def _check_duration(
 
 GLOBAL_OPTIONS: list[click.Option] = [
     click.Option(["-r", "--repo"], help="Repository location (env CAIRN_REPOSITORY)."),
+    click.Option(
+        ["--repository-file"],
+        metavar="FILE",
+        help="Read the repository location from FILE (env CAIRN_REPOSITORY_FILE).",
+    ),
+    click.Option(
+        ["--key-hint"],
+        metavar="KEY_ID",
+        help="Try the key with this ID (or ID prefix) first (env CAIRN_KEY_HINT).",
+    ),
     click.Option(["--password-file"], help="Read the password from a file."),
     click.Option(["--password-command"], help="Run a command to get the password."),
     click.Option(["--json"], is_flag=True, default=None, help="Machine-readable output."),
@@ -71,17 +81,27 @@ GLOBAL_OPTIONS: list[click.Option] = [
         help="CPU worker processes (default: one per core; for a backup behind "
         "a --limit-upload below 64 MiB/s, one).",
     ),
-    click.Option(["--read-concurrency"], type=click.IntRange(1, 256), help="Files read at once."),
+    click.Option(
+        ["--read-concurrency"],
+        type=click.IntRange(1, 256),
+        help="Files read at once (env CAIRN_READ_CONCURRENCY).",
+    ),
     click.Option(["--connections"], type=click.IntRange(1, 256), help="Backend connections."),
     click.Option(["--limit-upload"], type=click.IntRange(1), help="Upload limit in KiB/s."),
     click.Option(["--limit-download"], type=click.IntRange(1), help="Download limit in KiB/s."),
-    click.Option(["--pack-size"], type=click.IntRange(4, 128), help="Pack size in MiB."),
+    click.Option(
+        ["--pack-size"],
+        type=click.IntRange(4, 128),
+        help="Pack size in MiB (env CAIRN_PACK_SIZE).",
+    ),
     click.Option(
         ["--compression"],
         callback=_check_compression,
-        help="off, fastest, auto, max, or a zstd level 1-22.",
+        help="off, fastest, auto, better, max, or a zstd level 1-22 (env CAIRN_COMPRESSION).",
     ),
-    click.Option(["--cache-dir"], help="Directory of the local metadata cache."),
+    click.Option(
+        ["--cache-dir"], help="Directory of the local metadata cache (env CAIRN_CACHE_DIR)."
+    ),
     click.Option(["--no-cache"], is_flag=True, default=None, help="Do not use a local cache."),
     click.Option(
         ["--cleanup-cache"],

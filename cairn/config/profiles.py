@@ -102,6 +102,8 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 #: (key -> (kind, settings field)).
 SETTINGS_KEYS: dict[str, tuple[str, str]] = {
     "repository": ("str", "repo"),
+    "repository_file": ("str", "repository_file"),
+    "key_hint": ("str", "key_hint"),
     "password_file": ("str", "password_file"),
     "password_command": ("str", "password_command"),
     "backend_options": ("map", "backend_options"),

@@ -11,7 +11,13 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from cairn.config.profiles import SETTINGS_KEYS, Profile, load_profile, parse_duration
+from cairn.config.profiles import (
+    SETTINGS_KEYS,
+    ConfigError,
+    Profile,
+    load_profile,
+    parse_duration,
+)
 
 #: Environment variables and the settings they fill.
 ENV_VARS = {
@@ -20,7 +26,19 @@ ENV_VARS = {
     "password_command": "CAIRN_PASSWORD_COMMAND",
     "profile": "CAIRN_PROFILE",
     "config": "CAIRN_CONFIG",
+    "repository_file": "CAIRN_REPOSITORY_FILE",
 }
+#: Environment variables of settings that are a plain value (restic's ``RESTIC_*``
+#: names with cairn's prefix), and how each is checked: ``(variable, int bounds)``
+#: for numbers, ``(variable, None)`` for strings. Flags beat them; they beat the profile.
+ENV_VALUES: dict[str, tuple[str, tuple[int, int] | None]] = {
+    "key_hint": ("CAIRN_KEY_HINT", None),
+    "cache_dir": ("CAIRN_CACHE_DIR", None),
+    "compression": ("CAIRN_COMPRESSION", None),
+    "pack_size": ("CAIRN_PACK_SIZE", (4, 128)),
+    "read_concurrency": ("CAIRN_READ_CONCURRENCY", (1, 256)),
+}
+_LOCATION = ("repo", "repository_file")
 _PASSWORD = ("password_file", "password_command")
 # Fields that are bookkeeping, not settings a user sets.
 _INTERNAL = {"env", "sources", "flags", "job"}
@@ -31,6 +49,8 @@ class Settings:
     """What the global flags, the environment and the profile say, resolved once per run."""
 
     repo: str | None = None
+    repository_file: str | None = None  # read when the repository is opened
+    key_hint: str | None = None  # the key file tried first
     password_file: str | None = None
     password_command: str | None = None
     json: bool = False
@@ -130,10 +150,11 @@ class Settings:
                 if environ.get(ENV_VARS[k]):
                     put(k, environ[ENV_VARS[k]], "env")
                     break
-        if environ.get(ENV_VARS["repo"]):
-            put("repo", environ[ENV_VARS["repo"]], "env")
+        _choose_location(values, sources, environ, given)
+        for name, value in _env_values(environ).items():
+            put(name, value, "env")
         for name, value in given.items():
-            if name in ("profile", "config"):
+            if name in ("profile", "config", *_LOCATION):
                 continue
             if name == "backend_options":  # -o keys add to / override the profile's table
                 value = {**values.get(name, {}), **value}  # type: ignore[dict-item]
@@ -144,6 +165,24 @@ class Settings:
             if f.name not in _INTERNAL:
                 sources.setdefault(f.name, "default")
         return cls(**values, job=profile, sources=sources, flags=dict(given), env=environ)
+
+    def repository(self) -> str | None:
+        """The repository location: ``repo``, or read from ``repository_file``
+        (restic's ``--repository-file``: the file's text, stripped)."""
+        if not self.repository_file:
+            return self.repo
+        path = self.repository_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            raise RepositoryFileError(f"repository file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not valid UTF-8"
+            raise RepositoryFileError(f"cannot read repository file {path}: {why}") from None
+        if not text:
+            raise RepositoryFileError(f"repository file {path} is empty")
+        return text
 
     def with_profile(self, name: str) -> Settings:
         """The same flags and environment resolved against another profile."""
@@ -157,3 +196,72 @@ class Settings:
                 continue
             out.append((f.name, getattr(self, f.name), self.sources.get(f.name, "default")))
         return out
+
+
+class RepositoryFileError(Exception):
+    """``--repository-file`` names a file that cannot be read or holds nothing."""
+
+    exit_code = 1
+
+
+def _choose_location(
+    values: dict[str, Any], sources: dict[str, str], environ: dict[str, str], given: dict[str, Any]
+) -> None:
+    """The repository location is one choice, like the password: ``-r``/``--repository-file``
+    beat ``CAIRN_REPOSITORY``/``CAIRN_REPOSITORY_FILE``, which beat the profile's
+    ``repository``/``repository_file``. Naming both on one layer is an error (as
+    restic's "-r and --repository-file are mutually exclusive")."""
+    layers = [
+        ("flag", {k: given[k] for k in _LOCATION if given.get(k)}),
+        ("env", {k: environ[ENV_VARS[k]] for k in _LOCATION if environ.get(ENV_VARS[k])}),
+        ("profile", {k: values[k] for k in _LOCATION if values.get(k)}),
+    ]
+    names = {
+        "flag": ("-r/--repo", "--repository-file"),
+        "env": ("CAIRN_REPOSITORY", "CAIRN_REPOSITORY_FILE"),
+        "profile": ("the profile's repository", "repository_file"),
+    }
+    for layer, chosen in layers:
+        if not chosen:
+            continue
+        if len(chosen) == 2:
+            first, second = names[layer]
+            raise ConfigError(f"{first} and {second} are mutually exclusive: give only one")
+        if layer == "profile":
+            return  # already in values, with the profile's source
+        for k in _LOCATION:
+            values.pop(k, None)
+            sources.pop(k, None)
+        for k, v in chosen.items():
+            values[k] = v
+            sources[k] = layer
+        return
+
+
+def _env_values(environ: dict[str, str]) -> dict[str, Any]:
+    """The ``ENV_VALUES`` set in ``environ`` (empty means unset, as in restic), checked
+    as their flags are: a bad value is a one-line error naming the variable."""
+    out: dict[str, Any] = {}
+    for name, (var, bounds) in ENV_VALUES.items():
+        text = environ.get(var, "").strip()
+        if not text:
+            continue
+        if bounds is None:
+            if name == "compression":
+                from cairn.repo.codec import compression_level
+
+                try:
+                    compression_level(text)
+                except ValueError as exc:
+                    raise ConfigError(f"invalid value for {var} {text!r}: {exc}") from None
+            out[name] = text
+            continue
+        low, high = bounds
+        try:
+            number = int(text)
+        except ValueError:
+            raise ConfigError(f"invalid value for {var} {text!r}: not an integer") from None
+        if not low <= number <= high:
+            raise ConfigError(f"invalid value for {var} {text!r}: must be in {low}..{high}")
+        out[name] = number
+    return out

@@ -199,10 +199,19 @@ async def _load_config(backend: Backend) -> bytes:
         raise RepositoryNotFound(backend.location) from None
 
 
-async def open_repository(backend: Backend, password: str | bytes) -> Repository:
-    """Open with whichever password key file the password unlocks."""
+async def open_repository(
+    backend: Backend, password: str | bytes, *, key_hint: str | None = None
+) -> Repository:
+    """Open with whichever password key file the password unlocks.
+
+    ``key_hint`` (restic's ``--key-hint``): the keys whose ID starts with it are
+    tried first, so a repository with many keys costs one Argon2 run, not one per
+    key; a hint that matches no key changes nothing (restic ignores it too)."""
     config_bytes = await _load_config(backend)
     key_ids = await _key_ids(backend)
+    if key_hint:
+        hint = key_hint.strip().lower()
+        key_ids.sort(key=lambda key_id: not key_id.startswith(hint))
     damaged: list[str] = []
     config_error: CorruptedObject | None = None
     recovery_only = True

@@ -12,6 +12,12 @@ Structure (always):
   call) and decoded;
 * a blob stored in several packs is reported as info.
 
+Snapshot filters (``--host/--path/--tag``, or snapshot IDs: restic 0.19 #3326) narrow
+the trees walked to those of the selected snapshots, and ``--read-data`` to the packs
+holding their trees and data blobs (the subset options then pick among those); the
+index, pack presence and pack headers are always checked in full. Filtered, the
+packs to read are known only once the trees are walked, so the read follows the walk.
+
 ``--read-data`` (or a subset) is a pipeline of the stages restore uses too
 (:mod:`cairn.stages.fetch`): ``plan`` (whole packs) → ``download`` (``connections``
 tasks, each pack into a shared-memory slot, as many loads in flight as keep the
@@ -74,6 +80,7 @@ from cairn.stages.fetch import (
     run_fetch_pipeline,
     whole_pack,
 )
+from cairn.stages.snapshots import SnapshotFilter, find_snapshot
 from cairn.stages.units import parse_size
 
 if TYPE_CHECKING:
@@ -112,7 +119,8 @@ class Problem:
             where = (
                 f" (snapshot {self.snapshot[:8]}" + (f", {self.path}" if self.path else "") + ")"
             )
-        return f"{self.severity}: {self.kind} {self.id}{where}: {self.message}"
+        what = f"{self.kind} {self.id}" if self.id else self.kind
+        return f"{self.severity}: {what}{where}: {self.message}"
 
     def as_json(self) -> dict[str, str]:
         """The ``--json`` form (one object per line)."""
@@ -192,6 +200,19 @@ class CheckOptions:
     cpu_workers: int = field(default_factory=cores)
     connections: int = DEFAULT_CONNECTIONS
     seed: int | None = None  # for random subsets; tests pin it
+    # Which snapshots to check (restic's check filters): a SnapshotFilter, and IDs
+    # (prefixes, or ``latest`` among those the filter matches). IDs given name the
+    # snapshots; the filter then only chooses ``latest``.
+    snapshot_filter: SnapshotFilter | None = None
+    snapshot_ids: tuple[str, ...] = ()
+
+    @property
+    def filtered(self) -> bool:
+        """Only some snapshots are checked."""
+        flt = self.snapshot_filter
+        return bool(self.snapshot_ids) or (
+            flt is not None and bool(flt.hosts or flt.paths or flt.tags)
+        )
 
 
 @dataclass
@@ -247,6 +268,9 @@ class Checker:
         self.packs_on_backend: dict[str, int] = {}
         self.index = Index()
         self._limiter = anyio.CapacityLimiter(max(1, options.connections))
+        # Trees and data blobs reached from the snapshots checked.
+        self.seen_trees: set[bytes] = set()
+        self.seen_blobs: set[bytes] = set()
 
     def _add(self, problem: Problem) -> None:
         self.result.problems.append(problem)
@@ -263,6 +287,17 @@ class Checker:
             await self._check_index()
             await self._check_snapshots()
             await self._check_headers(sorted(self._present()))
+            return self.result
+        if self.opts.filtered:
+            # Which packs to read follows from the trees of the selected snapshots.
+            await self._check_index()
+            await self._check_snapshots()
+            async with WorkerPool(
+                self.opts.cpu_workers, initializer=cpu.init_worker, initargs=(self.repo.crypto,)
+            ) as pool:
+                rng = random.Random(self.opts.seed)
+                chosen = select_packs(self._packs_of_selection(), self.opts.subset, rng)
+                await self._read_packs(pool, chosen)
             return self.result
         # Reading the packs needs only the index: it runs while the trees are walked
         # (which is I/O and the main process's CPU, while the workers verify), and the
@@ -295,6 +330,16 @@ class Checker:
     def _present(self) -> dict[str, int]:
         """Packs both indexed and on the backend, with their sizes."""
         return {p: s for p, s in self.packs_on_backend.items() if p in self.pack_entries}
+
+    def _packs_of_selection(self) -> dict[str, int]:
+        """The present packs holding a tree or data blob of the snapshots checked."""
+        present = self._present()
+        packs: dict[str, int] = {}
+        for blob_id in self.seen_trees | self.seen_blobs:
+            loc = self.index.lookup(blob_id)
+            if loc is not None and (pack_id := loc.pack_id.hex()) in present:
+                packs[pack_id] = present[pack_id]
+        return packs
 
     # -- index and packs ----------------------------------------------------------
 
@@ -390,21 +435,40 @@ class Checker:
 
     # -- snapshots and trees -------------------------------------------------------
 
-    async def _check_snapshots(self) -> None:
+    async def _selected_ids(self) -> list[str]:
+        """The snapshot files to check: all, or those the IDs name (a prefix that
+        matches none, or several, fails the command: ObjectNotFound, AmbiguousId)."""
         snapshot_ids = await self.repo.list_ids("snapshots")
+        if not self.opts.snapshot_ids:
+            return snapshot_ids
+        wanted: set[str] = set()
+        for ref in self.opts.snapshot_ids:
+            if ref == "latest":
+                wanted.add((await find_snapshot(self.repo, ref, self.opts.snapshot_filter))[0])
+            else:
+                wanted.add(await self.repo.find_id("snapshots", ref))
+        return [sid for sid in snapshot_ids if sid in wanted]
+
+    async def _check_snapshots(self) -> None:
+        flt = None if self.opts.snapshot_ids else self.opts.snapshot_filter
         roots: list[tuple[bytes, str, str]] = []
-        for sid in snapshot_ids:
+        for sid in await self._selected_ids():
             try:
                 snap = await self.repo.load_snapshot(sid)
             except CorruptedObject as exc:
+                # Damaged, it cannot be matched against the filters: reported always.
                 self._error("snapshot", sid, exc.problem)
                 continue
             except ObjectNotFound:
                 continue
+            if flt is not None and not flt.matches(snap):
+                continue
             self.result.snapshots += 1
             roots.append((snap.tree, sid, "/"))
-        seen_trees: set[bytes] = set()
-        seen_blobs: set[bytes] = set()
+        if self.opts.filtered and not roots:
+            self._add(Problem(WARNING, "snapshot", "", "no snapshot matches the selection"))
+        seen_trees = self.seen_trees
+        seen_blobs = self.seen_blobs
         level = roots
         # Breadth first: each level's trees are loaded concurrently.
         while level:

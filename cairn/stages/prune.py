@@ -2,8 +2,12 @@
 
 Plan: walk every snapshot's trees for the blobs in use; per pack, count used and
 unused bytes; delete packs with nothing in use (and packs no index lists); repack
-partly used packs, most wasteful first, until the unused space left is within
-``--max-unused`` (and the bytes repacked within ``--max-repack-size``).
+partly used packs, tree packs first then most wasteful first, until the unused space
+left is within ``--max-unused``; and repack small packs (below ``--repack-smaller-than``,
+by default 80% of the larger of 4 MiB and the 3rd percentile of pack sizes, as restic)
+when there are at least ten of them, so that they merge (fewer are treated as any
+pack: repacked only for their unused space). ``--max-repack-size`` bounds
+the bytes repacked; ``--repack-cacheable-only`` repacks tree packs only.
 
 Execute, in an order that keeps the repository consistent if interrupted anywhere:
 
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -41,7 +45,7 @@ from cairn.pipeline import (
 from cairn.pipeline.options import DEFAULT_CONNECTIONS, cores
 from cairn.repo.errors import CorruptedObject, ObjectNotFound, RepoError
 from cairn.repo.index import Index, IndexFile, decode_index, encode_index
-from cairn.repo.pack import PackEntry
+from cairn.repo.pack import DATA, PackEntry
 from cairn.repo.tree import Tree
 from cairn.stages import cpu
 from cairn.stages.fetch import (
@@ -71,13 +75,26 @@ class PruneRefused(RepoError):
     exit_code = 1
 
 
+#: restic's MinPackSize: packs below 80% of the larger of this and the 3rd percentile
+#: of pack sizes are "small" (repacked when there are ``SMALL_PACKS_WORTH_IT``).
+MIN_PACK_SIZE = 4 * 1024 * 1024
+#: Fewer small packs than this are kept: merging two or three saves little, and one
+#: small pack alone would be repacked by every prune (restic's rule).
+SMALL_PACKS_WORTH_IT = 10
+
+
 def max_unused_limit(text: str) -> Callable[[int], float]:
     """``--max-unused``: ``x%`` (of the used size, as restic), a size, or ``unlimited``."""
     text = text.strip().lower()
+    if not text:
+        raise ValueError("--max-unused needs a value: x%, a size, or 'unlimited'")
     if text == "unlimited":
         return lambda _used: float("inf")
     if text.endswith("%"):
-        pct = float(text[:-1])
+        try:
+            pct = float(text[:-1])
+        except ValueError:
+            raise ValueError(f"invalid percentage {text!r} for --max-unused") from None
         if not 0 <= pct < 100:
             raise ValueError(f"--max-unused {text!r}: percentage must be in [0, 100)")
         # unused / (used + unused) <= pct  ⇔  unused <= used * pct / (100 - pct)
@@ -92,6 +109,9 @@ class PruneOptions:
 
     max_unused: str = "5%"
     max_repack_size: int | None = None
+    # Packs smaller than this are small (None: restic's default, see MIN_PACK_SIZE).
+    repack_smaller_than: int | None = None
+    repack_cacheable_only: bool = False  # repack tree packs only
     dry_run: bool = False
     connections: int = DEFAULT_CONNECTIONS
     cpu_workers: int = field(default_factory=cores)
@@ -109,6 +129,11 @@ class PackInfo:
     unused_bytes: int = 0
     action: str = "keep"  # keep | delete | repack | missing
 
+    @property
+    def is_data(self) -> bool:
+        """Holds data blobs (not cacheable): restic's "data pack"."""
+        return any(e.type == DATA for e in self.entries)
+
 
 @dataclass
 class PrunePlan:
@@ -120,6 +145,7 @@ class PrunePlan:
     used_blobs: int = 0
     used_bytes: int = 0
     unused_bytes: int = 0
+    target_pack_size: int = 0  # packs below it are small (see _target_pack_size)
 
     def with_action(self, action: str) -> list[PackInfo]:
         return [p for p in self.packs.values() if p.action == action]
@@ -128,10 +154,11 @@ class PrunePlan:
     def changes(self) -> bool:
         return bool(self.unindexed) or any(p.action != "keep" for p in self.packs.values())
 
-    def summary(self) -> dict[str, int]:
+    def summary(self) -> dict[str, Any]:
         delete, repack = self.with_action("delete"), self.with_action("repack")
         unused_after = self.unused_bytes - sum(p.unused_bytes for p in delete + repack)
         return {
+            "target_pack_size": self.target_pack_size,
             "used_blobs": self.used_blobs,
             "used_bytes": self.used_bytes,
             "unused_bytes": self.unused_bytes,
@@ -143,6 +170,57 @@ class PrunePlan:
             "bytes_delete": sum(p.size for p in delete) + sum(self.unindexed.values()),
             "bytes_repack": sum(p.size for p in repack),
             "unused_bytes_after": unused_after,
+        } | self.restic_stats()
+
+    def restic_stats(self) -> dict[str, Any]:
+        """restic's ``PruneStats`` objects (``blobs``, ``bytes``, ``packfiles``), so a
+        script written for ``restic prune --json`` finds its fields. Duplicates are
+        counted as unused (restic lists them apart)."""
+        present = [p for p in self.packs.values() if p.action != "missing"]
+        delete, repack = self.with_action("delete"), self.with_action("repack")
+
+        def unused(packs: list[PackInfo]) -> int:
+            return sum(len(p.entries) - len(p.used) for p in packs)
+
+        unref = sum(self.unindexed.values())
+        total = self.used_bytes + self.unused_bytes + unref
+        remove = sum(p.unused_bytes for p in delete)
+        repack_rm = sum(p.unused_bytes for p in repack)
+        n_unused = unused(present)
+        return {
+            "blobs": {
+                "used": self.used_blobs,
+                "unused": n_unused,
+                "total": self.used_blobs + n_unused,
+                "repack": sum(len(p.entries) for p in repack),
+                "repack_remove": unused(repack),
+                "remove": unused(delete),
+                "remove_total": unused(delete) + unused(repack),
+                "remaining": self.used_blobs + n_unused - unused(delete) - unused(repack),
+            },
+            "bytes": {
+                "used": self.used_bytes,
+                "unused": self.unused_bytes,
+                "unreferenced": unref,
+                "total": total,
+                "repack": sum(p.size for p in repack),
+                "repack_remove": repack_rm,
+                "remove": remove,
+                "remove_total": remove + repack_rm + unref,
+                "remaining": total - remove - repack_rm - unref,
+                "remaining_unused": self.unused_bytes - remove - repack_rm,
+            },
+            "packfiles": {
+                "used": sum(1 for p in present if p.used and not p.unused_bytes),
+                "unused": sum(1 for p in present if not p.used),
+                "partly_used": sum(1 for p in present if p.used and p.unused_bytes),
+                "unreferenced": len(self.unindexed),
+                "total": len(present) + len(self.unindexed),
+                "keep": len(self.with_action("keep")),
+                "repack": len(repack),
+                "remove": len(delete),
+                "remove_total": len(delete) + len(self.unindexed),
+            },
         }
 
 
@@ -286,26 +364,57 @@ def _assign_used(plan: PrunePlan, used: set[bytes], copies: dict[bytes, list[str
                 plan.unused_bytes += e.length
 
 
+def _target_pack_size(plan: PrunePlan, options: PruneOptions) -> int:
+    """restic's rule: ``--repack-smaller-than``, else 80% of the larger of 4 MiB and
+    the 3rd percentile of the pack sizes (so a repository without small packs
+    repacks none)."""
+    if options.repack_smaller_than is not None:
+        return options.repack_smaller_than
+    sizes = sorted(p.size for p in plan.packs.values() if p.action != "missing")
+    if not sizes:
+        return 0
+    return max(MIN_PACK_SIZE, sizes[len(sizes) * 3 // 100]) * 4 // 5
+
+
 def _choose_actions(plan: PrunePlan, options: PruneOptions) -> None:
+    """Delete what nothing uses; repack what wastes space or is small; keep the rest."""
     limit = max_unused_limit(options.max_unused)(plan.used_bytes)
+    target = plan.target_pack_size = _target_pack_size(plan, options)
     remaining = plan.unused_bytes
-    candidates = []
+    candidates, small = [], []
     for info in plan.packs.values():
         if info.action == "missing":
             continue
         if not info.used:
             info.action = "delete"
             remaining -= info.unused_bytes
+        elif options.repack_cacheable_only and info.is_data:
+            continue  # only tree packs (cached locally) may be rewritten
+        elif info.size < target:
+            small.append(info)
         elif info.unused_bytes:
             candidates.append(info)
-    # Most wasteful first: each repacked byte then frees the most space.
-    candidates.sort(key=lambda p: (-p.unused_bytes / max(1, p.size), p.id))
+    # Ten small packs or more merge, whatever --max-unused says; fewer are repacked
+    # only for their unused space, as any pack. (restic repacks a partly used small
+    # pack always; here --max-unused unlimited means what it says.)
+    merge_small = len(small) >= SMALL_PACKS_WORTH_IT
+    candidates += small if merge_small else [p for p in small if p.unused_bytes]
+    # Tree packs first (small, and read by every command), then the small packs to
+    # merge, then the most wasteful: each repacked byte then frees the most space.
+    candidates.sort(
+        key=lambda p: (
+            p.is_data,
+            not (merge_small and p.size < target),
+            -p.unused_bytes / max(1, p.size),
+            p.id,
+        )
+    )
     repacked = 0
     for info in candidates:
-        if remaining <= limit:
-            break
         if options.max_repack_size is not None and repacked + info.size > options.max_repack_size:
-            break
+            continue  # a smaller pack may still fit
+        if remaining <= limit and not (merge_small and info.size < target):
+            continue
         info.action = "repack"
         repacked += info.size
         remaining -= info.unused_bytes
