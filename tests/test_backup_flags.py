@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.cli_helpers import Cairn
 from tests.conftest_cli import cairn  # noqa: F401 - fixture
@@ -21,11 +26,23 @@ def _summary(c: Cairn, *args: str) -> dict:  # type: ignore[type-arg]
     return summary  # type: ignore[no-any-return]
 
 
+@pytest.fixture
+def quiet_dir() -> Iterator[Path]:
+    """A directory whose ancestors nothing else writes to. A snapshot of an absolute
+    path holds its ancestors' metadata too (as restic's does), and /tmp changes all
+    the time (pytest's and the worker pools' own temporary directories)."""
+    path = Path(tempfile.mkdtemp(prefix="cairn-test-", dir="/var/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
 def test_skip_if_unchanged_saves_no_snapshot_until_something_changes(
     cairn: Cairn,  # noqa: F811
-    tmp_path: Path,
+    quiet_dir: Path,
 ) -> None:
-    src = tmp_path / "src"
+    src = quiet_dir / "src"
     (src / "d").mkdir(parents=True)
     (src / "d" / "f").write_text("one\n")
     first = _summary(cairn, "--skip-if-unchanged", str(src))  # no parent: saved
