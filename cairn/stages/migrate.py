@@ -1,0 +1,415 @@
+"""``cairn migrate``: copy a repository's files, as they are, to another backend.
+
+The same repository (same keys, same IDs) on a second backend: nothing is decrypted
+or re-encoded. The data path of each phase is one pipeline::
+
+    plan (list both sides, one prefix at a time) -> transfer (N tasks) -> tally
+
+* **plan** lists the destination's objects under one prefix into a dictionary, then
+  streams the source's listing of the same prefix against it: what the destination
+  lacks, or holds with another size, is sent; what it holds with the right size is
+  counted as present (and a sample of it re-read to catch silent corruption). Only
+  one prefix's destination listing is held at a time — ``data/`` is planned shard by
+  shard (``data/00/`` … ``data/ff/``), 1/256 of the packs each.
+* **transfer** loads one object whole from the source, hashes it (every name but
+  ``config``'s and non-hex key names is the BLAKE3 of the stored bytes, so a damaged
+  source object is refused, not copied), saves it to the destination and, for a
+  sample, reads it back and compares hashes. One object per task is in memory: the
+  memory bound is ``transfers x the largest object`` (packs are at most 128 MiB).
+* **tally** counts.
+
+Phases run one after another so that the destination is a consistent repository at
+every moment (docs/migrate.md): ``keys/``, ``config``, ``data/``, ``index/``,
+``snapshots/``; ``--delete`` removes extra objects only after all of them, newest
+kinds first (snapshots, index, data, keys). Locks are never copied.
+
+Backends' saves are atomic (backends/base.py): an object the destination lists is
+whole, so a run killed at any point resumes by sending only what is missing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+
+from cairn.backends.base import Backend, NotFound, is_hex_id
+from cairn.pipeline import HeldBytes, Pipeline, PipelineOptions, PipelineSnapshot, raising_causes
+from cairn.repo.codec import unseal
+from cairn.repo.config import decode_config
+from cairn.repo.crypto import storage_id
+from cairn.repo.errors import CorruptedObject, RepoError
+
+log = structlog.get_logger("cairn.migrate")
+
+# Objects up to this size are hashed inline; bigger ones in a thread (BLAKE3 releases
+# the GIL, and a 16 MiB pack takes ~2 ms: long enough to stall other transfers).
+_INLINE_HASH = 1024 * 1024
+DATA_SHARDS = tuple(f"data/{i:02x}/" for i in range(256))
+# The phases in the order their objects must reach the destination.
+PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("keys", ("keys/",)),
+    ("config", ("config",)),
+    ("data", DATA_SHARDS),
+    ("index", ("index/",)),
+    ("snapshots", ("snapshots/",)),
+)
+# --delete's order: what refers to others goes first.
+DELETE_ORDER = ("snapshots/", "index/", *DATA_SHARDS, "keys/")
+
+TRANSFER_HINT = "--connections (transfers in flight)"
+THROTTLE_HINT = "--limit-upload/--limit-download"
+
+SEND, REPLACE, CHECK = "send", "replace", "check"
+
+
+class ForeignDestination(RepoError):
+    """The destination holds another repository (exit 1)."""
+
+    exit_code = 1
+
+    def __init__(self, location: str, detail: str) -> None:
+        super().__init__(
+            f"{location} holds a different repository ({detail}); "
+            "migrate only copies a repository onto an empty destination or onto itself"
+        )
+
+
+@dataclass(frozen=True)
+class MigrateOptions:
+    """What one migration does; the CLI fills it from flags."""
+
+    # Objects in flight at once; each holds one object in memory (the memory bound).
+    transfers: int = 5
+    # Percent of the objects written, and of those found present, read back from the
+    # destination and compared by hash. 1 %: cheap, and over a few runs of a replica
+    # kept current it catches storage that loses or garbles objects silently.
+    verify_sample: float = 1.0
+    # Hash-check every object already present (downloads the whole destination).
+    verify_existing: bool = False
+    delete: bool = False
+    dry_run: bool = False
+    seed: int | None = None  # for the sample (tests)
+    options: PipelineOptions = field(default_factory=PipelineOptions)
+
+
+@dataclass
+class MigrateStats:
+    """Counts of one run; polled by the progress reporter."""
+
+    objects_listed: int = 0
+    bytes_listed: int = 0
+    objects_total: int | None = None  # from a separate listing, when progress wants it
+    bytes_total: int | None = None
+    objects_present: int = 0
+    bytes_present: int = 0
+    objects_sent: int = 0
+    bytes_sent: int = 0
+    objects_verified: int = 0
+    bytes_verified: int = 0
+    objects_repaired: int = 0
+    objects_deleted: int = 0
+    bytes_deleted: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    held: HeldBytes = field(default_factory=HeldBytes)
+    pipelines: list[PipelineSnapshot] = field(default_factory=list)
+
+    @property
+    def objects_done(self) -> int:
+        return self.objects_present + self.objects_sent + len(self.errors)
+
+    @property
+    def bytes_done(self) -> int:
+        return self.bytes_present + self.bytes_sent
+
+
+@dataclass(frozen=True)
+class Work:
+    """One object the plan hands to the transfer stage."""
+
+    name: str
+    size: int
+    action: str  # SEND (absent), REPLACE (wrong size or corrupt), CHECK (present, sampled)
+
+    @staticmethod
+    def nbytes(item: Work) -> int:
+        return item.size
+
+
+def hashed_name(name: str) -> str | None:
+    """The storage ID an object's name promises, or None (``config``, odd key names)."""
+    tail = name.rsplit("/", 1)[-1]
+    return tail if name != "config" and is_hex_id(tail) else None
+
+
+async def content_id(data: bytes) -> str:
+    """BLAKE3 of stored bytes (in a thread when large)."""
+    if len(data) <= _INLINE_HASH:
+        return storage_id(data)
+    return await anyio.to_thread.run_sync(storage_id, data)
+
+
+def _key(name: str) -> Any:
+    # 32 bytes instead of a 64-character string: a shard of a 10 M-object
+    # repository's listing stays a few MB.
+    hashed = hashed_name(name)
+    return bytes.fromhex(hashed) if hashed else name
+
+
+async def check_destination(repo: Any, dest: Backend, source: Backend) -> bool:
+    """Refuse a destination holding another repository; True if it has a config.
+
+    A config must open with this repository's key and carry its ID. Without one (new,
+    or a migration interrupted before its config), every key file there must be one
+    of the source's: keys are written first, under their storage IDs, so another
+    repository's keys are told apart without any password.
+    """
+    try:
+        stored = await dest.load("config")
+    except NotFound:
+        stored = None
+    if stored is not None:
+        try:
+            other = decode_config(unseal(repo.crypto, "config", stored))
+        except (CorruptedObject, RepoError):
+            raise ForeignDestination(
+                dest.location, "its config does not open with this key"
+            ) from None
+        if other.id != repo.config.id:
+            raise ForeignDestination(dest.location, f"repository ID {other.id[:8]}")
+        return True
+    mine = {name async for name, _ in source.list("keys/")}
+    async for name, _ in dest.list("keys/"):
+        if name not in mine:
+            raise ForeignDestination(dest.location, f"{name} is not one of this repository's keys")
+    return False
+
+
+class Migrator:
+    """Runs the phases of one migration from ``source`` to ``dest``.
+
+    ``report(name, problem)`` is called for each object that could not be migrated
+    (damaged in the source, or read back differently from the destination); the run
+    goes on and the CLI ends with exit 1.
+    """
+
+    def __init__(
+        self,
+        repo: Any,
+        source: Backend,
+        dest: Backend,
+        options: MigrateOptions,
+        report: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.repo = repo
+        self.source = source
+        self.dest = dest
+        self.options = options
+        self.report = report or (lambda name, problem: None)
+        self.stats = MigrateStats()
+        self._rng = random.Random(options.seed)
+        self._running: Pipeline | None = None
+
+    def snapshot(self) -> PipelineSnapshot | None:
+        """The running phase's pipeline metrics (None between phases)."""
+        return self._running.snapshot() if self._running is not None else None
+
+    async def run(self, *, count_totals: bool = False) -> MigrateStats:
+        """Every phase in order, then ``--delete``; returns the counts."""
+        has_config = await check_destination(self.repo, self.dest, self.source)
+        log.info(
+            "migrate.started",
+            destination=self.dest.location,
+            destination_has_config=has_config,
+            dry_run=self.options.dry_run,
+            transfers=self.options.transfers,
+        )
+        if not has_config and not self.options.dry_run:
+            await self.dest.create_layout()
+        async with anyio.create_task_group() as tg:
+            if count_totals:
+                tg.start_soon(self._count_totals)
+            for phase, prefixes in PHASES:
+                await self._phase(phase, prefixes)
+            tg.cancel_scope.cancel()
+        if self.options.delete:
+            await self._delete()
+        s = self.stats
+        log.info(
+            "migrate.finished",
+            objects_sent=s.objects_sent,
+            bytes_sent=s.bytes_sent,
+            objects_present=s.objects_present,
+            objects_verified=s.objects_verified,
+            objects_repaired=s.objects_repaired,
+            objects_deleted=s.objects_deleted,
+            errors=len(s.errors),
+            held_peak=s.held.peak,
+        )
+        return s
+
+    async def _count_totals(self) -> None:
+        # A listing of its own, beside the plan's, so that progress has totals (and
+        # an ETA) from early on; the plan itself only sees one prefix at a time.
+        objects = size = 0
+        for prefix in ("keys/", "config", "data/", "index/", "snapshots/"):
+            async for _name, nbytes in self._list(self.source, prefix):
+                objects += 1
+                size += nbytes
+        self.stats.objects_total, self.stats.bytes_total = objects, size
+
+    @staticmethod
+    async def _list(backend: Backend, prefix: str) -> AsyncIterator[tuple[str, int]]:
+        """``list``, with ``config`` as a prefix of its own (a stat)."""
+        if prefix != "config":
+            async for entry in backend.list(prefix):
+                yield entry
+            return
+        try:
+            yield "config", await backend.stat("config")
+        except NotFound:
+            return
+
+    async def _phase(self, phase: str, prefixes: tuple[str, ...]) -> None:
+        pipeline = (
+            Pipeline(f"migrate-{phase}", options=self.options.options)
+            .source("plan", self._plan(prefixes), sizeof=Work.nbytes)
+            .map(
+                "transfer",
+                self._transfer,
+                concurrency=self.options.transfers,
+                sizeof=Work.nbytes,
+                hint=TRANSFER_HINT,
+                throttle_hint=THROTTLE_HINT,
+                capacity=0,
+            )
+            .sink("tally", _nothing)
+        )
+        self._running = pipeline
+        try:
+            with raising_causes():
+                await pipeline.run()
+        finally:
+            self._running = None
+            self.stats.pipelines.append(pipeline.snapshot(done=True))
+
+    async def _plan(self, prefixes: tuple[str, ...]) -> AsyncIterator[Work]:
+        s = self.stats
+        for prefix in prefixes:
+            there = {_key(name): size async for name, size in self._list(self.dest, prefix)}
+            async for name, size in self._list(self.source, prefix):
+                s.objects_listed += 1
+                s.bytes_listed += size
+                have = there.pop(_key(name), None)
+                if have is None:
+                    yield Work(name, size, SEND)
+                elif have != size:
+                    log.warning("migrate.size_mismatch", name=name, size=size, destination=have)
+                    yield Work(name, size, REPLACE)
+                elif self._check_existing(name):
+                    yield Work(name, size, CHECK)
+                else:
+                    s.objects_present += 1
+                    s.bytes_present += size
+
+    def _check_existing(self, name: str) -> bool:
+        if self.options.dry_run or hashed_name(name) is None:
+            return False
+        return self.options.verify_existing or self._sampled()
+
+    def _sampled(self) -> bool:
+        return self._rng.random() * 100 < self.options.verify_sample
+
+    async def _transfer(self, work: Work) -> None:
+        s = self.stats
+        if self.options.dry_run:
+            log.info("migrate.would_send", name=work.name, bytes=work.size, action=work.action)
+            s.objects_sent += 1
+            s.bytes_sent += work.size
+            return
+        action = work.action
+        if action == CHECK:
+            if await self._intact(work):
+                s.objects_present += 1
+                s.bytes_present += work.size
+                return
+            action = REPLACE
+        data = await self.source.load(work.name)
+        with self.stats.held.holding(len(data)):
+            digest = await content_id(data)
+            expected = hashed_name(work.name)
+            if expected is not None and digest != expected:
+                self._problem(work.name, "damaged in the source: content does not match its name")
+                return
+            if action == REPLACE and not self.dest.atomic_replace:
+                try:
+                    await self.dest.remove(work.name)
+                except NotFound:
+                    pass
+            await self.dest.save(work.name, data)
+            size = len(data)
+        del data
+        s.objects_sent += 1
+        s.bytes_sent += size
+        if action == REPLACE:
+            s.objects_repaired += 1
+            log.info("migrate.repaired", name=work.name, bytes=size)
+        log.debug("migrate.sent", name=work.name, bytes=size)
+        # config is tiny and is what makes the destination a repository: always read back.
+        if work.name == "config" or self._sampled():
+            await self._read_back(work.name, digest)
+
+    async def _intact(self, work: Work) -> bool:
+        """Whether a present object reads back as its name says (``CHECK``)."""
+        try:
+            data = await self.dest.load(work.name)
+        except NotFound:
+            return False
+        with self.stats.held.holding(len(data)):
+            ok = await content_id(data) == hashed_name(work.name)
+        self.stats.objects_verified += 1
+        self.stats.bytes_verified += work.size
+        if not ok:
+            log.warning("migrate.corrupt_in_destination", name=work.name)
+        return ok
+
+    async def _read_back(self, name: str, digest: str) -> None:
+        data = await self.dest.load(name)
+        with self.stats.held.holding(len(data)):
+            ok = await content_id(data) == digest
+        self.stats.objects_verified += 1
+        self.stats.bytes_verified += len(data)
+        if not ok:
+            self._problem(name, "reads back from the destination differently from what was sent")
+
+    def _problem(self, name: str, problem: str) -> None:
+        self.stats.errors.append((name, problem))
+        log.error("migrate.object_failed", name=name, error=problem)
+        self.report(name, problem)
+
+    async def _delete(self) -> None:
+        """Remove what the destination has and the source lacks (after all else)."""
+        s = self.stats
+        for prefix in DELETE_ORDER:
+            mine = {_key(name) async for name, _ in self.source.list(prefix)}
+            extra = [(n, size) async for n, size in self.dest.list(prefix) if _key(n) not in mine]
+            for name, size in extra:
+                if self.options.dry_run:
+                    log.info("migrate.would_delete", name=name, bytes=size)
+                else:
+                    try:
+                        await self.dest.remove(name)
+                    except NotFound:
+                        continue
+                    log.info("migrate.deleted", name=name, bytes=size)
+                s.objects_deleted += 1
+                s.bytes_deleted += size
+
+
+async def _nothing(_item: Any) -> None:
+    pass
