@@ -184,7 +184,7 @@ async def check_destination(repo: Any, dest: Backend, source: Backend) -> bool:
             raise ForeignDestination(dest.location, f"repository ID {other.id[:8]}")
         return True
     mine = {name async for name, _ in source.list("keys/")}
-    async for name, _ in dest.list("keys/"):
+    async for name, _ in _listing(dest, "keys/"):
         if name not in mine:
             raise ForeignDestination(dest.location, f"{name} is not one of this repository's keys")
     return False
@@ -267,7 +267,7 @@ class Migrator:
     async def _list(backend: Backend, prefix: str) -> AsyncIterator[tuple[str, int]]:
         """``list``, with ``config`` as a prefix of its own (a stat)."""
         if prefix != "config":
-            async for entry in backend.list(prefix):
+            async for entry in _listing(backend, prefix):
                 yield entry
             return
         try:
@@ -409,6 +409,19 @@ class Migrator:
                     log.info("migrate.deleted", name=name, bytes=size)
                 s.objects_deleted += 1
                 s.bytes_deleted += size
+
+
+async def _listing(backend: Backend, prefix: str) -> AsyncIterator[tuple[str, int]]:
+    """``backend.list(prefix)``; a destination whose bucket or directory does not
+    exist yet (a first run, or ``--dry-run`` before any) lists nothing."""
+    listed = False
+    try:
+        async for entry in backend.list(prefix):
+            listed = True
+            yield entry
+    except NotFound:
+        if listed:
+            raise
 
 
 async def _nothing(_item: Any) -> None:
