@@ -136,6 +136,7 @@ def test_migrate_then_rerun_sends_nothing_and_says_so(
     text = cli.run("migrate", "--to", str(dest))
     assert text.code == 0, text.err
     assert "is up to date: nothing to transfer" in text.out
+    assert not list((dest / "locks").iterdir())  # its lock on the destination is gone
     _restores_tree(_at(cli, dest), tree, tmp_path / "restored")
 
 

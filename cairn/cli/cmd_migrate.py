@@ -119,17 +119,23 @@ async def _migrate(settings: Settings, dest_settings: Settings, options: Any) ->
     async with open_repo(settings, throttles=throttles) as repo:
         dest, _ = open_backend(dest_settings, throttles, DEST_FAULTS_ENV_VAR)
         try:
-            transfers = settings.connections or dest.connections
-            options = replace(options, transfers=transfers)
+            options = replace(
+                options,
+                transfers=settings.connections or dest.connections,
+                lock=not settings.no_lock,
+                retry_lock=settings.retry_lock,
+            )
             migrator = Migrator(repo, repo.backend, dest, options)
-            async with track(settings, "migrate", lambda: _status(migrator)):
+            async with track(settings, "migrate", lambda: _status(migrator)) as reporter:
+                # Totals (for percent and ETA) cost a second listing of the source.
+                totals = reporter.active
                 if settings.no_lock:
-                    await migrator.run(count_totals=True)
+                    await migrator.run(count_totals=totals)
                 else:
                     async with repository_lock(
                         repo, exclusive=False, retry_seconds=settings.retry_lock
                     ):
-                        await migrator.run(count_totals=True)
+                        await migrator.run(count_totals=totals)
         finally:
             import anyio
 

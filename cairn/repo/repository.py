@@ -313,6 +313,11 @@ class Repository:
         # deleted) never publishes references to them.
         self.lock_check: Callable[[], Awaitable[None]] | None = None
 
+    def on_backend(self, backend: Backend) -> Repository:
+        """The same repository (key, config) reached through another backend: a
+        migration's destination, which holds a copy of this one's files."""
+        return Repository(backend, self._master, self.config, self.key_id)
+
     # --- sealed whole-file objects -------------------------------------------------
 
     async def save_sealed(self, kind: str, payload: bytes) -> str:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,9 @@ class MigrateOptions:
     verify_existing: bool = False
     delete: bool = False
     dry_run: bool = False
+    # Lock the destination (shared; exclusive with --delete) once it has a config.
+    lock: bool = True
+    retry_lock: float = 0.0
     seed: int | None = None  # for the sample (tests)
     options: PipelineOptions = field(default_factory=PipelineOptions)
 
@@ -234,11 +238,8 @@ class Migrator:
         async with anyio.create_task_group() as tg:
             if count_totals:
                 tg.start_soon(self._count_totals)
-            for phase, prefixes in PHASES:
-                await self._phase(phase, prefixes)
+            await self._all_phases()
             tg.cancel_scope.cancel()
-        if self.options.delete:
-            await self._delete()
         s = self.stats
         log.info(
             "migrate.finished",
@@ -252,6 +253,32 @@ class Migrator:
             held_peak=s.held.peak,
         )
         return s
+
+    async def _all_phases(self) -> None:
+        first, rest = PHASES[:2], PHASES[2:]
+        for phase, prefixes in first:
+            await self._phase(phase, prefixes)
+        # keys and config are there by now: the destination can be locked.
+        async with self._lock_destination():
+            for phase, prefixes in rest:
+                await self._phase(phase, prefixes)
+            if self.options.delete:
+                await self._delete()
+
+    def _lock_destination(self) -> AbstractAsyncContextManager[Any]:
+        """A lock on the destination while data moves: shared, as a backup takes (we
+        add objects), or exclusive with ``--delete``, as prune takes (we remove them).
+        It keeps a prune of the replica from deleting packs whose index is still on
+        its way, and two migrations with ``--delete`` from running into each other."""
+        if not self.options.lock or self.options.dry_run:
+            return nullcontext()
+        from cairn.stages.locking import repository_lock
+
+        return repository_lock(
+            self.repo.on_backend(self.dest),
+            exclusive=self.options.delete,
+            retry_seconds=self.options.retry_lock,
+        )
 
     async def _count_totals(self) -> None:
         # A listing of its own, beside the plan's, so that progress has totals (and
