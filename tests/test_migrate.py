@@ -154,6 +154,12 @@ def test_foreign_destination_is_refused(source: tuple[Cairn, Path], tmp_path: Pa
     os.unlink(tmp_path / "other" / "config")
     refused = cli.run("migrate", "--to", str(tmp_path / "other"))
     assert refused.code == 1 and "is not one of this repository's keys" in refused.err
+    # A directory of other files is not a destination either (as for init).
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    refused = cli.run("migrate", "--to", str(tmp_path / "home"))
+    assert refused.code == 1 and "is not a cairn repository" in refused.err
+    assert os.listdir(tmp_path / "home") == ["notes.txt"]
 
 
 def test_dry_run_writes_nothing(source: tuple[Cairn, Path], tmp_path: Path) -> None:

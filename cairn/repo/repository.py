@@ -85,7 +85,7 @@ async def init_repository(
         pass
     else:
         raise RepositoryExists(backend.location)
-    _refuse_foreign_directory(backend)
+    refuse_foreign_directory(backend)
     create_layout = getattr(backend, "create_layout", None)
     if create_layout is not None:
         try:
@@ -120,7 +120,7 @@ class DirectoryNotEmpty(RepoError):
         )
 
 
-def _refuse_foreign_directory(backend: Backend) -> None:
+def refuse_foreign_directory(backend: Backend) -> None:
     """Refuse to create a repository inside a local directory that already holds
     other files (restic refuses too): they would be mixed with the repository's.
 

@@ -45,6 +45,7 @@ from cairn.repo.codec import unseal
 from cairn.repo.config import decode_config
 from cairn.repo.crypto import storage_id
 from cairn.repo.errors import CorruptedObject, RepoError
+from cairn.repo.repository import refuse_foreign_directory
 
 log = structlog.get_logger("cairn.migrate")
 
@@ -187,6 +188,8 @@ async def check_destination(repo: Any, dest: Backend, source: Backend) -> bool:
         if other.id != repo.config.id:
             raise ForeignDestination(dest.location, f"repository ID {other.id[:8]}")
         return True
+    # A local directory holding other files is refused, as init refuses it.
+    refuse_foreign_directory(dest)
     mine = {name async for name, _ in source.list("keys/")}
     async for name, _ in _listing(dest, "keys/"):
         if name not in mine:
