@@ -137,6 +137,9 @@ def test_migrate_then_rerun_sends_nothing_and_says_so(
     assert text.code == 0, text.err
     assert "is up to date: nothing to transfer" in text.out
     assert not list((dest / "locks").iterdir())  # its lock on the destination is gone
+    # The same, planning data/ shard by shard (as for a destination of many packs).
+    sharded = _summary(_migrate(cli, dest, "--whole-listing", "0"))
+    assert sharded["objects_sent"] == 0 and sharded["objects_present"] == len(objects)
     _restores_tree(_at(cli, dest), tree, tmp_path / "restored")
 
 
@@ -217,7 +220,7 @@ def test_corrupted_destination_object_is_detected_and_repaired(
     # A truncated object has the wrong size: every run repairs it.
     os.chmod(pack, 0o600)
     pack.write_bytes(pack.read_bytes()[:-10])
-    again = _summary(_migrate(cli, dest, "--verify-sample", "0"))
+    again = _summary(_migrate(cli, dest, "--verify-sample", "0", "--whole-listing", "0"))
     assert again["objects_repaired"] == 1 and again["objects_sent"] == 1
     assert _objects(dest) == _objects(Path(cli.repo))
 
@@ -248,7 +251,7 @@ def test_read_back_catches_a_destination_that_garbles(
 # --- interruptions and resume --------------------------------------------------------
 
 
-def _resume_sends_only_the_rest(cli: Cairn, dest: Path, log: Path) -> None:
+def _resume_sends_only_the_rest(cli: Cairn, dest: Path, log: Path, *args: str) -> None:
     """After an interrupted run: what the destination lists is whole and is not sent
     again; the rest is, once; the result is the source's objects, byte for byte."""
     there = _objects(dest)
@@ -266,6 +269,7 @@ def _resume_sends_only_the_rest(cli: Cairn, dest: Path, log: Path) -> None:
             "--to",
             str(dest),
             "--json",
+            *args,
         )
     )
     sent = {
@@ -286,7 +290,7 @@ def test_failing_destination_then_resume(source: tuple[Cairn, Path], tmp_path: P
     failed = _migrate(cli, dest, env={DEST_FAULTS: "save#5-=error"})
     assert failed.code == 1 and failed.err.strip()
     assert 0 < len(_objects(dest)) < len(_objects(Path(cli.repo)))
-    _resume_sends_only_the_rest(cli, dest, tmp_path / "log.json")
+    _resume_sends_only_the_rest(cli, dest, tmp_path / "log.json", "--whole-listing", "0")
 
 
 @pytest.mark.parametrize("n", [2, 4, 7])
@@ -330,3 +334,35 @@ def test_sigint_then_resume(source: tuple[Cairn, Path], tmp_path: Path) -> None:
     assert b"interrupted" in err
     assert _objects(dest) != _objects(Path(cli.repo))
     _resume_sends_only_the_rest(cli, dest, tmp_path / "log.json")
+
+
+# --- the byte budget ------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_byte_budget_bounds_what_is_held() -> None:
+    import anyio.lowlevel
+
+    from cairn.stages.migrate import ByteBudget
+
+    budget = ByteBudget(10)
+    held: list[int] = []
+    peak = 0
+    alone: list[bool] = []
+
+    async def hold(n: int) -> None:
+        nonlocal peak
+        async with budget.holding(n):
+            held.append(n)
+            peak = max(peak, sum(min(h, 10) for h in held))
+            if n > 10:  # more than the whole budget: it goes alone
+                alone.append(held == [n])
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
+            held.remove(n)
+
+    async with anyio.create_task_group() as tg:
+        for n in (4, 4, 4, 3, 25, 6, 1, 9):
+            tg.start_soon(hold, n)
+    assert alone == [True] and 0 < peak <= 10
+    assert budget.free == budget.total

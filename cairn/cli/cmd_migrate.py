@@ -75,6 +75,12 @@ def _percent(_ctx: click.Context, _param: click.Parameter, value: float) -> floa
 @click.option("--delete", is_flag=True, help="Remove what the source no longer has, last.")
 @click.option("--dry-run", "-n", is_flag=True, help="Only say what would be transferred.")
 @click.option("--seed", type=int, hidden=True, help="Seed of the verify sample (tests).")
+@click.option(
+    "--whole-listing",
+    type=click.IntRange(min=0),
+    hidden=True,
+    help="List data/ shard by shard beyond this many packs at the destination (tests).",
+)
 @click.pass_obj
 def command(
     settings: Settings,
@@ -85,6 +91,7 @@ def command(
     delete: bool,
     dry_run: bool,
     seed: int | None,
+    whole_listing: int | None,
 ) -> int:
     """Copy the repository, as it is, to another backend (or keep a replica current)."""
     from cairn.stages.migrate import MigrateOptions
@@ -96,7 +103,12 @@ def command(
         dry_run=dry_run,
         seed=seed,
     )
+    if whole_listing is not None:
+        options = replace(options, whole_listing=whole_listing)
     dest_settings = replace(settings, repo=to, backend_options=to_options)
+    from cairn.cli.memory import unmap_bulk_buffers
+
+    unmap_bulk_buffers()
     started = time.monotonic()
     migrator = run_async(lambda: _migrate(settings, dest_settings, options))
     stats = migrator.stats

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ import structlog
 
 from cairn.backends.base import Backend, NotFound, is_hex_id
 from cairn.pipeline import HeldBytes, Pipeline, PipelineOptions, PipelineSnapshot, raising_causes
+from cairn.pipeline.metrics import waiting_on_output
 from cairn.repo.codec import unseal
 from cairn.repo.config import decode_config
 from cairn.repo.crypto import storage_id
@@ -49,6 +50,7 @@ from cairn.repo.repository import refuse_foreign_directory
 
 log = structlog.get_logger("cairn.migrate")
 
+MiB = 1024 * 1024
 # Objects up to this size are hashed inline; bigger ones in a thread (BLAKE3 releases
 # the GIL, and a 16 MiB pack takes ~2 ms: long enough to stall other transfers).
 _INLINE_HASH = 1024 * 1024
@@ -64,6 +66,14 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
 # --delete's order: what refers to others goes first.
 DELETE_ORDER = ("snapshots/", "index/", *DATA_SHARDS, "keys/")
 
+# The destination's data/ listing is held whole up to this many packs (~5 MB; one
+# shard's worth at 12 M packs); beyond, data/ is planned shard by shard.
+SMALL_LISTING = 50_000
+# Shards' destination listings read at once, ahead of the comparison: a listing is
+# mostly round trips (S3: one per 1000 names), so two overlap them with the source's.
+LISTINGS_AHEAD = 2
+
+LIST_HINT = "none: listing the two backends (round trips)"
 TRANSFER_HINT = "--connections (transfers in flight)"
 THROTTLE_HINT = "--limit-upload/--limit-download"
 
@@ -94,6 +104,13 @@ class MigrateOptions:
     verify_sample: float = 1.0
     # Hash-check every object already present (downloads the whole destination).
     verify_existing: bool = False
+    # Bytes of objects in flight at once, whatever --connections says (one larger
+    # object still goes, alone): 4 default packs. The peak footprint of a migration
+    # is about this plus the interpreter's ~90 MiB (bench/migrate.py).
+    in_flight_bytes: int = 64 * MiB
+    # The destination's data/ listing is held whole up to this many packs, else
+    # data/ is planned shard by shard (SMALL_LISTING; tests lower it).
+    whole_listing: int = SMALL_LISTING
     delete: bool = False
     dry_run: bool = False
     # Lock the destination (shared; exclusive with --delete) once it has a config.
@@ -131,6 +148,43 @@ class MigrateStats:
     @property
     def bytes_done(self) -> int:
         return self.bytes_present + self.bytes_sent
+
+
+class ByteBudget:
+    """At most ``total`` bytes held at once by the tasks that acquired them; a request
+    larger than ``total`` waits for the whole budget and then goes alone."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._changed = anyio.Condition()
+
+    @asynccontextmanager
+    async def holding(self, nbytes: int) -> AsyncIterator[None]:
+        """Hold ``nbytes`` (at most the whole budget) for the body. The wait counts
+        as waiting on output: for other transfers to finish."""
+        nbytes = min(nbytes, self.total)
+        with waiting_on_output():
+            async with self._changed:
+                while self.free < nbytes:
+                    await self._changed.wait()
+                self.free -= nbytes
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self._changed:
+                    self.free += nbytes
+                    self._changed.notify_all()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A prefix to plan, with the destination's listing of it once it is read
+    (storage ID bytes, or the name, to size)."""
+
+    prefix: str
+    there: dict[Any, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +274,7 @@ class Migrator:
         self.report = report or (lambda name, problem: None)
         self.stats = MigrateStats()
         self._rng = random.Random(options.seed)
+        self._budget = ByteBudget(options.in_flight_bytes)
         self._running: Pipeline | None = None
 
     def snapshot(self) -> PipelineSnapshot | None:
@@ -306,9 +361,19 @@ class Migrator:
             return
 
     async def _phase(self, phase: str, prefixes: tuple[str, ...]) -> None:
+        shards = await self._shards(prefixes)
         pipeline = (
             Pipeline(f"migrate-{phase}", options=self.options.options)
-            .source("plan", self._plan(prefixes), sizeof=Work.nbytes)
+            .source("plan", shards)
+            .map(
+                "list-destination",
+                self._list_destination,
+                concurrency=LISTINGS_AHEAD,
+                ordered=True,
+                hint=LIST_HINT,
+                capacity=0,
+            )
+            .map("compare", self._compare, hint=LIST_HINT, capacity=0)
             .map(
                 "transfer",
                 self._transfer,
@@ -328,24 +393,44 @@ class Migrator:
             self._running = None
             self.stats.pipelines.append(pipeline.snapshot(done=True))
 
-    async def _plan(self, prefixes: tuple[str, ...]) -> AsyncIterator[Work]:
+    async def _shards(self, prefixes: tuple[str, ...]) -> list[Shard]:
+        """The prefixes to plan. ``data/`` shard by shard, unless the destination
+        holds at most ``SMALL_LISTING`` packs (a first run, a small repository): then
+        one listing of each side instead of 256 — a round trip each on S3."""
+        if prefixes != DATA_SHARDS:
+            return [Shard(prefix) for prefix in prefixes]
+        there: dict[Any, int] = {}
+        async for name, size in self._list(self.dest, "data/"):
+            there[_key(name)] = size
+            if len(there) > self.options.whole_listing:
+                return [Shard(prefix) for prefix in prefixes]
+        return [Shard("data/", there)]
+
+    async def _list_destination(self, shard: Shard) -> Shard:
+        """The destination's objects under the shard's prefix, by name."""
+        if shard.there is None:
+            there = {_key(name): size async for name, size in self._list(self.dest, shard.prefix)}
+            shard = Shard(shard.prefix, there)
+        return shard
+
+    async def _compare(self, shard: Shard) -> AsyncIterator[Work]:
+        """Stream the source's listing of a prefix against the destination's."""
         s = self.stats
-        for prefix in prefixes:
-            there = {_key(name): size async for name, size in self._list(self.dest, prefix)}
-            async for name, size in self._list(self.source, prefix):
-                s.objects_listed += 1
-                s.bytes_listed += size
-                have = there.pop(_key(name), None)
-                if have is None:
-                    yield Work(name, size, SEND)
-                elif have != size:
-                    log.warning("migrate.size_mismatch", name=name, size=size, destination=have)
-                    yield Work(name, size, REPLACE)
-                elif self._check_existing(name):
-                    yield Work(name, size, CHECK)
-                else:
-                    s.objects_present += 1
-                    s.bytes_present += size
+        there = shard.there if shard.there is not None else {}
+        async for name, size in self._list(self.source, shard.prefix):
+            s.objects_listed += 1
+            s.bytes_listed += size
+            have = there.pop(_key(name), None)
+            if have is None:
+                yield Work(name, size, SEND)
+            elif have != size:
+                log.warning("migrate.size_mismatch", name=name, size=size, destination=have)
+                yield Work(name, size, REPLACE)
+            elif self._check_existing(name):
+                yield Work(name, size, CHECK)
+            else:
+                s.objects_present += 1
+                s.bytes_present += size
 
     def _check_existing(self, name: str) -> bool:
         if self.options.dry_run or hashed_name(name) is None:
@@ -356,6 +441,10 @@ class Migrator:
         return self._rng.random() * 100 < self.options.verify_sample
 
     async def _transfer(self, work: Work) -> None:
+        async with self._budget.holding(work.size):
+            await self._transfer_one(work)
+
+    async def _transfer_one(self, work: Work) -> None:
         s = self.stats
         if self.options.dry_run:
             log.info("migrate.would_send", name=work.name, bytes=work.size, action=work.action)
