@@ -67,7 +67,9 @@ def prepare(work: Path, corpus: str, pack_size: int) -> Path:
     return repo
 
 
-def run(work: Path, repo: Path, transfers: int, tag: str) -> tuple[Measurement, Measurement]:
+def run(
+    work: Path, repo: Path, transfers: int, tag: str, to_options: list[str]
+) -> tuple[Measurement, Measurement]:
     """Both copies into a fresh SeaweedFS; (cairn, rclone)."""
     server_root = work / "weed"
     shutil.rmtree(server_root, ignore_errors=True)
@@ -80,6 +82,7 @@ def run(work: Path, repo: Path, transfers: int, tag: str) -> tuple[Measurement, 
             repo, work / "password", "--connections", str(transfers), "--no-progress",
             "migrate", "--to", f"s3:{endpoint}/{S3_BUCKET}/cairn-{tag}",
             "--to-option", "s3.region=us-east-1",
+            *(f"--to-option={o}" for o in to_options),
         )  # fmt: skip
         m_cairn = run_one(Command(cairn), env, log, 3600)
         remote = (
@@ -104,6 +107,9 @@ def main() -> None:
     parser.add_argument("--pack-size", type=int, default=16, help="MiB (4-128)")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--work", type=Path, default=Path("/tmp/cairn-bench-migrate"))
+    parser.add_argument(
+        "--to-option", action="append", default=[], help="passed on to cairn migrate"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     repo = prepare(args.work, args.corpus, args.pack_size)
@@ -112,7 +118,7 @@ def main() -> None:
     print(f"repository: {repo} ({size / 2**20:.0f} MiB, {files} files), {args.transfers} transfers")
     print(f"{'tool':7} {'time s':>7} {'MiB/s':>7} {'cpu s':>6} {'peak MiB':>9}")
     for rep in range(args.reps):
-        results = run(args.work, repo, args.transfers, f"r{rep}")
+        results = run(args.work, repo, args.transfers, f"r{rep}", args.to_option)
         for tool, m in zip(("cairn", "rclone"), results, strict=True):
             note = "" if m.ok else f"  FAILED: {m.error}"
             print(

@@ -14,8 +14,8 @@ or re-encoded. The data path of each phase is one pipeline::
 * **transfer** loads one object whole from the source, hashes it (every name but
   ``config``'s and non-hex key names is the BLAKE3 of the stored bytes, so a damaged
   source object is refused, not copied), saves it to the destination and, for a
-  sample, reads it back and compares hashes. One object per task is in memory: the
-  memory bound is ``transfers x the largest object`` (packs are at most 128 MiB).
+  sample, reads it back and compares hashes. One object per task is in memory, and
+  all of them within ``in_flight_bytes`` (one larger object goes alone).
 * **tally** counts.
 
 Phases run one after another so that the destination is a consistent repository at
@@ -105,9 +105,11 @@ class MigrateOptions:
     # Hash-check every object already present (downloads the whole destination).
     verify_existing: bool = False
     # Bytes of objects in flight at once, whatever --connections says (one larger
-    # object still goes, alone): 4 default packs. The peak footprint of a migration
-    # is about this plus the interpreter's ~90 MiB (bench/migrate.py).
-    in_flight_bytes: int = 64 * MiB
+    # object still goes, alone): three default packs. 64 MiB peaked at 197 MiB for
+    # a local → SeaweedFS migration, 48 at 133-164 (the S3 client's socket buffer
+    # copies a body again; the interpreter is ~90 MiB), at the same speed: the
+    # server, not the number of uploads, limited it (bench/migrate.py).
+    in_flight_bytes: int = 48 * MiB
     # The destination's data/ listing is held whole up to this many packs, else
     # data/ is planned shard by shard (SMALL_LISTING; tests lower it).
     whole_listing: int = SMALL_LISTING
