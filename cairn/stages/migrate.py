@@ -70,8 +70,11 @@ DELETE_ORDER = ("snapshots/", "index/", *DATA_SHARDS, "keys/")
 # shard's worth at 12 M packs); beyond, data/ is planned shard by shard.
 SMALL_LISTING = 50_000
 # Shards' destination listings read at once, ahead of the comparison: a listing is
-# mostly round trips (S3: one per 1000 names), so two overlap them with the source's.
-LISTINGS_AHEAD = 2
+# mostly round trips (S3: one per 1000 names); one overlaps them with the source's
+# listing of the shard being compared, and at most three shards' listings exist
+# (one being read, one handed over, one compared). More in parallel would hold more:
+# an ordered stage queues finished ones.
+LISTINGS_AHEAD = 1
 
 LIST_HINT = "none: listing the two backends (round trips)"
 TRANSFER_HINT = "--connections (transfers in flight)"
