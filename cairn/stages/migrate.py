@@ -400,15 +400,13 @@ class Migrator:
 
     async def _shards(self, prefixes: tuple[str, ...]) -> list[Shard]:
         """The prefixes to plan. ``data/`` shard by shard, unless the destination
-        holds at most ``SMALL_LISTING`` packs (a first run, a small repository): then
+        holds at most ``whole_listing`` packs (a first run, a small repository): then
         one listing of each side instead of 256 — a round trip each on S3."""
         if prefixes != DATA_SHARDS:
             return [Shard(prefix) for prefix in prefixes]
-        there: dict[Any, int] = {}
-        async for name, size in self._list(self.dest, "data/"):
-            there[_key(name)] = size
-            if len(there) > self.options.whole_listing:
-                return [Shard(prefix) for prefix in prefixes]
+        there = await _listing_up_to(self.dest, "data/", self.options.whole_listing)
+        if there is None:
+            return [Shard(prefix) for prefix in prefixes]
         return [Shard("data/", there)]
 
     async def _list_destination(self, shard: Shard) -> Shard:
@@ -519,9 +517,11 @@ class Migrator:
     async def _delete(self) -> None:
         """Remove what the destination has and the source lacks (after all else)."""
         s = self.stats
-        for prefix in DELETE_ORDER:
-            mine = {_key(name) async for name, _ in self.source.list(prefix)}
-            extra = [(n, size) async for n, size in self.dest.list(prefix) if _key(n) not in mine]
+        for prefix in await self._delete_prefixes():
+            mine = {_key(name) async for name, _ in self._list(self.source, prefix)}
+            extra = [(n, size) async for n, size in self._list(self.dest, prefix)]
+            extra = [(n, size) for n, size in extra if _key(n) not in mine]
+            del mine
             for name, size in extra:
                 if self.options.dry_run:
                     log.info("migrate.would_delete", name=name, bytes=size)
@@ -533,6 +533,24 @@ class Migrator:
                     log.info("migrate.deleted", name=name, bytes=size)
                 s.objects_deleted += 1
                 s.bytes_deleted += size
+
+    async def _delete_prefixes(self) -> tuple[str, ...]:
+        """``DELETE_ORDER``, with ``data/`` whole when both sides hold few packs."""
+        limit = self.options.whole_listing
+        for backend in (self.source, self.dest):
+            if await _listing_up_to(backend, "data/", limit) is None:
+                return DELETE_ORDER
+        return ("snapshots/", "index/", "data/", "keys/")
+
+
+async def _listing_up_to(backend: Backend, prefix: str, limit: int) -> dict[Any, int] | None:
+    """``backend``'s objects under ``prefix`` by name, or None beyond ``limit`` of them."""
+    there: dict[Any, int] = {}
+    async for name, size in _listing(backend, prefix):
+        there[_key(name)] = size
+        if len(there) > limit:
+            return None
+    return there
 
 
 async def _listing(backend: Backend, prefix: str) -> AsyncIterator[tuple[str, int]]:
