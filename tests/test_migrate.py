@@ -10,6 +10,7 @@ refusal of another repository, ``--delete``, ``--dry-run``, read-back verificati
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -59,19 +60,31 @@ def _summary(result: Result) -> dict:
     return line
 
 
-@pytest.fixture
-def source(tmp_path: Path) -> tuple[Cairn, Path]:
-    """A local repository with two snapshots (four data packs), and its tree."""
-    password = tmp_path / "password"
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A local repository with two snapshots (four data packs), and its tree: made
+    once, copied for each test (which may damage or prune it)."""
+    base = tmp_path_factory.mktemp("migrate-source")
+    password = base / "password"
     password.write_text("migrate password\n")
-    cli = Cairn(tmp_path / "src-repo", password)
+    cli = Cairn(base / "repo", password)
     cli.run("init", check=True)
-    tree = tmp_path / "tree"
+    tree = base / "tree"
     _make_tree(tree, 0)
     cli.run("--pack-size", "4", "backup", str(tree), check=True)
     _make_tree(tree, 1)
     cli.run("--pack-size", "4", "backup", str(tree), check=True)
-    return cli, tree
+    return base / "repo", tree
+
+
+@pytest.fixture
+def source(pristine: tuple[Path, Path], tmp_path: Path) -> tuple[Cairn, Path]:
+    """This test's copy of the pristine repository, and the tree it holds."""
+    repo, tree = pristine
+    shutil.copytree(repo, tmp_path / "src-repo", symlinks=True)
+    password = tmp_path / "password"
+    password.write_text("migrate password\n")
+    return Cairn(tmp_path / "src-repo", password), tree
 
 
 def _migrate(cli: Cairn, dest: Path | str, *args: str, env: dict | None = None) -> Result:
