@@ -40,6 +40,7 @@ import anyio.to_thread
 import structlog
 
 from cairn.backends.base import Backend, NotFound, is_hex_id
+from cairn.backends.location import redact_location
 from cairn.pipeline import HeldBytes, Pipeline, PipelineOptions, PipelineSnapshot, raising_causes
 from cairn.pipeline.metrics import waiting_on_output
 from cairn.repo.codec import unseal
@@ -291,7 +292,7 @@ class Migrator:
         has_config = await check_destination(self.repo, self.dest, self.source)
         log.info(
             "migrate.started",
-            destination=self.dest.location,
+            destination=redact_location(self.dest.location),
             destination_has_config=has_config,
             dry_run=self.options.dry_run,
             transfers=self.options.transfers,
