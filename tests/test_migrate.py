@@ -388,3 +388,23 @@ async def test_byte_budget_bounds_what_is_held() -> None:
             tg.start_soon(hold, n)
     assert alone == [True] and 0 < peak <= 10
     assert budget.free == budget.total
+
+
+# --- throttling ----------------------------------------------------------------------
+
+
+def test_upload_limit_is_paid_before_an_object_is_loaded(
+    source: tuple[Cairn, Path], tmp_path: Path
+) -> None:
+    cli, _tree = source
+    largest = max(_objects(Path(cli.repo)).values())
+    result = cli.run("--limit-upload", "2048", "migrate", "--to", str(tmp_path / "dest"), "--json")
+    lines = result.json_lines()
+    done = _summary(result)
+    assert done["bottleneck"]["hint"] == "--limit-upload/--limit-download"
+    # Progress: status lines, the last one complete.
+    statuses = [line for line in lines if line["message_type"] == "status"]
+    assert statuses and statuses[-1]["bytes_done"] == done["bytes_total"]
+    # Objects wait for the limit before they are loaded, not in memory: one at a time
+    # is held (without prepaying, every transfer held its pack while it waited).
+    assert done["bytes_held_peak"] <= largest

@@ -41,6 +41,7 @@ import structlog
 
 from cairn.backends.base import Backend, NotFound, is_hex_id
 from cairn.backends.location import redact_location
+from cairn.backends.throttle import UPLOAD_PREPAID, charge, prepaid_upload_limiter
 from cairn.pipeline import HeldBytes, Pipeline, PipelineOptions, PipelineSnapshot, raising_causes
 from cairn.pipeline.metrics import waiting_on_output
 from cairn.repo.codec import unseal
@@ -281,6 +282,7 @@ class Migrator:
         self.stats = MigrateStats()
         self._rng = random.Random(options.seed)
         self._budget = ByteBudget(options.in_flight_bytes)
+        self._prepay_limiter = prepaid_upload_limiter(dest)
         self._running: Pipeline | None = None
 
     def snapshot(self) -> PipelineSnapshot | None:
@@ -445,10 +447,19 @@ class Migrator:
         return self._rng.random() * 100 < self.options.verify_sample
 
     async def _transfer(self, work: Work) -> None:
+        # With an upload limit charged per whole object, pay before loading it: an
+        # object waiting for the limit then holds no memory (backends/throttle.py).
+        prepaid = work.action != CHECK and await self._prepay(work.size)
         async with self._budget.holding(work.size):
-            await self._transfer_one(work)
+            await self._transfer_one(work, prepaid)
 
-    async def _transfer_one(self, work: Work) -> None:
+    async def _prepay(self, nbytes: int) -> bool:
+        if self._prepay_limiter is None or self.options.dry_run:
+            return False
+        await charge(self._prepay_limiter, nbytes)
+        return True
+
+    async def _transfer_one(self, work: Work, prepaid: bool) -> None:
         s = self.stats
         if self.options.dry_run:
             log.info("migrate.would_send", name=work.name, bytes=work.size, action=work.action)
@@ -462,6 +473,7 @@ class Migrator:
                 s.bytes_present += work.size
                 return
             action = REPLACE
+            prepaid = await self._prepay(work.size)
         data = await self.source.load(work.name)
         with self.stats.held.holding(len(data)):
             digest = await content_id(data)
@@ -474,7 +486,11 @@ class Migrator:
                     await self.dest.remove(work.name)
                 except NotFound:
                     pass
-            await self.dest.save(work.name, data)
+            token = UPLOAD_PREPAID.set(prepaid)
+            try:
+                await self.dest.save(work.name, data)
+            finally:
+                UPLOAD_PREPAID.reset(token)
             size = len(data)
         del data
         s.objects_sent += 1
