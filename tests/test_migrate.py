@@ -408,3 +408,48 @@ def test_upload_limit_is_paid_before_an_object_is_loaded(
     # Objects wait for the limit before they are loaded, not in memory: one at a time
     # is held (without prepaying, every transfer held its pack while it waited).
     assert done["bytes_held_peak"] <= largest
+
+
+# --- the destination's lock ------------------------------------------------------------
+
+
+def _hold_lock(repo: Path, password: Path, *, exclusive: bool) -> None:
+    """Leave a live lock in ``repo``: this test process's PID, which is running."""
+    import socket
+
+    import anyio
+
+    from cairn.backends.local import LocalBackend
+    from cairn.repo.lock import Lock, encode_lock
+    from cairn.repo.repository import open_repository
+
+    secret = password.read_text().strip()
+
+    async def put() -> None:
+        opened = await open_repository(LocalBackend(repo), secret)
+        now = time.time_ns()
+        lock = Lock(exclusive, socket.gethostname(), "test", os.getpid(), now, now)
+        await opened.save_sealed("locks", encode_lock(lock))
+
+    anyio.run(put)
+
+
+def test_destination_lock_keeps_out_a_prune_and_is_exclusive_with_delete(
+    source: tuple[Cairn, Path], tmp_path: Path
+) -> None:
+    cli, _tree = source
+    dest = tmp_path / "dest"
+    _summary(_migrate(cli, dest))
+    # A backup into the replica (shared) does not stop a migration, but --delete
+    # needs the destination to itself.
+    _hold_lock(dest, cli.password_file, exclusive=False)
+    assert _migrate(cli, dest).code == 0
+    refused = _migrate(cli, dest, "--delete")
+    assert refused.code == 11 and "locked" in refused.err
+    # A prune of the replica (exclusive) stops any migration into it.
+    for lock in (dest / "locks").iterdir():
+        lock.unlink()
+    _hold_lock(dest, cli.password_file, exclusive=True)
+    refused = _migrate(cli, dest)
+    assert refused.code == 11 and "locked" in refused.err
+    assert _migrate(cli, dest, "--no-lock").code == 0
