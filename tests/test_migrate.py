@@ -245,6 +245,12 @@ def test_corrupted_destination_object_is_detected_and_repaired(
     again = _summary(_migrate(cli, dest, "--verify-sample", "0", "--whole-listing", "0"))
     assert again["objects_repaired"] == 1 and again["objects_sent"] == 1
     assert _objects(dest) == _objects(Path(cli.repo))
+    # A damaged config beside this repository's keys is this repository's: replaced.
+    _flip_byte(dest / "config", 50)
+    config = _summary(_migrate(cli, dest, "--verify-sample", "0"))
+    assert config["objects_repaired"] == 1 and config["objects_sent"] == 1
+    assert (dest / "config").read_bytes() == (Path(cli.repo) / "config").read_bytes()
+    assert _at(cli, dest).run("check").code == 0
 
 
 def test_damaged_source_object_is_not_copied(source: tuple[Cairn, Path], tmp_path: Path) -> None:

@@ -227,13 +227,16 @@ def _key(name: str) -> Any:
     return bytes.fromhex(hashed) if hashed else name
 
 
-async def check_destination(repo: Any, dest: Backend, source: Backend) -> bool:
-    """Refuse a destination holding another repository; True if it has a config.
+async def check_destination(repo: Any, dest: Backend, source: Backend) -> tuple[bool, bool]:
+    """Refuse a destination holding another repository. Returns whether it has a
+    config, and whether that config is intact.
 
     A config must open with this repository's key and carry its ID. Without one (new,
     or a migration interrupted before its config), every key file there must be one
     of the source's: keys are written first, under their storage IDs, so another
-    repository's keys are told apart without any password.
+    repository's keys are told apart without any password. A config that does not
+    open beside keys that are all this repository's is this repository's, damaged:
+    it is sent again.
     """
     try:
         stored = await dest.load("config")
@@ -243,19 +246,33 @@ async def check_destination(repo: Any, dest: Backend, source: Backend) -> bool:
         try:
             other = decode_config(unseal(repo.crypto, "config", stored))
         except (CorruptedObject, RepoError):
+            if await _keys_are_ours(dest, source, foreign_ok=True):
+                log.warning("migrate.corrupt_in_destination", name="config")
+                return True, False
             raise ForeignDestination(
                 dest.location, "its config does not open with this key"
             ) from None
         if other.id != repo.config.id:
             raise ForeignDestination(dest.location, f"repository ID {other.id[:8]}")
-        return True
+        return True, True
     # A local directory holding other files is refused, as init refuses it.
     refuse_foreign_directory(dest)
+    await _keys_are_ours(dest, source)
+    return False, True
+
+
+async def _keys_are_ours(dest: Backend, source: Backend, *, foreign_ok: bool = False) -> bool:
+    """Whether the destination has key files and all are the source's; a key file that
+    is not raises ``ForeignDestination`` (or gives False, with ``foreign_ok``)."""
     mine = {name async for name, _ in source.list("keys/")}
+    found = False
     async for name, _ in _listing(dest, "keys/"):
         if name not in mine:
+            if foreign_ok:
+                return False
             raise ForeignDestination(dest.location, f"{name} is not one of this repository's keys")
-    return False
+        found = True
+    return found
 
 
 class Migrator:
@@ -284,6 +301,7 @@ class Migrator:
         self._budget = ByteBudget(options.in_flight_bytes)
         self._prepay_limiter = prepaid_upload_limiter(dest)
         self._running: Pipeline | None = None
+        self._replace_config = False
 
     def snapshot(self) -> PipelineSnapshot | None:
         """The running phase's pipeline metrics (None between phases)."""
@@ -291,7 +309,8 @@ class Migrator:
 
     async def run(self, *, count_totals: bool = False) -> MigrateStats:
         """Every phase in order, then ``--delete``; returns the counts."""
-        has_config = await check_destination(self.repo, self.dest, self.source)
+        has_config, config_ok = await check_destination(self.repo, self.dest, self.source)
+        self._replace_config = not config_ok
         log.info(
             "migrate.started",
             destination=redact_location(self.dest.location),
@@ -429,8 +448,9 @@ class Migrator:
             have = there.pop(_key(name), None)
             if have is None:
                 yield Work(name, size, SEND)
-            elif have != size:
-                log.warning("migrate.size_mismatch", name=name, size=size, destination=have)
+            elif have != size or (name == "config" and self._replace_config):
+                if have != size:
+                    log.warning("migrate.size_mismatch", name=name, size=size, destination=have)
                 yield Work(name, size, REPLACE)
             elif self._check_existing(name):
                 yield Work(name, size, CHECK)
