@@ -321,10 +321,12 @@ def test_failing_destination_then_resume(source: tuple[Cairn, Path], tmp_path: P
     _resume_sends_only_the_rest(cli, dest, tmp_path / "log.json", "--whole-listing", "0")
 
 
-@pytest.mark.parametrize("n", [2, 4, 7])
+@pytest.mark.parametrize("n", [2, 4, 7, 9, 11])
 def test_sigkill_at_a_write_then_resume(source: tuple[Cairn, Path], tmp_path: Path, n: int) -> None:
     cli, _tree = source
     dest = tmp_path / "dest"
+    # Writes to the destination: keys (1), config (2), its lock (3), the packs (4-7),
+    # the index files (8-9), the snapshots (10-11): killed in every phase.
     killed = _migrate(cli, dest, env={DEST_FAULTS: f"write#{n}=kill"})
     assert killed.code == -signal.SIGKILL
     _resume_sends_only_the_rest(cli, dest, tmp_path / "log.json")
