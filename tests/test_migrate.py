@@ -373,7 +373,7 @@ def test_sigint_then_resume(source: tuple[Cairn, Path], tmp_path: Path) -> None:
 async def test_byte_budget_bounds_what_is_held() -> None:
     import anyio.lowlevel
 
-    from cairn.stages.migrate import ByteBudget
+    from cairn.stages.destination import ByteBudget
 
     budget = ByteBudget(10)
     held: list[int] = []

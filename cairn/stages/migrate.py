@@ -1,21 +1,22 @@
 """``cairn migrate``: copy a repository's files, as they are, to another backend.
 
 The same repository (same keys, same IDs) on a second backend: nothing is decrypted
-or re-encoded. The data path of each phase is one pipeline::
+or re-encoded. Each phase is one pipeline (docs/architecture.md, "Migrate")::
 
-    plan (list both sides, one prefix at a time) -> transfer (N tasks) -> tally
+    plan -> list-destination -> compare -> transfer (N tasks) -> tally
 
-* **plan** lists the destination's objects under one prefix into a dictionary, then
-  streams the source's listing of the same prefix against it: what the destination
-  lacks, or holds with another size, is sent; what it holds with the right size is
-  counted as present (and a sample of it re-read to catch silent corruption). Only
-  one prefix's destination listing is held at a time — ``data/`` is planned shard by
-  shard (``data/00/`` … ``data/ff/``), 1/256 of the packs each.
+* **plan** names the prefixes: ``data/`` as one when the destination holds few packs
+  (one listing per side), else its 256 shards (``data/00/`` … ``data/ff/``);
+* **list-destination** reads the destination's listing of a prefix into a dict, one
+  prefix ahead of the comparison;
+* **compare** streams the source's listing of the prefix against it: what the
+  destination lacks, or holds with another size, is sent; what it holds with the right
+  size is present (and a sample of it re-read to catch silent corruption);
 * **transfer** loads one object whole from the source, hashes it (every name but
   ``config``'s and non-hex key names is the BLAKE3 of the stored bytes, so a damaged
   source object is refused, not copied), saves it to the destination and, for a
-  sample, reads it back and compares hashes. One object per task is in memory, and
-  all of them within ``in_flight_bytes`` (one larger object goes alone).
+  sample, reads it back and compares hashes; all objects in flight stay within
+  ``in_flight_bytes`` (one larger object goes alone);
 * **tally** counts.
 
 Phases run one after another so that the destination is a consistent repository at
@@ -31,31 +32,33 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import structlog
 
-from cairn.backends.base import Backend, NotFound, is_hex_id
+from cairn.backends.base import Backend, NotFound
 from cairn.backends.location import redact_location
 from cairn.backends.throttle import UPLOAD_PREPAID, charge, prepaid_upload_limiter
 from cairn.pipeline import HeldBytes, Pipeline, PipelineOptions, PipelineSnapshot, raising_causes
-from cairn.pipeline.metrics import waiting_on_output
-from cairn.repo.codec import unseal
-from cairn.repo.config import decode_config
-from cairn.repo.crypto import storage_id
-from cairn.repo.errors import CorruptedObject, RepoError
-from cairn.repo.repository import refuse_foreign_directory
+from cairn.stages.destination import (
+    ByteBudget,
+    ForeignDestination,
+    check_destination,
+    content_id,
+    hashed_name,
+    listing,
+    listing_up_to,
+    object_key,
+)
+
+__all__ = ["ForeignDestination", "MigrateOptions", "MigrateStats", "Migrator"]
 
 log = structlog.get_logger("cairn.migrate")
 
 MiB = 1024 * 1024
-# Objects up to this size are hashed inline; bigger ones in a thread (BLAKE3 releases
-# the GIL, and a 16 MiB pack takes ~2 ms: long enough to stall other transfers).
-_INLINE_HASH = 1024 * 1024
 DATA_SHARDS = tuple(f"data/{i:02x}/" for i in range(256))
 # The phases in the order their objects must reach the destination.
 PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -83,18 +86,6 @@ TRANSFER_HINT = "--connections (transfers in flight)"
 THROTTLE_HINT = "--limit-upload/--limit-download"
 
 SEND, REPLACE, CHECK = "send", "replace", "check"
-
-
-class ForeignDestination(RepoError):
-    """The destination holds another repository (exit 1)."""
-
-    exit_code = 1
-
-    def __init__(self, location: str, detail: str) -> None:
-        super().__init__(
-            f"{location} holds a different repository ({detail}); "
-            "migrate only copies a repository onto an empty destination or onto itself"
-        )
 
 
 @dataclass(frozen=True)
@@ -157,34 +148,6 @@ class MigrateStats:
         return self.bytes_present + self.bytes_sent
 
 
-class ByteBudget:
-    """At most ``total`` bytes held at once by the tasks that acquired them; a request
-    larger than ``total`` waits for the whole budget and then goes alone."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.free = total
-        self._changed = anyio.Condition()
-
-    @asynccontextmanager
-    async def holding(self, nbytes: int) -> AsyncIterator[None]:
-        """Hold ``nbytes`` (at most the whole budget) for the body. The wait counts
-        as waiting on output: for other transfers to finish."""
-        nbytes = min(nbytes, self.total)
-        with waiting_on_output():
-            async with self._changed:
-                while self.free < nbytes:
-                    await self._changed.wait()
-                self.free -= nbytes
-        try:
-            yield
-        finally:
-            with anyio.CancelScope(shield=True):
-                async with self._changed:
-                    self.free += nbytes
-                    self._changed.notify_all()
-
-
 @dataclass(frozen=True)
 class Shard:
     """A prefix to plan, with the destination's listing of it once it is read
@@ -205,74 +168,6 @@ class Work:
     @staticmethod
     def nbytes(item: Work) -> int:
         return item.size
-
-
-def hashed_name(name: str) -> str | None:
-    """The storage ID an object's name promises, or None (``config``, odd key names)."""
-    tail = name.rsplit("/", 1)[-1]
-    return tail if name != "config" and is_hex_id(tail) else None
-
-
-async def content_id(data: bytes) -> str:
-    """BLAKE3 of stored bytes (in a thread when large)."""
-    if len(data) <= _INLINE_HASH:
-        return storage_id(data)
-    return await anyio.to_thread.run_sync(storage_id, data)
-
-
-def _key(name: str) -> Any:
-    # 32 bytes instead of a 64-character string: a shard of a 10 M-object
-    # repository's listing stays a few MB.
-    hashed = hashed_name(name)
-    return bytes.fromhex(hashed) if hashed else name
-
-
-async def check_destination(repo: Any, dest: Backend, source: Backend) -> tuple[bool, bool]:
-    """Refuse a destination holding another repository. Returns whether it has a
-    config, and whether that config is intact.
-
-    A config must open with this repository's key and carry its ID. Without one (new,
-    or a migration interrupted before its config), every key file there must be one
-    of the source's: keys are written first, under their storage IDs, so another
-    repository's keys are told apart without any password. A config that does not
-    open beside keys that are all this repository's is this repository's, damaged:
-    it is sent again.
-    """
-    try:
-        stored = await dest.load("config")
-    except NotFound:
-        stored = None
-    if stored is not None:
-        try:
-            other = decode_config(unseal(repo.crypto, "config", stored))
-        except (CorruptedObject, RepoError):
-            if await _keys_are_ours(dest, source, foreign_ok=True):
-                log.warning("migrate.corrupt_in_destination", name="config")
-                return True, False
-            raise ForeignDestination(
-                dest.location, "its config does not open with this key"
-            ) from None
-        if other.id != repo.config.id:
-            raise ForeignDestination(dest.location, f"repository ID {other.id[:8]}")
-        return True, True
-    # A local directory holding other files is refused, as init refuses it.
-    refuse_foreign_directory(dest)
-    await _keys_are_ours(dest, source)
-    return False, True
-
-
-async def _keys_are_ours(dest: Backend, source: Backend, *, foreign_ok: bool = False) -> bool:
-    """Whether the destination has key files and all are the source's; a key file that
-    is not raises ``ForeignDestination`` (or gives False, with ``foreign_ok``)."""
-    mine = {name async for name, _ in source.list("keys/")}
-    found = False
-    async for name, _ in _listing(dest, "keys/"):
-        if name not in mine:
-            if foreign_ok:
-                return False
-            raise ForeignDestination(dest.location, f"{name} is not one of this repository's keys")
-        found = True
-    return found
 
 
 class Migrator:
@@ -379,7 +274,7 @@ class Migrator:
     async def _list(backend: Backend, prefix: str) -> AsyncIterator[tuple[str, int]]:
         """``list``, with ``config`` as a prefix of its own (a stat)."""
         if prefix != "config":
-            async for entry in _listing(backend, prefix):
+            async for entry in listing(backend, prefix):
                 yield entry
             return
         try:
@@ -426,7 +321,7 @@ class Migrator:
         one listing of each side instead of 256 — a round trip each on S3."""
         if prefixes != DATA_SHARDS:
             return [Shard(prefix) for prefix in prefixes]
-        there = await _listing_up_to(self.dest, "data/", self.options.whole_listing)
+        there = await listing_up_to(self.dest, "data/", self.options.whole_listing)
         if there is None:
             return [Shard(prefix) for prefix in prefixes]
         return [Shard("data/", there)]
@@ -434,7 +329,8 @@ class Migrator:
     async def _list_destination(self, shard: Shard) -> Shard:
         """The destination's objects under the shard's prefix, by name."""
         if shard.there is None:
-            there = {_key(name): size async for name, size in self._list(self.dest, shard.prefix)}
+            listed = self._list(self.dest, shard.prefix)
+            there = {object_key(name): size async for name, size in listed}
             shard = Shard(shard.prefix, there)
         return shard
 
@@ -445,7 +341,7 @@ class Migrator:
         async for name, size in self._list(self.source, shard.prefix):
             s.objects_listed += 1
             s.bytes_listed += size
-            have = there.pop(_key(name), None)
+            have = there.pop(object_key(name), None)
             if have is None:
                 yield Work(name, size, SEND)
             elif have != size or (name == "config" and self._replace_config):
@@ -555,9 +451,9 @@ class Migrator:
         """Remove what the destination has and the source lacks (after all else)."""
         s = self.stats
         for prefix in await self._delete_prefixes():
-            mine = {_key(name) async for name, _ in self._list(self.source, prefix)}
+            mine = {object_key(name) async for name, _ in self._list(self.source, prefix)}
             extra = [(n, size) async for n, size in self._list(self.dest, prefix)]
-            extra = [(n, size) for n, size in extra if _key(n) not in mine]
+            extra = [(n, size) for n, size in extra if object_key(n) not in mine]
             del mine
             for name, size in extra:
                 if self.options.dry_run:
@@ -575,32 +471,9 @@ class Migrator:
         """``DELETE_ORDER``, with ``data/`` whole when both sides hold few packs."""
         limit = self.options.whole_listing
         for backend in (self.source, self.dest):
-            if await _listing_up_to(backend, "data/", limit) is None:
+            if await listing_up_to(backend, "data/", limit) is None:
                 return DELETE_ORDER
         return ("snapshots/", "index/", "data/", "keys/")
-
-
-async def _listing_up_to(backend: Backend, prefix: str, limit: int) -> dict[Any, int] | None:
-    """``backend``'s objects under ``prefix`` by name, or None beyond ``limit`` of them."""
-    there: dict[Any, int] = {}
-    async for name, size in _listing(backend, prefix):
-        there[_key(name)] = size
-        if len(there) > limit:
-            return None
-    return there
-
-
-async def _listing(backend: Backend, prefix: str) -> AsyncIterator[tuple[str, int]]:
-    """``backend.list(prefix)``; a destination whose bucket or directory does not
-    exist yet (a first run, or ``--dry-run`` before any) lists nothing."""
-    listed = False
-    try:
-        async for entry in backend.list(prefix):
-            listed = True
-            yield entry
-    except NotFound:
-        if listed:
-            raise
 
 
 async def _nothing(_item: Any) -> None:
