@@ -43,7 +43,8 @@ def unmap_bulk_buffers() -> None:
     back on free: for a command whose bulk buffers are whole objects, each allocated
     once and then sent on (``migrate``), where keeping freed ones on the heap only
     adds up to the trim threshold per arena to the footprint, and the page faults of
-    a fresh mapping (~14 ms per 16 MiB pack) are small next to moving the pack."""
+    a fresh mapping (~14 ms per 16 MiB pack) are small next to moving the pack.
+    Measured on a 206 MiB migration to SeaweedFS: peak 164 MiB, 197-215 without."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
