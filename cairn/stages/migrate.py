@@ -195,12 +195,7 @@ class Migrator:
         self._rng = random.Random(options.seed)
         self._budget = ByteBudget(options.in_flight_bytes)
         self._prepay_limiter = prepaid_upload_limiter(dest)
-        self._running: Pipeline | None = None
         self._replace_config = False
-
-    def snapshot(self) -> PipelineSnapshot | None:
-        """The running phase's pipeline metrics (None between phases)."""
-        return self._running.snapshot() if self._running is not None else None
 
     async def run(self, *, count_totals: bool = False) -> MigrateStats:
         """Every phase in order, then ``--delete``; returns the counts."""
@@ -307,12 +302,10 @@ class Migrator:
             )
             .sink("tally", _nothing)
         )
-        self._running = pipeline
         try:
             with raising_causes():
                 await pipeline.run()
         finally:
-            self._running = None
             self.stats.pipelines.append(pipeline.snapshot(done=True))
 
     async def _shards(self, prefixes: tuple[str, ...]) -> list[Shard]:
