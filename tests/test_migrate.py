@@ -187,6 +187,18 @@ def test_foreign_destination_is_refused(source: tuple[Cairn, Path], tmp_path: Pa
     assert os.listdir(tmp_path / "home") == ["notes.txt"]
 
 
+def test_bad_destination_is_one_line(source: tuple[Cairn, Path], tmp_path: Path) -> None:
+    cli, _tree = source
+    for args, expected in (
+        (("--to", "sftp:"), "invalid location"),
+        (("--to", str(tmp_path / "d"), "--to-option", "local.bogus=1"), "unknown option"),
+        (("--to", "rest:http://127.0.0.1:1/repo"), "cannot connect"),
+    ):
+        result = cli.run("migrate", *args)
+        assert result.code == 1 and expected in result.err, result.err
+        assert len(result.err.strip().splitlines()) == 1
+
+
 def test_dry_run_writes_nothing(source: tuple[Cairn, Path], tmp_path: Path) -> None:
     cli, _tree = source
     dest = tmp_path / "dest"

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import anyio
 import click
 
 from cairn.backends.location import redact_location
@@ -24,6 +25,7 @@ from cairn.cli.common import (
     run_async,
 )
 from cairn.cli.errors import EXIT_FATAL, EXIT_OK, print_error
+from cairn.cli.memory import unmap_bulk_buffers
 from cairn.cli.progress import Status, track
 from cairn.config.settings import Settings
 
@@ -106,8 +108,6 @@ def command(
     if whole_listing is not None:
         options = replace(options, whole_listing=whole_listing)
     dest_settings = replace(settings, repo=to, backend_options=to_options)
-    from cairn.cli.memory import unmap_bulk_buffers
-
     unmap_bulk_buffers()
     started = time.monotonic()
     migrator = run_async(lambda: _migrate(settings, dest_settings, options))
@@ -126,11 +126,12 @@ async def _migrate(settings: Settings, dest_settings: Settings, options: Any) ->
     from cairn.stages.migrate import Migrator
 
     # One pair of token buckets for both sides: --limit-upload bounds what is sent
-    # to the destination, --limit-download what is read (from either side).
+    # to the destination, --limit-download what is read (from either side). The
+    # destination is parsed first: a bad --to fails before the password is asked.
     throttles = make_throttles(settings)
-    async with open_repo(settings, throttles=throttles) as repo:
-        dest, _ = open_backend(dest_settings, throttles, DEST_FAULTS_ENV_VAR)
-        try:
+    dest, _ = open_backend(dest_settings, throttles, DEST_FAULTS_ENV_VAR)
+    try:
+        async with open_repo(settings, throttles=throttles) as repo:
             options = replace(
                 options,
                 transfers=settings.connections or dest.connections,
@@ -148,11 +149,9 @@ async def _migrate(settings: Settings, dest_settings: Settings, options: Any) ->
                         repo, exclusive=False, retry_seconds=settings.retry_lock
                     ):
                         await migrator.run(count_totals=totals)
-        finally:
-            import anyio
-
-            with anyio.CancelScope(shield=True):
-                await dest.aclose()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await dest.aclose()
     return migrator
 
 
