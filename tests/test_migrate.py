@@ -326,6 +326,11 @@ def _resume_sends_only_the_rest(cli: Cairn, dest: Path, log: Path, *args: str) -
 
 def test_failing_destination_then_resume(source: tuple[Cairn, Path], tmp_path: Path) -> None:
     cli, _tree = source
+    # A transient failure is retried (the destination has the usual wrapper stack):
+    # its 4th save is the first pack (after keys, config and its lock).
+    result = _migrate(cli, tmp_path / "other", env={DEST_FAULTS: "save#4=transient"})
+    assert _summary(result)["errors"] == 0 and "backend.retry" in result.err
+    assert _objects(tmp_path / "other") == _objects(Path(cli.repo))
     dest = tmp_path / "dest"
     failed = _migrate(cli, dest, env={DEST_FAULTS: "save#5-=error"})
     assert failed.code == 1 and failed.err.strip()
