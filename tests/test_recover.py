@@ -86,4 +86,5 @@ def test_recover_indexes_the_packs_of_an_interrupted_backup(
 def test_recover_takes_no_arguments(cairn: Cairn) -> None:  # noqa: F811
     r = cairn.run("recover", "extra")
     assert r.code == 1 and "Traceback" not in r.err
-    assert r.err.strip() == "cairn: Got unexpected extra argument (extra) (see 'cairn recover --help')"
+    expected = "cairn: Got unexpected extra argument (extra) (see 'cairn recover --help')"
+    assert r.err.strip() == expected

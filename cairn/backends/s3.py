@@ -225,7 +225,7 @@ class S3Backend:
         body = memoryview(data).cast("B")
         extra = {"StorageClass": self._opts.storage_class} if self._opts.storage_class else {}
         if len(body) <= self._opts.multipart_threshold:
-            payload = bytes(body)
+            payload = data if isinstance(data, bytes) else bytes(body)
             await self._call(
                 f"save {name}",
                 "put_object",

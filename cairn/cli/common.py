@@ -77,14 +77,19 @@ class Throttles:
     download: Any = None
 
 
-def open_backend(settings: Settings) -> tuple[Any, Throttles]:
+def open_backend(
+    settings: Settings, throttles: Throttles | None = None, faults_var: str | None = None
+) -> tuple[Any, Throttles]:
     """The storage backend for ``settings.repo``, wrapped as the settings ask, and
     its throttles.
 
     The wrapper stack (retry with ``--retry-max-time``, ``--connections``,
     ``--limit-upload``/``--limit-download`` token buckets, logging) comes from
     :func:`cairn.backends.wrap.wrap_backend`; :func:`open_repo` drives the returned
-    throttles from a bandwidth schedule.
+    throttles from a bandwidth schedule. ``throttles``: share another backend's
+    buckets (``migrate``'s destination spends the same limits as its source).
+    ``faults_var``: the environment variable with a test fault spec (default
+    ``CAIRN_TEST_FAULTS``).
     """
     location = settings.repository()  # --repository-file is read here, when needed
     if not location:
@@ -93,21 +98,29 @@ def open_backend(settings: Settings) -> tuple[Any, Throttles]:
     from cairn.backends.location import parse_location
     from cairn.backends.retry import RetryPolicy
     from cairn.backends.wrap import wrap_backend
-    from cairn.pipeline.throttle import Throttle
 
     backend = parse_location(location, settings.backend_options)
-    upload = _throttle(Throttle, settings.limit_upload, settings.limit_upload_schedule)
-    download = _throttle(Throttle, settings.limit_download, settings.limit_download_schedule)
+    if throttles is None:
+        throttles = make_throttles(settings)
     wrapped = wrap_backend(
         backend,
         retries=RetryPolicy(max_time=settings.retry_max_time),
         connections=settings.connections,
-        upload_limiter=upload,
-        download_limiter=download,
+        upload_limiter=throttles.upload,
+        download_limiter=throttles.download,
         # Tests only: a fault spec that crashes or fails this run deterministically.
-        faults=settings.env.get(FAULTS_ENV_VAR) or None,
+        faults=settings.env.get(faults_var or FAULTS_ENV_VAR) or None,
     )
-    return wrapped, Throttles(upload, download)
+    return wrapped, throttles
+
+
+def make_throttles(settings: Settings) -> Throttles:
+    """The token buckets ``--limit-upload``/``--limit-download`` and their schedules ask for."""
+    from cairn.pipeline.throttle import Throttle
+
+    upload = _throttle(Throttle, settings.limit_upload, settings.limit_upload_schedule)
+    download = _throttle(Throttle, settings.limit_download, settings.limit_download_schedule)
+    return Throttles(upload, download)
 
 
 def concurrency(settings: Settings, backend: Any, cpu_default: int | None = None) -> Any:
@@ -177,16 +190,18 @@ def kdf_params(settings: Settings) -> Any:
 
 
 @asynccontextmanager
-async def open_repo(settings: Settings, identities: Any = None) -> AsyncIterator[Any]:
+async def open_repo(
+    settings: Settings, identities: Any = None, throttles: Throttles | None = None
+) -> AsyncIterator[Any]:
     """Open the repository named by the settings; close the backend afterwards.
 
     With ``identities`` (age identities, ``key recover``) a recovery key opens it and
-    no password is asked for.
+    no password is asked for. ``throttles`` as in :func:`open_backend`.
     """
     from cairn.repo.cache import open_cache
     from cairn.repo.repository import open_repository, open_repository_with_identities
 
-    backend, throttles = open_backend(settings)
+    backend, throttles = open_backend(settings, throttles)
     try:
         if identities is not None:
             repo = await open_repository_with_identities(backend, identities)

@@ -50,6 +50,7 @@ _COMMAND_MODULES = (
     "list",
     "cache",
     "generate",
+    "migrate",
 )
 
 

@@ -38,6 +38,21 @@ def tune_malloc() -> None:
         pass
 
 
+def unmap_bulk_buffers() -> None:
+    """Back to glibc's default of a fresh mapping per buffer of 128 KiB or more, given
+    back on free: for a command whose bulk buffers are whole objects, each allocated
+    once and then sent on (``migrate``), where keeping freed ones on the heap only
+    adds up to the trim threshold per arena to the footprint, and the page faults of
+    a fresh mapping (~14 ms per 16 MiB pack) are small next to moving the pack.
+    Measured on a 206 MiB migration to SeaweedFS: peak 164 MiB, 197-215 without."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 # Python's cyclic GC examines the youngest generation every 700 container
 # allocations and, every 100 of those, the older ones: with a backup's hundreds of
 # thousands of live nodes, directory entries and index entries, that was 14% of the

@@ -85,7 +85,7 @@ async def init_repository(
         pass
     else:
         raise RepositoryExists(backend.location)
-    _refuse_foreign_directory(backend)
+    refuse_foreign_directory(backend)
     create_layout = getattr(backend, "create_layout", None)
     if create_layout is not None:
         try:
@@ -120,7 +120,7 @@ class DirectoryNotEmpty(RepoError):
         )
 
 
-def _refuse_foreign_directory(backend: Backend) -> None:
+def refuse_foreign_directory(backend: Backend) -> None:
     """Refuse to create a repository inside a local directory that already holds
     other files (restic refuses too): they would be mixed with the repository's.
 
@@ -321,6 +321,11 @@ class Repository:
         # so a process whose lock was removed (and whose packs a prune may have
         # deleted) never publishes references to them.
         self.lock_check: Callable[[], Awaitable[None]] | None = None
+
+    def on_backend(self, backend: Backend) -> Repository:
+        """The same repository (key, config) reached through another backend: a
+        migration's destination, which holds a copy of this one's files."""
+        return Repository(backend, self._master, self.config, self.key_id)
 
     # --- sealed whole-file objects -------------------------------------------------
 
