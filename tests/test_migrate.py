@@ -478,3 +478,17 @@ def test_destination_lock_keeps_out_a_prune_and_is_exclusive_with_delete(
     refused = _migrate(cli, dest)
     assert refused.code == 11 and "locked" in refused.err
     assert _migrate(cli, dest, "--no-lock").code == 0
+
+
+def test_repository_file_names_the_source_only(source: tuple[Cairn, Path], tmp_path: Path) -> None:
+    cli, tree = source
+    (tmp_path / "repository").write_text(f"{cli.repo}\n")
+    result = cli.run(
+        "--repository-file", str(tmp_path / "repository"),
+        "--password-file", str(cli.password_file), "--insecure-kdf",
+        "migrate", "--to", str(tmp_path / "dest"), "--json",
+        base=False,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert _objects(tmp_path / "dest") == _objects(Path(cli.repo))
+    _restores_tree(_at(cli, tmp_path / "dest"), tree, tmp_path / "restored")
