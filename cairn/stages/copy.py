@@ -609,22 +609,27 @@ class Copier:
         earlier: dict[str, tuple[str, Snapshot]],
         source_snapshots: Sequence[tuple[str, Snapshot]],
     ) -> None:
-        """Learn source → destination IDs from the copy of the latest earlier
-        snapshot of the same host and paths, by walking both trees side by side.
+        """Learn source → destination IDs from the copy of an earlier snapshot
+        (preferably of the same host and paths), by walking both trees side by side.
         Only what the destination's index holds is trusted; a tree that cannot be
         read only means less is known (the blobs are then copied again)."""
+        paths = sorted(snap.paths)
         candidates = [
-            (s.time_ns, i)
+            # Best: the same host and paths (as a backup's parent), then the same
+            # paths, then any; older than this one before newer; the latest.
+            (
+                s.hostname == snap.hostname and sorted(s.paths) == paths,
+                sorted(s.paths) == paths,
+                s.time_ns <= snap.time_ns,
+                s.time_ns,
+                i,
+            )
             for i, s in source_snapshots
-            if i in earlier
-            and i not in self._seeded
-            and s.hostname == snap.hostname
-            and sorted(s.paths) == sorted(snap.paths)
-            and s.time_ns <= snap.time_ns
+            if i in earlier and i not in self._seeded
         ]
         if not candidates:
             return
-        _time, parent = max(candidates)
+        parent = max(candidates)[-1]
         self._seeded.add(parent)
         parent_snap = dict(source_snapshots)[parent]
         index = self.dest.index
