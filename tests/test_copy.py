@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import pytest
 pytest.register_assert_rewrite("tests.servers")
 
 from cairn.backends.faulty import ENV_VAR as FAULTS  # noqa: E402
-from tests.cli_helpers import Cairn, Result  # noqa: E402
+from tests.cli_helpers import CAIRN, Cairn, Result  # noqa: E402
 from tests.servers import S3_KEY, S3_SECRET, location_for  # noqa: E402
 from tests.treeutil import make_everything_tree, snapshot_of  # noqa: E402
 
@@ -262,6 +265,53 @@ def test_an_interrupted_copy_resumes_without_sending_its_packs_again(tmp_path: P
     target = tmp_path / "restored"
     dest.run("restore", "latest", "--target", str(target), check=True)
     assert snapshot_of(target / tree.relative_to("/")) == snapshot_of(tree)
+
+
+def test_ctrl_c_stops_a_copy_and_the_next_run_reuses_its_packs(tmp_path: Path) -> None:
+    src = _repo(tmp_path, "src", "source pw")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(10):
+        (tree / f"f{i}").write_bytes(os.urandom(4 * MiB))
+    src.run("backup", str(tree), check=True)
+    dest = _repo(tmp_path, "dest", "dest pw")
+    # Small packs behind an upload limit: the signal lands with some packs stored.
+    cmd = [*CAIRN, "-r", str(dest.repo), "--password-file", str(dest.password_file)]
+    cmd += ["--insecure-kdf", "--pack-size", "4", "--limit-upload", "6000", "copy"]
+    cmd += ["--from-repo", str(src.repo), "--from-password-file", str(src.password_file)]
+    proc = subprocess.Popen(
+        cmd,
+        env=dest.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(_files(dest, "data")) < 2:
+            assert proc.poll() is None, "the copy ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no packs appeared"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert b"interrupted" in err and b"Traceback" not in err
+    sent = _files(dest, "data")
+    assert _files(dest, "index") and not _files(dest, "snapshots")
+    assert not _files(dest, "locks") and not _files(src, "locks"), "stale lock after the interrupt"
+
+    second = _copy(dest, src)
+    assert second.code == 0, second.err
+    after = _files(dest, "data")
+    assert sent.items() <= after.items()
+    # Nothing sent twice: the copy is no larger than its (incompressible) source.
+    source_bytes = sum(_files(src, "data").values())
+    assert sum(after.values()) <= source_bytes + 64 * 1024, (sum(after.values()), source_bytes)
+    assert dest.run("check").code == 0
 
 
 def test_copy_to_s3(
