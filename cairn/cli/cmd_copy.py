@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
+import anyio
 import click
 import structlog
 
@@ -118,8 +119,6 @@ async def open_source(settings: Settings) -> AsyncIterator[Any]:
         log.info("source.opened", source_repository=repo.config.id)
         yield repo
     finally:
-        import anyio
-
         with anyio.CancelScope(shield=True):
             await backend.aclose()
 
@@ -190,6 +189,8 @@ async def _copy(settings: Settings, source: Settings, refs: list[str], flt: Any)
     from cairn.stages.snapshots import load_snapshots
 
     async with AsyncExitStack() as stack:
+        # One after the other: two Argon2id derivations at once in two threads
+        # (cryptography 50 / OpenSSL) never return.
         src_repo = await stack.enter_async_context(open_source(source))
         if not source.no_lock:
             await stack.enter_async_context(

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
@@ -337,18 +338,29 @@ class Copier:
         """Copy ``todo`` (oldest first). ``earlier`` maps source snapshots already
         copied to their copies (to seed the ID mapping from)."""
         self.stats.snapshots_total = len(todo)
+        if not todo:
+            return self.result
         workers, connections = self.options.cpu_workers, self.options.connections
         in_slots = SlotPool(SLOT_SIZE, 2 * workers + connections)
         out_slots = SlotPool(OUT_SLOT_SIZE, 2 * workers + 2)
         try:
-            async with WorkerPool(
-                workers,
-                initializer=init_recode_worker,
-                initargs=(self.source.decoder, self.dest.crypto),
-            ) as pool:
-                for sid, snap in todo:
-                    await self._seed_from(sid, snap, earlier, source_snapshots)
-                    await self._copy_one(sid, snap, pool, in_slots, out_slots)
+            async with AsyncExitStack() as stack:
+                # The workers start (a fork server round trip, ~0.4 s) while the
+                # first snapshot's trees are walked.
+                first: list[list[bytes]] = []
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._prepare_first, todo, earlier, source_snapshots, first)
+                    pool = await stack.enter_async_context(
+                        WorkerPool(
+                            workers,
+                            initializer=init_recode_worker,
+                            initargs=(self.source.decoder, self.dest.crypto),
+                        )
+                    )
+                for n, (sid, snap) in enumerate(todo):
+                    if n:
+                        await self._seed_from(sid, snap, earlier, source_snapshots)
+                    await self._copy_one(sid, snap, pool, in_slots, out_slots, first)
                     self.stats.snapshots_done += 1
         finally:
             in_slots.close()
@@ -361,12 +373,34 @@ class Copier:
 
     # -- one snapshot -------------------------------------------------------------
 
+    async def _prepare_first(
+        self,
+        todo: Sequence[tuple[str, Snapshot]],
+        earlier: dict[str, tuple[str, Snapshot]],
+        source_snapshots: Sequence[tuple[str, Snapshot]],
+        out: list[list[bytes]],
+    ) -> None:
+        """Seed and walk the first snapshot (while the workers start); a tree that
+        cannot be read is left for :meth:`_copy_one` to report."""
+        sid, snap = todo[0]
+        await self._seed_from(sid, snap, earlier, source_snapshots)
+        try:
+            out.append(await self._blobs_to_copy(snap.tree))
+        except _Failed:
+            pass
+
     async def _copy_one(
-        self, sid: str, snap: Snapshot, pool: WorkerPool, in_slots: SlotPool, out_slots: SlotPool
+        self,
+        sid: str,
+        snap: Snapshot,
+        pool: WorkerPool,
+        in_slots: SlotPool,
+        out_slots: SlotPool,
+        walked: list[list[bytes]],
     ) -> None:
         started = time.monotonic()
         try:
-            wanted = await self._blobs_to_copy(snap.tree)
+            wanted = walked.pop() if walked else await self._blobs_to_copy(snap.tree)
             try:
                 await self._copy_data(wanted, pool, in_slots, out_slots)
                 root = await self._copy_trees(snap.tree)
