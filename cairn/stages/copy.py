@@ -58,7 +58,7 @@ from cairn.pipeline import (
     raising_causes,
     waiting_on_output,
 )
-from cairn.repo.codec import encode_blob
+from cairn.repo.codec import DEFAULT_LEVEL, encode_blob
 from cairn.repo.crypto import OVERHEAD
 from cairn.repo.errors import RepoError
 from cairn.repo.pack import DATA, TREE
@@ -77,7 +77,7 @@ from cairn.stages.fetch import (
     plan_ranges,
 )
 from cairn.stages.packing import EncodedBlob, Packer, blob_bytes
-from cairn.stages.recode import BlobDecoder, CairnDecoder, init_recode_worker, recode_spans
+from cairn.stages.recode import BlobDecoder, CairnDecoder, preload, recode_spans
 from cairn.stages.snapshots import SnapshotFilter, load_snapshots
 
 log = structlog.get_logger("cairn.copy")
@@ -139,7 +139,7 @@ class CairnSource:
 class CopyOptions:
     """How to write the destination and how wide to run."""
 
-    level: int
+    level: int | None  # None: data blobs kept as the source compressed them
     pack_size: int
     cpu_workers: int
     connections: int  # of each side
@@ -303,6 +303,12 @@ class _SlotShare:
             self.slot.release()
 
 
+def copy_workers(workers: int) -> WorkerPool:
+    """The worker pool of a copy (enter it to start the workers): they need no
+    keys up front, so it can start while the repositories are being opened."""
+    return WorkerPool(workers, initializer=preload)
+
+
 class Copier:
     """Copies snapshots from ``source`` into ``dest`` (its index loaded)."""
 
@@ -334,9 +340,11 @@ class Copier:
         todo: Sequence[tuple[str, Snapshot]],
         earlier: dict[str, tuple[str, Snapshot]],
         source_snapshots: Sequence[tuple[str, Snapshot]],
+        pool: WorkerPool | None = None,
     ) -> CopyResult:
         """Copy ``todo`` (oldest first). ``earlier`` maps source snapshots already
-        copied to their copies (to seed the ID mapping from)."""
+        copied to their copies (to seed the ID mapping from). ``pool``: workers of
+        :func:`copy_workers` started beforehand (else started here)."""
         self.stats.snapshots_total = len(todo)
         if not todo:
             return self.result
@@ -345,22 +353,11 @@ class Copier:
         out_slots = SlotPool(OUT_SLOT_SIZE, 2 * workers + 2)
         try:
             async with AsyncExitStack() as stack:
-                # The workers start (a fork server round trip, ~0.4 s) while the
-                # first snapshot's trees are walked.
-                first: list[list[bytes]] = []
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._prepare_first, todo, earlier, source_snapshots, first)
-                    pool = await stack.enter_async_context(
-                        WorkerPool(
-                            workers,
-                            initializer=init_recode_worker,
-                            initargs=(self.source.decoder, self.dest.crypto),
-                        )
-                    )
-                for n, (sid, snap) in enumerate(todo):
-                    if n:
-                        await self._seed_from(sid, snap, earlier, source_snapshots)
-                    await self._copy_one(sid, snap, pool, in_slots, out_slots, first)
+                if pool is None:
+                    pool = await stack.enter_async_context(copy_workers(workers))
+                for sid, snap in todo:
+                    await self._seed_from(sid, snap, earlier, source_snapshots)
+                    await self._copy_one(sid, snap, pool, in_slots, out_slots)
                     self.stats.snapshots_done += 1
         finally:
             in_slots.close()
@@ -373,22 +370,6 @@ class Copier:
 
     # -- one snapshot -------------------------------------------------------------
 
-    async def _prepare_first(
-        self,
-        todo: Sequence[tuple[str, Snapshot]],
-        earlier: dict[str, tuple[str, Snapshot]],
-        source_snapshots: Sequence[tuple[str, Snapshot]],
-        out: list[list[bytes]],
-    ) -> None:
-        """Seed and walk the first snapshot (while the workers start); a tree that
-        cannot be read is left for :meth:`_copy_one` to report."""
-        sid, snap = todo[0]
-        await self._seed_from(sid, snap, earlier, source_snapshots)
-        try:
-            out.append(await self._blobs_to_copy(snap.tree))
-        except _Failed:
-            pass
-
     async def _copy_one(
         self,
         sid: str,
@@ -396,11 +377,10 @@ class Copier:
         pool: WorkerPool,
         in_slots: SlotPool,
         out_slots: SlotPool,
-        walked: list[list[bytes]],
     ) -> None:
         started = time.monotonic()
         try:
-            wanted = walked.pop() if walked else await self._blobs_to_copy(snap.tree)
+            wanted = await self._blobs_to_copy(snap.tree)
             try:
                 await self._copy_data(wanted, pool, in_slots, out_slots)
                 root = await self._copy_trees(snap.tree)
@@ -520,6 +500,7 @@ class Copier:
 
     def _recode_stage(self, pool: WorkerPool, out_slots: SlotPool) -> Any:
         level = self.options.level
+        decoder, dest = self.source.decoder, self.dest.crypto
 
         async def recode(fetched: Fetched) -> AsyncIterator[list[EncodedBlob]]:
             batch = fetched.batch
@@ -533,7 +514,9 @@ class Copier:
             with waiting_on_output():  # a free output slot waits for "pack"
                 out = await out_slots.acquire()
             try:
-                placed, bad = await pool.run(recode_spans, fetched.ref(), out.ref(), spans, level)
+                placed, bad = await pool.run(
+                    recode_spans, fetched.ref(), out.ref(), spans, level, decoder, dest
+                )
             except BaseException:
                 out.release()
                 raise
@@ -631,7 +614,8 @@ class Copier:
         self._trees[frame.tree_id] = new_id
         if not self.packer.claim(new_id):
             return None
-        stored = encode_blob(crypto, TREE, new_id, payload, self.options.level)
+        level = DEFAULT_LEVEL if self.options.level is None else self.options.level
+        stored = encode_blob(crypto, TREE, new_id, payload, level)
         return EncodedBlob(TREE, new_id, stored, len(payload))
 
     # -- what an earlier copy already maps ------------------------------------------

@@ -48,6 +48,7 @@ def default_size() -> int:
         return CACHE_SIZE
     return max(2, min(CACHE_SIZE, soft // 16))
 
+
 T = TypeVar("T")
 
 
