@@ -164,6 +164,23 @@ def test_copy_dedupes_against_what_the_destination_holds(tmp_path: Path) -> None
     assert sum(added.values()) < 64 * 1024, added
 
 
+def test_blobs_keep_their_compression_unless_compression_is_given(tmp_path: Path) -> None:
+    src = _repo(tmp_path, "src", "source pw")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "log.txt").write_bytes(b"".join(b"line %d of a log\n" % i for i in range(100_000)))
+    src.run("backup", str(tree), check=True)
+    kept = _summary(_copy(_repo(tmp_path, "kept", "pw 1"), src))
+    assert kept["data_added_packed"] < kept["data_added"] / 3, kept  # still compressed
+    plain_repo = _repo(tmp_path, "plain", "pw 2")
+    plain = _summary(_copy(plain_repo, src, "--compression", "off"))
+    assert plain["data_added"] == kept["data_added"]
+    assert plain["data_added_packed"] > plain["data_added"], plain  # stored raw
+    target = tmp_path / "restored"
+    plain_repo.run("restore", "latest", "--target", str(target), check=True)
+    assert snapshot_of(target / tree.relative_to("/")) == snapshot_of(tree)
+
+
 def _newest_data_pack(c: Cairn, before: dict[str, int]) -> Path:
     new = {n: size for n, size in _files(c, "data").items() if n not in before}
     name = max(new, key=lambda n: new[n])  # the data pack, not the small tree pack
