@@ -179,14 +179,8 @@ def command(
 
 async def _copy(settings: Settings, source: Settings, refs: list[str], flt: Any) -> Any:
     from cairn.pipeline.options import cores
-    from cairn.stages.copy import (
-        CairnSource,
-        Copier,
-        CopyOptions,
-        copies_in,
-        copy_workers,
-        select_snapshots,
-    )
+    from cairn.stages.copy import Copier, CopyOptions, copy_workers
+    from cairn.stages.copysource import CairnSource, copies_in, select_snapshots
     from cairn.stages.locking import repository_lock
     from cairn.stages.snapshots import load_snapshots
 

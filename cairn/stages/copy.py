@@ -19,9 +19,10 @@ order: packs, then index, then snapshot.
 * **Deduplication**: a source blob is downloaded and decoded once per run (the
   mapping of source to destination IDs is kept); a blob the destination already
   has is not sent (``Packer.claim``). Before a snapshot is copied, the copy of an
-  earlier snapshot of the same host and paths (found by its ``original``) seeds the
-  mapping by walking both trees side by side, so an incremental snapshot downloads
-  only what changed since — as a backup reads only what changed since its parent.
+  earlier snapshot (preferably of the same host and paths, found by its
+  ``original``) seeds the mapping by walking both trees side by side, so an
+  incremental snapshot downloads only what changed since — as a backup reads only
+  what changed since its parent.
 * **Skipping**: the copy records the source snapshot's ID in ``original`` (or keeps
   the source's own ``original``); a source snapshot whose ID matches one in the
   destination with the same time, host, user, paths, tags and excludes is skipped
@@ -32,8 +33,9 @@ order: packs, then index, then snapshot.
 * **Damage**: a blob that cannot be downloaded or decoded fails the snapshots that
   need it, each with one message; the others are copied.
 
-The source is a :class:`CopySource` — a reader of snapshots, trees and blobs — so
-another repository format can be copied from by giving its own source.
+The source is a :class:`~cairn.stages.copysource.CopySource` — a reader of
+snapshots, trees and blobs — so another repository format can be copied from by
+giving its own source.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import anyio
 import structlog
@@ -65,6 +67,12 @@ from cairn.repo.pack import DATA, TREE
 from cairn.repo.repository import Repository
 from cairn.repo.snapshot import Snapshot
 from cairn.repo.tree import Node, Tree, encode_tree
+from cairn.stages.copysource import (
+    CopySource,
+    earlier_copy,
+    map_copied_trees,
+    persistent_id,
+)
 from cairn.stages.fetch import (
     CPU_HINT,
     DOWNLOAD_HINT,
@@ -77,8 +85,7 @@ from cairn.stages.fetch import (
     plan_ranges,
 )
 from cairn.stages.packing import EncodedBlob, Packer, blob_bytes
-from cairn.stages.recode import BlobDecoder, CairnDecoder, preload, recode_spans
-from cairn.stages.snapshots import SnapshotFilter, load_snapshots
+from cairn.stages.recode import preload, recode_spans
 
 log = structlog.get_logger("cairn.copy")
 
@@ -86,53 +93,6 @@ log = structlog.get_logger("cairn.copy")
 _ENCODED_EXTRA = 1 + OVERHEAD
 # A range's re-encoded blobs go into one output slot of this size.
 OUT_SLOT_SIZE = SLOT_SIZE
-
-
-class CopySource(Protocol):
-    """A repository to copy snapshots from: its snapshots, trees and blobs.
-
-    ``backend`` serves the pack ranges; ``decoder`` (pickled to the workers) turns a
-    stored blob back into its plaintext and verifies it.
-    """
-
-    backend: Any
-    decoder: BlobDecoder
-
-    async def snapshots(self) -> list[tuple[str, Snapshot]]:
-        """Every readable snapshot with its ID, oldest first."""
-        ...
-
-    async def load_tree(self, tree_id: bytes) -> Tree:
-        """One tree (``RepoError`` when it cannot be read)."""
-        ...
-
-    def locate(self, blob_id: bytes) -> tuple[bytes, int, int, int] | None:
-        """Where a data blob is stored: ``(pack ID, offset, length, plaintext length)``."""
-        ...
-
-
-class CairnSource:
-    """A cairn repository as a copy source (its index loaded)."""
-
-    def __init__(self, repo: Repository) -> None:
-        if repo.index is None:
-            raise ValueError("load the source's index first")
-        self.repo = repo
-        self.backend = repo.backend
-        self.decoder: BlobDecoder = CairnDecoder(repo.crypto)
-        self._index = repo.index
-
-    async def snapshots(self) -> list[tuple[str, Snapshot]]:
-        return list(await load_snapshots(self.repo))
-
-    async def load_tree(self, tree_id: bytes) -> Tree:
-        return await self.repo.load_tree(tree_id)
-
-    def locate(self, blob_id: bytes) -> tuple[bytes, int, int, int] | None:
-        loc = self._index.lookup(blob_id)
-        if loc is None or loc.type != DATA:
-            return None
-        return loc.pack_id, loc.offset, loc.length, loc.raw_length
 
 
 @dataclass(frozen=True)
@@ -172,73 +132,6 @@ class CopyResult:
     packs: int = 0
     # The data pipeline that moved the most bytes (for the stage table).
     pipeline: PipelineSnapshot | None = None
-
-
-class SnapshotRefError(RepoError):
-    """A snapshot named on the command line is not in the source."""
-
-    exit_code = 1
-
-
-def similar(a: Snapshot, b: Snapshot) -> bool:
-    """restic's test that ``b`` is a copy of ``a``: same time, host, user, paths,
-    tags and excludes (the trees differ: blob IDs are keyed)."""
-    return (
-        a.time_ns == b.time_ns
-        and a.hostname == b.hostname
-        and a.username == b.username
-        and sorted(a.paths) == sorted(b.paths)
-        and sorted(a.tags) == sorted(b.tags)
-        and sorted(a.excludes) == sorted(b.excludes)
-    )
-
-
-def persistent_id(snapshot_id: str, snap: Snapshot) -> str:
-    """The ID a snapshot and all its copies share: the first one's."""
-    return snap.original or snapshot_id
-
-
-def select_snapshots(
-    source: Sequence[tuple[str, Snapshot]], refs: Sequence[str], flt: SnapshotFilter
-) -> list[tuple[str, Snapshot]]:
-    """The source snapshots to copy, oldest first: those named (ID prefixes or
-    ``latest``, which the filters narrow), else every one the filters match."""
-    matching = [(i, s) for i, s in source if flt.matches(s)]
-    if not refs:
-        return matching
-    chosen: dict[str, Snapshot] = {}
-    for ref in refs:
-        if ref == "latest":
-            if not matching:
-                raise SnapshotRefError("no snapshot in the source matches the filters")
-            sid, snap = matching[-1]
-        else:
-            found = [(i, s) for i, s in source if i.startswith(ref.lower())]
-            if not found:
-                raise SnapshotRefError(f"no snapshot in the source matches ID {ref!r}")
-            if len(found) > 1:
-                raise SnapshotRefError(
-                    f"ID {ref!r} matches {len(found)} snapshots of the source; give more characters"
-                )
-            sid, snap = found[0]
-        chosen[sid] = snap
-    return sorted(chosen.items(), key=lambda item: (item[1].time_ns, item[0]))
-
-
-def copies_in(
-    dest: Sequence[tuple[str, Snapshot]], source: Sequence[tuple[str, Snapshot]]
-) -> dict[str, tuple[str, Snapshot]]:
-    """Source snapshot ID → its copy already in the destination ``(ID, snapshot)``."""
-    by_persistent: dict[str, list[tuple[str, Snapshot]]] = {}
-    for did, dsnap in dest:
-        by_persistent.setdefault(persistent_id(did, dsnap), []).append((did, dsnap))
-    out = {}
-    for sid, snap in source:
-        for did, dsnap in by_persistent.get(persistent_id(sid, snap), []):
-            if similar(snap, dsnap):
-                out[sid] = (did, dsnap)
-                break
-    return out
 
 
 class _Want(NamedTuple):
@@ -628,54 +521,14 @@ class Copier:
         source_snapshots: Sequence[tuple[str, Snapshot]],
     ) -> None:
         """Learn source → destination IDs from the copy of an earlier snapshot
-        (preferably of the same host and paths), by walking both trees side by side.
-        Only what the destination's index holds is trusted; a tree that cannot be
-        read only means less is known (the blobs are then copied again)."""
-        paths = sorted(snap.paths)
-        candidates = [
-            # Best: the same host and paths (as a backup's parent), then the same
-            # paths, then any; older than this one before newer; the latest.
-            (
-                s.hostname == snap.hostname and sorted(s.paths) == paths,
-                sorted(s.paths) == paths,
-                s.time_ns <= snap.time_ns,
-                s.time_ns,
-                i,
-            )
-            for i, s in source_snapshots
-            if i in earlier and i not in self._seeded
-        ]
-        if not candidates:
+        (:func:`~cairn.stages.copysource.earlier_copy`), once per earlier copy."""
+        found = earlier_copy(snap, earlier, source_snapshots, self._seeded)
+        if found is None:
             return
-        parent = max(candidates)[-1]
+        parent, src_tree, dst_tree = found
         self._seeded.add(parent)
-        parent_snap = dict(source_snapshots)[parent]
-        index = self.dest.index
-        assert index is not None
-        pairs = [(parent_snap.tree, earlier[parent][1].tree)]
         before = len(self._blobs)
-        while pairs:
-            src_tree, dst_tree = pairs.pop()
-            if src_tree in self._trees or dst_tree not in index:
-                continue
-            try:
-                src_nodes = (await self.source.load_tree(src_tree)).nodes
-                dst_nodes = (await self.dest.load_tree(dst_tree)).nodes
-            except (RepoError, NotFound) as exc:
-                log.info("copy.seed_skipped", tree=src_tree.hex(), error=str(exc))
-                continue
-            dst_by_name = {n.name: n for n in dst_nodes}
-            for node in src_nodes:
-                other = dst_by_name.get(node.name)
-                if other is None or other.type != node.type:
-                    continue
-                if node.type == "dir" and node.subtree and other.subtree:
-                    pairs.append((node.subtree, other.subtree))
-                elif node.type == "file" and len(node.content) == len(other.content):
-                    for a, b in zip(node.content, other.content, strict=True):
-                        if b in index:
-                            self._blobs.setdefault(a, b)
-            self._trees[src_tree] = dst_tree
+        await map_copied_trees(self.source, self.dest, src_tree, dst_tree, self._blobs, self._trees)
         self.stats.blobs_mapped += len(self._blobs) - before
         log.info("copy.seeded", source=sid, earlier=parent, blobs=len(self._blobs) - before)
 
