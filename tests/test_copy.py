@@ -217,6 +217,30 @@ def test_a_corrupt_source_blob_fails_only_the_snapshots_needing_it(tmp_path: Pat
     assert dest.run("check", "--read-data").code == 0
 
 
+def test_a_lost_source_pack_fails_only_the_snapshots_needing_it(tmp_path: Path) -> None:
+    src = _repo(tmp_path, "src", "source pw")
+    dest = _repo(tmp_path, "dest", "dest pw")
+    good, gone = tmp_path / "good", tmp_path / "gone"
+    good.mkdir()
+    gone.mkdir()
+    (good / "a.bin").write_bytes(os.urandom(300_000))
+    (gone / "b.bin").write_bytes(os.urandom(300_000))
+    src.run("backup", str(gone), check=True)
+    before = _files(src, "data")
+    src.run("backup", str(good), check=True)
+    lost = max(before, key=lambda n: before[n])  # the data pack of the first snapshot
+    (Path(src.repo) / "data" / lost[:2] / lost).unlink()
+
+    result = _copy(dest, src)
+    assert result.code == 1, result.err
+    s = _summary(result)
+    assert (s["snapshots_copied"], s["snapshots_failed"]) == (1, 1), s
+    (line,) = [ln for ln in result.err.splitlines() if "not copied" in ln]
+    assert f"pack {lost} cannot be read" in line and "b.bin" in line, line
+    (copied,) = _snapshots(dest)
+    assert copied["paths"] == [str(good)]
+
+
 def test_source_errors_name_the_source(source: tuple[Cairn, Path], tmp_path: Path) -> None:
     src, _tree = source
     dest = _repo(tmp_path, "dest", "dest pw")
