@@ -292,6 +292,8 @@ def _status(copier: Any, counters: Any) -> Status:
         bytes_done=s.bytes_downloaded,
         error_count=len(copier.result.failed),
         bytes_uploaded=counters.bytes_saved if counters is not None else None,
+        current_files=[f"snapshot {copier.current[:8]}"] if copier.current else [],
+        unit="snapshots",
     )
 
 

@@ -222,6 +222,8 @@ class Copier:
         self._trees: dict[bytes, bytes] = {}
         self._bad: dict[bytes, str] = {}
         self._seeded: set[str] = set()
+        #: The source snapshot being copied (for progress).
+        self.current = ""
         self._pipeline: Pipeline | None = None
 
     def snapshot(self) -> PipelineSnapshot | None:
@@ -249,6 +251,7 @@ class Copier:
                 if pool is None:
                     pool = await stack.enter_async_context(copy_workers(workers))
                 for sid, snap in todo:
+                    self.current = sid
                     await self._seed_from(sid, snap, earlier, source_snapshots)
                     await self._copy_one(sid, snap, pool, in_slots, out_slots)
                     self.stats.snapshots_done += 1
