@@ -420,7 +420,8 @@ class Copier:
                 fetched.release()
             self.stats.bytes_downloaded += batch.length
             for i, why in bad:
-                self._bad[wants[i].blob_id] = f"{why} (in pack {batch.pack_id.hex()})"
+                where = f"pack {batch.pack_id.hex()}"
+                self._bad[wants[i].blob_id] = f"corrupted in the source ({where}): {why}"
             blobs = []
             share = _SlotShare(out, 0)
             for i, new_id, pos, size, raw in placed:

@@ -69,8 +69,8 @@ def recode_spans(
     """Decode the blobs at ``(offset, length, type, source ID)`` of ``src``, and
     encode each for the destination (its keyed ID; compressed at ``level``, or with
     ``None`` kept as the source stored it: only re-encrypted) into ``dst``. Returns
-    where each landed and ``(span index, why)`` for each blob that failed to decode
-    (corrupt in the source): one bad blob never stops the others.
+    where each landed and ``(span index, problem)`` for each blob that failed to
+    decode (corrupt in the source): one bad blob never stops the others.
     """
     placed: list[Placed] = []
     bad: list[tuple[int, str]] = []
@@ -79,7 +79,7 @@ def recode_spans(
         try:
             data, body = decoder.decode(blob_type, blob_id, src[offset : offset + length])
         except CorruptedObject as exc:
-            bad.append((i, str(exc)))
+            bad.append((i, exc.problem))
             continue
         new_id = dest.blob_id(data)
         if level is None and body is not None:
