@@ -92,7 +92,8 @@ class HeldLock:
             await self.repo.backend.stat(object_name("locks", self.id))
         except NotFound:
             raise self._fail(
-                f"lock {self.id[:8]} was removed by another process (`cairn unlock --remove-all`?)"
+                f"lock {self.id[:8]} was removed by another process "
+                "(`cairn unlock --remove-all`?)"
             ) from None
 
     async def refresh(self) -> None:

@@ -48,7 +48,6 @@ def default_size() -> int:
         return CACHE_SIZE
     return max(2, min(CACHE_SIZE, soft // 16))
 
-
 T = TypeVar("T")
 
 
