@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ import pytest
 pytest.register_assert_rewrite("tests.servers")
 
 from cairn.backends.faulty import ENV_VAR as FAULTS  # noqa: E402
+from cairn.repo.snapshot import Snapshot  # noqa: E402
+from cairn.stages.copy import _Want, split_by_raw  # noqa: E402
+from cairn.stages.copysource import SnapshotRefError, copies_in, select_snapshots  # noqa: E402
+from cairn.stages.fetch import Batch  # noqa: E402
+from cairn.stages.snapshots import SnapshotFilter  # noqa: E402
 from tests.cli_helpers import CAIRN, Cairn, Result  # noqa: E402
 from tests.servers import S3_KEY, S3_SECRET, location_for  # noqa: E402
 from tests.treeutil import make_everything_tree, snapshot_of  # noqa: E402
@@ -29,6 +35,49 @@ from tests.treeutil import make_everything_tree, snapshot_of  # noqa: E402
 pytest_plugins = ["tests.servers"]
 
 MiB = 1024 * 1024
+
+
+def _snap(time_ns: int, host: str = "h", tags: list[str] | None = None, **kw: Any) -> Snapshot:
+    return Snapshot(time_ns, bytes(32), ["/data"], hostname=host, tags=tags or [], **kw)
+
+
+def test_select_snapshots_by_id_latest_and_filters() -> None:
+    source = [("aa11", _snap(1, "x")), ("ab22", _snap(2, "y", ["t"])), ("bb33", _snap(3, "x"))]
+    assert [i for i, _ in select_snapshots(source, [], SnapshotFilter())] == [
+        "aa11",
+        "ab22",
+        "bb33",
+    ]
+    assert [i for i, _ in select_snapshots(source, [], SnapshotFilter(tags=["t"]))] == ["ab22"]
+    # latest of what the filters match; IDs in time order whatever the order given.
+    chosen = select_snapshots(source, ["latest", "AA"], SnapshotFilter(hosts=["y"]))
+    assert [i for i, _ in chosen] == ["aa11", "ab22"]
+    with pytest.raises(SnapshotRefError, match="matches 2 snapshots"):
+        select_snapshots(source, ["a"], SnapshotFilter())
+    with pytest.raises(SnapshotRefError, match="no snapshot"):
+        select_snapshots(source, ["cc"], SnapshotFilter())
+
+
+def test_a_copy_is_recognised_by_its_original_and_its_metadata() -> None:
+    a, b = _snap(1, tags=["x", "y"]), _snap(2)
+    dest = [
+        ("d1", replace(a, tags=["y", "x"], original="s1", tree=b"\1" * 32)),
+        ("d2", replace(b, original="s2", hostname="other")),  # same ID, not similar
+        ("d3", replace(b, original="zz")),  # similar, another original
+    ]
+    assert copies_in(dest, [("s1", a), ("s2", b)]) == {"s1": ("d1", dest[0][1])}
+    # A snapshot that is itself a copy is known by its own original.
+    assert copies_in(dest, [("s9", replace(b, original="zz"))]) == {"s9": ("d3", dest[2][1])}
+
+
+def test_ranges_are_cut_so_that_their_blobs_fit_an_output_slot() -> None:
+    # Four blobs of 10 stored bytes that decode to 400 bytes each, in one range.
+    wants = [_Want(bytes([i]) * 32, 100 + 10 * i, 10, 400) for i in range(4)]
+    batch = Batch(b"p" * 32, 100, 40, wants)
+    parts = split_by_raw([batch], 1000)
+    assert [len(p.blobs) for p in parts] == [2, 2]
+    assert [(p.offset, p.length) for p in parts] == [(100, 20), (120, 20)]
+    assert split_by_raw([batch], 10_000) == [batch]
 
 
 def _repo(tmp: Path, name: str, password: str) -> Cairn:
