@@ -319,6 +319,42 @@ def test_source_errors_name_the_source(source: tuple[Cairn, Path], tmp_path: Pat
     assert result.code == 0 and _summary(result)["snapshots_copied"] == 1, result.err
 
 
+_HOLD_EXCLUSIVE = """
+import sys, anyio
+from cairn.backends.local import LocalBackend
+from cairn.repo.repository import open_repository
+from cairn.stages.locking import repository_lock
+
+async def main():
+    repo = await open_repository(LocalBackend(sys.argv[1]), sys.argv[2])
+    async with repository_lock(repo, exclusive=True):
+        await anyio.sleep(120)
+
+anyio.run(main)
+"""
+
+
+def test_a_source_locked_exclusively_is_named(source: tuple[Cairn, Path], tmp_path: Path) -> None:
+    src, _tree = source
+    dest = _repo(tmp_path, "dest", "dest pw")
+    password = src.password_file.read_text().strip()
+    holder = subprocess.Popen(
+        [*CAIRN[:1], "-c", _HOLD_EXCLUSIVE, str(src.repo), password], env=src.env
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _files(src, "locks"):
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        result = _copy(dest, src)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.code == 11, result.err
+    assert "source repository" in result.err and "locked" in result.err, result.err
+    assert not _snapshots(dest)
+
+
 def test_an_interrupted_copy_resumes_without_sending_its_packs_again(tmp_path: Path) -> None:
     src = _repo(tmp_path, "src", "source pw")
     tree = tmp_path / "tree"

@@ -193,9 +193,13 @@ async def _copy(settings: Settings, source: Settings, refs: list[str], flt: Any)
         # (cryptography 50 / OpenSSL) never return.
         src_repo = await stack.enter_async_context(open_source(source))
         if not source.no_lock:
-            await stack.enter_async_context(
-                repository_lock(src_repo, exclusive=False, retry_seconds=settings.retry_lock)
-            )
+            try:
+                await stack.enter_async_context(
+                    repository_lock(src_repo, exclusive=False, retry_seconds=settings.retry_lock)
+                )
+            except Exception as exc:  # held exclusively (a prune): exit 11, named
+                _name_source(exc)
+                raise
         dest = await stack.enter_async_context(open_repo(settings))
         if dest.config.id == src_repo.config.id:
             raise UsageError("the source and the destination are the same repository")
