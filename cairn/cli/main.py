@@ -51,6 +51,7 @@ _COMMAND_MODULES = (
     "cache",
     "generate",
     "migrate",
+    "copy",
 )
 
 
