@@ -48,6 +48,7 @@ _COMMAND_MODULES = (
     "list",
     "cache",
     "generate",
+    "copy",
 )
 
 
