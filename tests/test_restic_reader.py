@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from cairn.backends.local import LocalBackend
 from cairn.repo.errors import CorruptedObject, WrongPassword
+from cairn.repo.restic.convert import go_unquote, parse_time, snapshot_from_json, tree_from_json
+from cairn.repo.restic.crypto import ResticKey, Unauthenticated
+from cairn.repo.restic.repository import ResticRepository
 from cairn.repo.tree import Node
-from cairn.restic.convert import go_unquote, parse_time, snapshot_from_json, tree_from_json
-from cairn.restic.crypto import ResticKey, Unauthenticated
-from cairn.restic.repository import ResticRepository
 
 PASSWORD = "restic reader test"
 

@@ -133,8 +133,8 @@ async def open_restic_source(source: Settings, settings: Settings) -> AsyncItera
     """A restic repository as a copy source: opened, locked (a shared restic lock,
     unless --no-lock), its index loaded."""
     from cairn.config.password import read_password
-    from cairn.restic.repository import ResticRepository
-    from cairn.restic.source import ResticSource
+    from cairn.repo.restic.repository import ResticRepository
+    from cairn.repo.restic.source import ResticSource
 
     assert source.repo is not None
     backend, _throttles = open_backend(replace(source, repo=source.repo[len(RESTIC_PREFIX) :]))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import structlog
 
+from cairn.repo.restic.repository import DATA, ResticDecoder, ResticRepository
 from cairn.repo.snapshot import Snapshot
 from cairn.repo.tree import Tree
-from cairn.restic.repository import DATA, ResticDecoder, ResticRepository
 
 log = structlog.get_logger("cairn.restic")
 

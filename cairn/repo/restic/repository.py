@@ -34,10 +34,10 @@ from cairn.repo.errors import (
     RepositoryNotFound,
     WrongPassword,
 )
+from cairn.repo.restic.convert import snapshot_from_json, tree_from_json
+from cairn.repo.restic.crypto import ResticKey, open_key_file, parse_key_file
 from cairn.repo.snapshot import Snapshot
 from cairn.repo.tree import Tree
-from cairn.restic.convert import snapshot_from_json, tree_from_json
-from cairn.restic.crypto import ResticKey, open_key_file, parse_key_file
 
 log = structlog.get_logger("cairn.restic")
 
