@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,6 +44,8 @@ def make_source(root: Path) -> Path:
     (src / "sub" / "deeper" / "random.bin").write_bytes(os.urandom(3_000_000))
     (src / "sub" / "text.log").write_text("line of text\n" * 200_000)  # compresses
     (src / "empty").write_bytes(b"")
+    # Stored as is in format 1, it still begins as a zstd frame: not to be decompressed.
+    (src / "archive.zst").write_bytes(zstandard.ZstdCompressor().compress(b"zst " * 50_000))
     (src / 'quote"and\\backslash').write_text("q")
     (src / os.fsdecode(b"latin\xe9name")).write_text("non-UTF-8 name")
     os.link(src / "plain.txt", src / "hardlink.txt")
@@ -113,7 +116,7 @@ def test_reads_what_restic_wrote(repos: dict[str, tuple[Path, Path]], version: s
         await r.load_index()
         # restic's tree holds the absolute path, as cairn's does.
         top = _components(src)
-        for name in (b"sub/deeper/random.bin", b"sub/text.log", b"empty"):
+        for name in (b"sub/deeper/random.bin", b"sub/text.log", b"empty", b"archive.zst"):
             node = await _find(r, second.tree, top + name.split(b"/"))
             path = src / os.fsdecode(name)
             assert await _content(r, node) == path.read_bytes()

@@ -61,21 +61,28 @@ def _decompress(data: bytes) -> bytes:
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
 def decode_blob(key: ResticKey, blob_id: bytes, stored: bytes | memoryview) -> bytes:
     """One blob's plaintext, verified against its ID. Whether it was compressed is
     told by the hash: the decrypted bytes either hash to the ID, or decompress to
-    bytes that do (a stored ``.zst`` file's chunk is not mistaken for compressed)."""
+    bytes that do (a stored ``.zst`` file's chunk is not mistaken for compressed).
+    What starts as a zstd frame is tried decompressed first: in a version 2
+    repository nearly every blob is, and one hash is saved per blob."""
     name = blob_id.hex()
     plain = key.open(stored, "restic blob", name)
+    if plain[:4] == _ZSTD_MAGIC:
+        try:
+            data = _decompress(plain)
+        except zstandard.ZstdError:
+            pass
+        else:
+            if _sha256(data) == blob_id:
+                return data
     if _sha256(plain) == blob_id:
         return plain
-    try:
-        data = _decompress(plain)
-    except zstandard.ZstdError:
-        raise CorruptedObject("restic blob", name, "content does not match its ID") from None
-    if _sha256(data) != blob_id:
-        raise CorruptedObject("restic blob", name, "content does not match its ID")
-    return data
+    raise CorruptedObject("restic blob", name, "content does not match its ID")
 
 
 class ResticDecoder:
