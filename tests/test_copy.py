@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ import pytest
 pytest.register_assert_rewrite("tests.servers")
 
 from cairn.backends.faulty import ENV_VAR as FAULTS  # noqa: E402
+from cairn.repo.snapshot import Snapshot  # noqa: E402
+from cairn.stages.copy import _Want, split_by_raw  # noqa: E402
+from cairn.stages.copysource import SnapshotRefError, copies_in, select_snapshots  # noqa: E402
+from cairn.stages.fetch import Batch  # noqa: E402
+from cairn.stages.snapshots import SnapshotFilter  # noqa: E402
 from tests.cli_helpers import CAIRN, Cairn, Result  # noqa: E402
 from tests.servers import S3_KEY, S3_SECRET, location_for  # noqa: E402
 from tests.treeutil import make_everything_tree, snapshot_of  # noqa: E402
@@ -29,6 +35,49 @@ from tests.treeutil import make_everything_tree, snapshot_of  # noqa: E402
 pytest_plugins = ["tests.servers"]
 
 MiB = 1024 * 1024
+
+
+def _snap(time_ns: int, host: str = "h", tags: list[str] | None = None, **kw: Any) -> Snapshot:
+    return Snapshot(time_ns, bytes(32), ["/data"], hostname=host, tags=tags or [], **kw)
+
+
+def test_select_snapshots_by_id_latest_and_filters() -> None:
+    source = [("aa11", _snap(1, "x")), ("ab22", _snap(2, "y", ["t"])), ("bb33", _snap(3, "x"))]
+    assert [i for i, _ in select_snapshots(source, [], SnapshotFilter())] == [
+        "aa11",
+        "ab22",
+        "bb33",
+    ]
+    assert [i for i, _ in select_snapshots(source, [], SnapshotFilter(tags=["t"]))] == ["ab22"]
+    # latest of what the filters match; IDs in time order whatever the order given.
+    chosen = select_snapshots(source, ["latest", "AA"], SnapshotFilter(hosts=["y"]))
+    assert [i for i, _ in chosen] == ["aa11", "ab22"]
+    with pytest.raises(SnapshotRefError, match="matches 2 snapshots"):
+        select_snapshots(source, ["a"], SnapshotFilter())
+    with pytest.raises(SnapshotRefError, match="no snapshot"):
+        select_snapshots(source, ["cc"], SnapshotFilter())
+
+
+def test_a_copy_is_recognised_by_its_original_and_its_metadata() -> None:
+    a, b = _snap(1, tags=["x", "y"]), _snap(2)
+    dest = [
+        ("d1", replace(a, tags=["y", "x"], original="s1", tree=b"\1" * 32)),
+        ("d2", replace(b, original="s2", hostname="other")),  # same ID, not similar
+        ("d3", replace(b, original="zz")),  # similar, another original
+    ]
+    assert copies_in(dest, [("s1", a), ("s2", b)]) == {"s1": ("d1", dest[0][1])}
+    # A snapshot that is itself a copy is known by its own original.
+    assert copies_in(dest, [("s9", replace(b, original="zz"))]) == {"s9": ("d3", dest[2][1])}
+
+
+def test_ranges_are_cut_so_that_their_blobs_fit_an_output_slot() -> None:
+    # Four blobs of 10 stored bytes that decode to 400 bytes each, in one range.
+    wants = [_Want(bytes([i]) * 32, 100 + 10 * i, 10, 400) for i in range(4)]
+    batch = Batch(b"p" * 32, 100, 40, wants)
+    parts = split_by_raw([batch], 1000)
+    assert [len(p.blobs) for p in parts] == [2, 2]
+    assert [(p.offset, p.length) for p in parts] == [(100, 20), (120, 20)]
+    assert split_by_raw([batch], 10_000) == [batch]
 
 
 def _repo(tmp: Path, name: str, password: str) -> Cairn:
@@ -164,6 +213,23 @@ def test_copy_dedupes_against_what_the_destination_holds(tmp_path: Path) -> None
     assert sum(added.values()) < 64 * 1024, added
 
 
+def test_blobs_keep_their_compression_unless_compression_is_given(tmp_path: Path) -> None:
+    src = _repo(tmp_path, "src", "source pw")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "log.txt").write_bytes(b"".join(b"line %d of a log\n" % i for i in range(100_000)))
+    src.run("backup", str(tree), check=True)
+    kept = _summary(_copy(_repo(tmp_path, "kept", "pw 1"), src))
+    assert kept["data_added_packed"] < kept["data_added"] / 3, kept  # still compressed
+    plain_repo = _repo(tmp_path, "plain", "pw 2")
+    plain = _summary(_copy(plain_repo, src, "--compression", "off"))
+    assert plain["data_added"] == kept["data_added"]
+    assert plain["data_added_packed"] > plain["data_added"], plain  # stored raw
+    target = tmp_path / "restored"
+    plain_repo.run("restore", "latest", "--target", str(target), check=True)
+    assert snapshot_of(target / tree.relative_to("/")) == snapshot_of(tree)
+
+
 def _newest_data_pack(c: Cairn, before: dict[str, int]) -> Path:
     new = {n: size for n, size in _files(c, "data").items() if n not in before}
     name = max(new, key=lambda n: new[n])  # the data pack, not the small tree pack
@@ -200,6 +266,30 @@ def test_a_corrupt_source_blob_fails_only_the_snapshots_needing_it(tmp_path: Pat
     assert dest.run("check", "--read-data").code == 0
 
 
+def test_a_lost_source_pack_fails_only_the_snapshots_needing_it(tmp_path: Path) -> None:
+    src = _repo(tmp_path, "src", "source pw")
+    dest = _repo(tmp_path, "dest", "dest pw")
+    good, gone = tmp_path / "good", tmp_path / "gone"
+    good.mkdir()
+    gone.mkdir()
+    (good / "a.bin").write_bytes(os.urandom(300_000))
+    (gone / "b.bin").write_bytes(os.urandom(300_000))
+    src.run("backup", str(gone), check=True)
+    before = _files(src, "data")
+    src.run("backup", str(good), check=True)
+    lost = max(before, key=lambda n: before[n])  # the data pack of the first snapshot
+    (Path(src.repo) / "data" / lost[:2] / lost).unlink()
+
+    result = _copy(dest, src)
+    assert result.code == 1, result.err
+    s = _summary(result)
+    assert (s["snapshots_copied"], s["snapshots_failed"]) == (1, 1), s
+    (line,) = [ln for ln in result.err.splitlines() if "not copied" in ln]
+    assert f"pack {lost} cannot be read" in line and "b.bin" in line, line
+    (copied,) = _snapshots(dest)
+    assert copied["paths"] == [str(good)]
+
+
 def test_source_errors_name_the_source(source: tuple[Cairn, Path], tmp_path: Path) -> None:
     src, _tree = source
     dest = _repo(tmp_path, "dest", "dest pw")
@@ -227,6 +317,42 @@ def test_source_errors_name_the_source(source: tuple[Cairn, Path], tmp_path: Pat
     env = {"CAIRN_FROM_REPOSITORY": str(src.repo), "CAIRN_FROM_PASSWORD": "the source's password"}
     result = dest.run("copy", "--host", "alpha", "--json", env=env)
     assert result.code == 0 and _summary(result)["snapshots_copied"] == 1, result.err
+
+
+_HOLD_EXCLUSIVE = """
+import sys, anyio
+from cairn.backends.local import LocalBackend
+from cairn.repo.repository import open_repository
+from cairn.stages.locking import repository_lock
+
+async def main():
+    repo = await open_repository(LocalBackend(sys.argv[1]), sys.argv[2])
+    async with repository_lock(repo, exclusive=True):
+        await anyio.sleep(120)
+
+anyio.run(main)
+"""
+
+
+def test_a_source_locked_exclusively_is_named(source: tuple[Cairn, Path], tmp_path: Path) -> None:
+    src, _tree = source
+    dest = _repo(tmp_path, "dest", "dest pw")
+    password = src.password_file.read_text().strip()
+    holder = subprocess.Popen(
+        [*CAIRN[:1], "-c", _HOLD_EXCLUSIVE, str(src.repo), password], env=src.env
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _files(src, "locks"):
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        result = _copy(dest, src)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.code == 11, result.err
+    assert "source repository" in result.err and "locked" in result.err, result.err
+    assert not _snapshots(dest)
 
 
 def test_an_interrupted_copy_resumes_without_sending_its_packs_again(tmp_path: Path) -> None:

@@ -125,6 +125,10 @@ def test_copy_from_restic_restores_as_restic_does(tmp_path: Path, version: str) 
     ]
     _same_restores(dest, repo, tmp_path)
     assert not list(Path(repo, "locks").iterdir())  # our restic lock is gone
+    # Compressed either way: format 2's zstd frames are kept (re-encrypted only),
+    # format 1's raw blobs are compressed now. The tree's log compresses ~20-fold.
+    raw = dest.run("stats", "--mode", "raw-data", "--json", check=True).json()
+    assert raw["total_size"] < raw["total_uncompressed_size"] * 0.7, raw
 
     again = _summary(_copy(dest, repo))
     assert (again["snapshots_copied"], again["snapshots_skipped"]) == (0, 3)

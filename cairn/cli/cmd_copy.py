@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
+import anyio
 import click
 import structlog
 
@@ -118,8 +119,6 @@ async def open_source(settings: Settings) -> AsyncIterator[Any]:
         log.info("source.opened", source_repository=repo.config.id)
         yield repo
     finally:
-        import anyio
-
         with anyio.CancelScope(shield=True):
             await backend.aclose()
 
@@ -217,17 +216,19 @@ def command(
 
 
 async def _copy(settings: Settings, source: Settings, refs: list[str], flt: Any) -> Any:
-    from cairn.stages.copy import (
-        CairnSource,
-        Copier,
-        CopyOptions,
-        copies_in,
-        select_snapshots,
-    )
+    from cairn.pipeline.options import cores
+    from cairn.stages.copy import Copier, CopyOptions, copy_workers
+    from cairn.stages.copysource import CairnSource, copies_in, select_snapshots
     from cairn.stages.locking import repository_lock
     from cairn.stages.snapshots import load_snapshots
 
     async with AsyncExitStack() as stack:
+        # The workers start (a fork server round trip, ~0.4 s) while the keys are
+        # derived; they get the keys with each job.
+        workers = settings.cpu_workers or cores()
+        pool = await stack.enter_async_context(_started(copy_workers(workers)))
+        # One after the other: two Argon2id derivations at once in two threads
+        # (cryptography 50 / OpenSSL) never return.
         src_id: str | None = None
         if source.repo and source.repo.startswith(RESTIC_PREFIX):
             reader: Any = await stack.enter_async_context(open_restic_source(source, settings))
@@ -235,9 +236,14 @@ async def _copy(settings: Settings, source: Settings, refs: list[str], flt: Any)
             src_repo = await stack.enter_async_context(open_source(source))
             src_id = src_repo.config.id
             if not source.no_lock:
-                await stack.enter_async_context(
-                    repository_lock(src_repo, exclusive=False, retry_seconds=settings.retry_lock)
-                )
+                try:
+                    lock = repository_lock(
+                        src_repo, exclusive=False, retry_seconds=settings.retry_lock
+                    )
+                    await stack.enter_async_context(lock)
+                except Exception as exc:  # held exclusively (a prune): exit 11, named
+                    _name_source(exc)
+                    raise
         dest = await stack.enter_async_context(open_repo(settings))
         if dest.config.id == src_id:
             raise UsageError("the source and the destination are the same repository")
@@ -256,7 +262,7 @@ async def _copy(settings: Settings, source: Settings, refs: list[str], flt: Any)
         options = CopyOptions(
             level=_level(settings),
             pack_size=(settings.pack_size or 16) * MiB,
-            cpu_workers=widths.cpu_workers,
+            cpu_workers=workers,
             connections=widths.connections,
         )
         copier = Copier(reader, dest, options)
@@ -268,13 +274,61 @@ async def _copy(settings: Settings, source: Settings, refs: list[str], flt: Any)
             return copier.result
         counters = backend_counters(dest.backend)
         async with track(settings, "copy", lambda: _status(copier, counters)):
-            return await copier.run(todo, earlier, src_snapshots)
+            return await copier.run(todo, earlier, src_snapshots, await pool)
     raise AssertionError("unreachable")  # pragma: no cover - for mypy
 
 
-def _level(settings: Settings) -> int:
+class _Starting:
+    """A worker pool being started in the background; ``await`` it for the pool."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.ready = anyio.Event()
+        self.error: BaseException | None = None
+
+    def __await__(self) -> Any:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        await self.ready.wait()
+        if self.error is not None:
+            raise self.error
+        return self.pool
+
+
+@asynccontextmanager
+async def _started(pool: Any) -> AsyncIterator[_Starting]:
+    """Start ``pool`` in a task while the body runs; stop it when the body ends."""
+    starting = _Starting(pool)
+
+    async def start() -> None:
+        try:
+            await pool.__aenter__()
+        except BaseException as exc:
+            starting.error = exc
+            raise
+        finally:
+            starting.ready.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(start)
+        try:
+            yield starting
+        finally:
+            with anyio.CancelScope(shield=True):
+                await starting.ready.wait()
+                if starting.error is None:
+                    await pool.aclose()
+
+
+def _level(settings: Settings) -> int | None:
+    """``--compression`` (flag, environment or profile) when given: every blob is
+    compressed again at that level. Else None: blobs keep the compression the
+    source gave them and are only re-encrypted (most of the CPU a copy would spend)."""
     from cairn.repo.codec import compression_level
 
+    if settings.sources.get("compression", "default") == "default":
+        return None
     return compression_level(settings.compression)
 
 
@@ -287,6 +341,8 @@ def _status(copier: Any, counters: Any) -> Status:
         bytes_done=s.bytes_downloaded,
         error_count=len(copier.result.failed),
         bytes_uploaded=counters.bytes_saved if counters is not None else None,
+        current_files=[f"snapshot {copier.current[:8]}"] if copier.current else [],
+        unit="snapshots",
     )
 
 

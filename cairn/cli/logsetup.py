@@ -106,7 +106,9 @@ _log_file: TextIO | None = None
 # Per-entry problems the CLI prints itself as ``warning: PATH: PROBLEM`` lines at the
 # end of the run (cli/common.py: report_item_errors). A console log on the same stderr
 # would say each twice; JSON, logfmt and log files keep the events.
-PRINTED_ITEM_EVENTS = frozenset({"backup.file_error", "restore.file_error"})
+PRINTED_ITEM_EVENTS = frozenset(
+    {"backup.file_error", "restore.file_error", "copy.snapshot_failed"}
+)
 
 
 def _drop_printed_item_errors(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ class Status:
     current_files: list[str] = field(default_factory=list)
     gauges: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (used, max)
     bytes_uploaded: int | None = None  # what reached the backend (throttled runs lag)
+    unit: str = "files"  # what total_files counts, in the display (copy: snapshots)
 
 
 def backup_status(
@@ -199,7 +200,7 @@ class Reporter:
         errors = f", {status.error_count} errors" if status.error_count else ""
         uploaded = f", {decimal(status.bytes_uploaded)} uploaded" if status.bytes_uploaded else ""
         grid.add_row(
-            self.kind, f"{status.files_done} / {status.total_files} files{uploaded}{errors}"
+            self.kind, f"{status.files_done} / {status.total_files} {status.unit}{uploaded}{errors}"
         )
         for path in status.current_files[:4]:
             grid.add_row("", path)

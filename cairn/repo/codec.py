@@ -148,6 +148,15 @@ def decode_blob(
     crypto: Crypto, blob_type: int, blob_id: bytes, stored: bytes | bytearray | memoryview
 ) -> bytes:
     """Decrypt, decompress and verify one blob; ``CorruptedObject`` on any mismatch."""
+    return decode_blob_keeping_frame(crypto, blob_type, blob_id, stored)[0]
+
+
+def decode_blob_keeping_frame(
+    crypto: Crypto, blob_type: int, blob_id: bytes, stored: bytes | bytearray | memoryview
+) -> tuple[bytes, bytes]:
+    """As :func:`decode_blob`, and also the encrypted plaintext as it was stored (the
+    flag byte and the zstd frame or raw body): ``copy`` re-encrypts that for another
+    repository without compressing again (:func:`encrypt_blob_body_into`)."""
     _check_blob_args(blob_type, blob_id)
     kind = f"{BLOB_TYPE_NAMES[blob_type]} blob"
     name = blob_id.hex()
@@ -158,7 +167,18 @@ def decode_blob(
     data = _unpack_body(plain, kind, name, MAX_BLOB_PLAINTEXT)
     if crypto.blob_id(data) != blob_id:
         raise CorruptedObject(kind, name, "content does not match its ID")
-    return data
+    return data, plain
+
+
+def encrypt_blob_body_into(
+    crypto: Crypto, blob_type: int, blob_id: bytes, body: bytes | memoryview, out: memoryview
+) -> int:
+    """Encrypt an already packed blob body (flag byte + frame, as
+    :func:`decode_blob_keeping_frame` returns it) into ``out``; the stored length."""
+    _check_blob_args(blob_type, blob_id)
+    if not body or body[0] not in (FLAG_RAW, FLAG_ZSTD):
+        raise ValueError("not a packed blob body")
+    return crypto.encrypt_into(body, blob_ad(blob_type, blob_id), out)
 
 
 def seal(

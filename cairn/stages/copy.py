@@ -19,9 +19,10 @@ order: packs, then index, then snapshot.
 * **Deduplication**: a source blob is downloaded and decoded once per run (the
   mapping of source to destination IDs is kept); a blob the destination already
   has is not sent (``Packer.claim``). Before a snapshot is copied, the copy of an
-  earlier snapshot of the same host and paths (found by its ``original``) seeds the
-  mapping by walking both trees side by side, so an incremental snapshot downloads
-  only what changed since — as a backup reads only what changed since its parent.
+  earlier snapshot (preferably of the same host and paths, found by its
+  ``original``) seeds the mapping by walking both trees side by side, so an
+  incremental snapshot downloads only what changed since — as a backup reads only
+  what changed since its parent.
 * **Skipping**: the copy records the source snapshot's ID in ``original`` (or keeps
   the source's own ``original``); a source snapshot whose ID matches one in the
   destination with the same time, host, user, paths, tags and excludes is skipped
@@ -32,16 +33,18 @@ order: packs, then index, then snapshot.
 * **Damage**: a blob that cannot be downloaded or decoded fails the snapshots that
   need it, each with one message; the others are copied.
 
-The source is a :class:`CopySource` — a reader of snapshots, trees and blobs — so
-another repository format can be copied from by giving its own source.
+The source is a :class:`~cairn.stages.copysource.CopySource` — a reader of
+snapshots, trees and blobs — so another repository format can be copied from by
+giving its own source.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import anyio
 import structlog
@@ -57,13 +60,19 @@ from cairn.pipeline import (
     raising_causes,
     waiting_on_output,
 )
-from cairn.repo.codec import encode_blob
+from cairn.repo.codec import DEFAULT_LEVEL, encode_blob
 from cairn.repo.crypto import OVERHEAD
 from cairn.repo.errors import RepoError
 from cairn.repo.pack import DATA, TREE
 from cairn.repo.repository import Repository
 from cairn.repo.snapshot import Snapshot
 from cairn.repo.tree import Node, Tree, encode_tree
+from cairn.stages.copysource import (
+    CopySource,
+    earlier_copy,
+    map_copied_trees,
+    persistent_id,
+)
 from cairn.stages.fetch import (
     CPU_HINT,
     DOWNLOAD_HINT,
@@ -76,8 +85,7 @@ from cairn.stages.fetch import (
     plan_ranges,
 )
 from cairn.stages.packing import EncodedBlob, Packer, blob_bytes
-from cairn.stages.recode import BlobDecoder, CairnDecoder, init_recode_worker, recode_spans
-from cairn.stages.snapshots import SnapshotFilter, load_snapshots
+from cairn.stages.recode import preload, recode_spans
 
 log = structlog.get_logger("cairn.copy")
 
@@ -87,58 +95,11 @@ _ENCODED_EXTRA = 1 + OVERHEAD
 OUT_SLOT_SIZE = SLOT_SIZE
 
 
-class CopySource(Protocol):
-    """A repository to copy snapshots from: its snapshots, trees and blobs.
-
-    ``backend`` serves the pack ranges; ``decoder`` (pickled to the workers) turns a
-    stored blob back into its plaintext and verifies it.
-    """
-
-    backend: Any
-    decoder: BlobDecoder
-
-    async def snapshots(self) -> list[tuple[str, Snapshot]]:
-        """Every readable snapshot with its ID, oldest first."""
-        ...
-
-    async def load_tree(self, tree_id: bytes) -> Tree:
-        """One tree (``RepoError`` when it cannot be read)."""
-        ...
-
-    def locate(self, blob_id: bytes) -> tuple[bytes, int, int, int] | None:
-        """Where a data blob is stored: ``(pack ID, offset, length, plaintext length)``."""
-        ...
-
-
-class CairnSource:
-    """A cairn repository as a copy source (its index loaded)."""
-
-    def __init__(self, repo: Repository) -> None:
-        if repo.index is None:
-            raise ValueError("load the source's index first")
-        self.repo = repo
-        self.backend = repo.backend
-        self.decoder: BlobDecoder = CairnDecoder(repo.crypto)
-        self._index = repo.index
-
-    async def snapshots(self) -> list[tuple[str, Snapshot]]:
-        return list(await load_snapshots(self.repo))
-
-    async def load_tree(self, tree_id: bytes) -> Tree:
-        return await self.repo.load_tree(tree_id)
-
-    def locate(self, blob_id: bytes) -> tuple[bytes, int, int, int] | None:
-        loc = self._index.lookup(blob_id)
-        if loc is None or loc.type != DATA:
-            return None
-        return loc.pack_id, loc.offset, loc.length, loc.raw_length
-
-
 @dataclass(frozen=True)
 class CopyOptions:
     """How to write the destination and how wide to run."""
 
-    level: int
+    level: int | None  # None: data blobs kept as the source compressed them
     pack_size: int
     cpu_workers: int
     connections: int  # of each side
@@ -171,73 +132,6 @@ class CopyResult:
     packs: int = 0
     # The data pipeline that moved the most bytes (for the stage table).
     pipeline: PipelineSnapshot | None = None
-
-
-class SnapshotRefError(RepoError):
-    """A snapshot named on the command line is not in the source."""
-
-    exit_code = 1
-
-
-def similar(a: Snapshot, b: Snapshot) -> bool:
-    """restic's test that ``b`` is a copy of ``a``: same time, host, user, paths,
-    tags and excludes (the trees differ: blob IDs are keyed)."""
-    return (
-        a.time_ns == b.time_ns
-        and a.hostname == b.hostname
-        and a.username == b.username
-        and sorted(a.paths) == sorted(b.paths)
-        and sorted(a.tags) == sorted(b.tags)
-        and sorted(a.excludes) == sorted(b.excludes)
-    )
-
-
-def persistent_id(snapshot_id: str, snap: Snapshot) -> str:
-    """The ID a snapshot and all its copies share: the first one's."""
-    return snap.original or snapshot_id
-
-
-def select_snapshots(
-    source: Sequence[tuple[str, Snapshot]], refs: Sequence[str], flt: SnapshotFilter
-) -> list[tuple[str, Snapshot]]:
-    """The source snapshots to copy, oldest first: those named (ID prefixes or
-    ``latest``, which the filters narrow), else every one the filters match."""
-    matching = [(i, s) for i, s in source if flt.matches(s)]
-    if not refs:
-        return matching
-    chosen: dict[str, Snapshot] = {}
-    for ref in refs:
-        if ref == "latest":
-            if not matching:
-                raise SnapshotRefError("no snapshot in the source matches the filters")
-            sid, snap = matching[-1]
-        else:
-            found = [(i, s) for i, s in source if i.startswith(ref.lower())]
-            if not found:
-                raise SnapshotRefError(f"no snapshot in the source matches ID {ref!r}")
-            if len(found) > 1:
-                raise SnapshotRefError(
-                    f"ID {ref!r} matches {len(found)} snapshots of the source; give more characters"
-                )
-            sid, snap = found[0]
-        chosen[sid] = snap
-    return sorted(chosen.items(), key=lambda item: (item[1].time_ns, item[0]))
-
-
-def copies_in(
-    dest: Sequence[tuple[str, Snapshot]], source: Sequence[tuple[str, Snapshot]]
-) -> dict[str, tuple[str, Snapshot]]:
-    """Source snapshot ID → its copy already in the destination ``(ID, snapshot)``."""
-    by_persistent: dict[str, list[tuple[str, Snapshot]]] = {}
-    for did, dsnap in dest:
-        by_persistent.setdefault(persistent_id(did, dsnap), []).append((did, dsnap))
-    out = {}
-    for sid, snap in source:
-        for did, dsnap in by_persistent.get(persistent_id(sid, snap), []):
-            if similar(snap, dsnap):
-                out[sid] = (did, dsnap)
-                break
-    return out
 
 
 class _Want(NamedTuple):
@@ -302,6 +196,12 @@ class _SlotShare:
             self.slot.release()
 
 
+def copy_workers(workers: int) -> WorkerPool:
+    """The worker pool of a copy (enter it to start the workers): they need no
+    keys up front, so it can start while the repositories are being opened."""
+    return WorkerPool(workers, initializer=preload)
+
+
 class Copier:
     """Copies snapshots from ``source`` into ``dest`` (its index loaded)."""
 
@@ -322,6 +222,8 @@ class Copier:
         self._trees: dict[bytes, bytes] = {}
         self._bad: dict[bytes, str] = {}
         self._seeded: set[str] = set()
+        #: The source snapshot being copied (for progress).
+        self.current = ""
         self._pipeline: Pipeline | None = None
 
     def snapshot(self) -> PipelineSnapshot | None:
@@ -333,20 +235,23 @@ class Copier:
         todo: Sequence[tuple[str, Snapshot]],
         earlier: dict[str, tuple[str, Snapshot]],
         source_snapshots: Sequence[tuple[str, Snapshot]],
+        pool: WorkerPool | None = None,
     ) -> CopyResult:
         """Copy ``todo`` (oldest first). ``earlier`` maps source snapshots already
-        copied to their copies (to seed the ID mapping from)."""
+        copied to their copies (to seed the ID mapping from). ``pool``: workers of
+        :func:`copy_workers` started beforehand (else started here)."""
         self.stats.snapshots_total = len(todo)
+        if not todo:
+            return self.result
         workers, connections = self.options.cpu_workers, self.options.connections
         in_slots = SlotPool(SLOT_SIZE, 2 * workers + connections)
         out_slots = SlotPool(OUT_SLOT_SIZE, 2 * workers + 2)
         try:
-            async with WorkerPool(
-                workers,
-                initializer=init_recode_worker,
-                initargs=(self.source.decoder, self.dest.crypto),
-            ) as pool:
+            async with AsyncExitStack() as stack:
+                if pool is None:
+                    pool = await stack.enter_async_context(copy_workers(workers))
                 for sid, snap in todo:
+                    self.current = sid
                     await self._seed_from(sid, snap, earlier, source_snapshots)
                     await self._copy_one(sid, snap, pool, in_slots, out_slots)
                     self.stats.snapshots_done += 1
@@ -362,7 +267,12 @@ class Copier:
     # -- one snapshot -------------------------------------------------------------
 
     async def _copy_one(
-        self, sid: str, snap: Snapshot, pool: WorkerPool, in_slots: SlotPool, out_slots: SlotPool
+        self,
+        sid: str,
+        snap: Snapshot,
+        pool: WorkerPool,
+        in_slots: SlotPool,
+        out_slots: SlotPool,
     ) -> None:
         started = time.monotonic()
         try:
@@ -486,6 +396,7 @@ class Copier:
 
     def _recode_stage(self, pool: WorkerPool, out_slots: SlotPool) -> Any:
         level = self.options.level
+        decoder, dest = self.source.decoder, self.dest.crypto
 
         async def recode(fetched: Fetched) -> AsyncIterator[list[EncodedBlob]]:
             batch = fetched.batch
@@ -499,7 +410,9 @@ class Copier:
             with waiting_on_output():  # a free output slot waits for "pack"
                 out = await out_slots.acquire()
             try:
-                placed, bad = await pool.run(recode_spans, fetched.ref(), out.ref(), spans, level)
+                placed, bad = await pool.run(
+                    recode_spans, fetched.ref(), out.ref(), spans, level, decoder, dest
+                )
             except BaseException:
                 out.release()
                 raise
@@ -507,7 +420,8 @@ class Copier:
                 fetched.release()
             self.stats.bytes_downloaded += batch.length
             for i, why in bad:
-                self._bad[wants[i].blob_id] = f"{why} (in pack {batch.pack_id.hex()})"
+                where = f"pack {batch.pack_id.hex()}"
+                self._bad[wants[i].blob_id] = f"corrupted in the source ({where}): {why}"
             blobs = []
             share = _SlotShare(out, 0)
             for i, new_id, pos, size, raw in placed:
@@ -597,7 +511,8 @@ class Copier:
         self._trees[frame.tree_id] = new_id
         if not self.packer.claim(new_id):
             return None
-        stored = encode_blob(crypto, TREE, new_id, payload, self.options.level)
+        level = DEFAULT_LEVEL if self.options.level is None else self.options.level
+        stored = encode_blob(crypto, TREE, new_id, payload, level)
         return EncodedBlob(TREE, new_id, stored, len(payload))
 
     # -- what an earlier copy already maps ------------------------------------------
@@ -610,54 +525,14 @@ class Copier:
         source_snapshots: Sequence[tuple[str, Snapshot]],
     ) -> None:
         """Learn source → destination IDs from the copy of an earlier snapshot
-        (preferably of the same host and paths), by walking both trees side by side.
-        Only what the destination's index holds is trusted; a tree that cannot be
-        read only means less is known (the blobs are then copied again)."""
-        paths = sorted(snap.paths)
-        candidates = [
-            # Best: the same host and paths (as a backup's parent), then the same
-            # paths, then any; older than this one before newer; the latest.
-            (
-                s.hostname == snap.hostname and sorted(s.paths) == paths,
-                sorted(s.paths) == paths,
-                s.time_ns <= snap.time_ns,
-                s.time_ns,
-                i,
-            )
-            for i, s in source_snapshots
-            if i in earlier and i not in self._seeded
-        ]
-        if not candidates:
+        (:func:`~cairn.stages.copysource.earlier_copy`), once per earlier copy."""
+        found = earlier_copy(snap, earlier, source_snapshots, self._seeded)
+        if found is None:
             return
-        parent = max(candidates)[-1]
+        parent, src_tree, dst_tree = found
         self._seeded.add(parent)
-        parent_snap = dict(source_snapshots)[parent]
-        index = self.dest.index
-        assert index is not None
-        pairs = [(parent_snap.tree, earlier[parent][1].tree)]
         before = len(self._blobs)
-        while pairs:
-            src_tree, dst_tree = pairs.pop()
-            if src_tree in self._trees or dst_tree not in index:
-                continue
-            try:
-                src_nodes = (await self.source.load_tree(src_tree)).nodes
-                dst_nodes = (await self.dest.load_tree(dst_tree)).nodes
-            except (RepoError, NotFound) as exc:
-                log.info("copy.seed_skipped", tree=src_tree.hex(), error=str(exc))
-                continue
-            dst_by_name = {n.name: n for n in dst_nodes}
-            for node in src_nodes:
-                other = dst_by_name.get(node.name)
-                if other is None or other.type != node.type:
-                    continue
-                if node.type == "dir" and node.subtree and other.subtree:
-                    pairs.append((node.subtree, other.subtree))
-                elif node.type == "file" and len(node.content) == len(other.content):
-                    for a, b in zip(node.content, other.content, strict=True):
-                        if b in index:
-                            self._blobs.setdefault(a, b)
-            self._trees[src_tree] = dst_tree
+        await map_copied_trees(self.source, self.dest, src_tree, dst_tree, self._blobs, self._trees)
         self.stats.blobs_mapped += len(self._blobs) - before
         log.info("copy.seeded", source=sid, earlier=parent, blobs=len(self._blobs) - before)
 

@@ -28,6 +28,7 @@ import structlog
 import zstandard
 
 from cairn.backends.base import Backend, NotFound, is_hex_id, object_name
+from cairn.repo.codec import FLAG_ZSTD
 from cairn.repo.errors import (
     CorruptedObject,
     ObjectNotFound,
@@ -42,7 +43,8 @@ from cairn.repo.tree import Tree
 log = structlog.get_logger("cairn.restic")
 
 DATA, TREE = 0, 1  # cairn's blob types (cairn.repo.pack), which restic's match
-_MAX_BLOB = 64 * 1024 * 1024  # restic's chunks are ≤ 8 MiB; trees are bounded too
+_MAX_BLOB = 64 * 1024 * 1024
+FLAG_ZSTD_BYTE = bytes((FLAG_ZSTD,))  # restic's chunks are ≤ 8 MiB; trees are bounded too
 
 
 class BlobLocation(NamedTuple):
@@ -65,11 +67,20 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def decode_blob(key: ResticKey, blob_id: bytes, stored: bytes | memoryview) -> bytes:
-    """One blob's plaintext, verified against its ID. Whether it was compressed is
-    told by the hash: the decrypted bytes either hash to the ID, or decompress to
-    bytes that do (a stored ``.zst`` file's chunk is not mistaken for compressed).
-    What starts as a zstd frame is tried decompressed first: in a version 2
-    repository nearly every blob is, and one hash is saved per blob."""
+    """One blob's plaintext, verified against its ID (see :func:`decode_blob_and_frame`)."""
+    return decode_blob_and_frame(key, blob_id, stored)[0]
+
+
+def decode_blob_and_frame(
+    key: ResticKey, blob_id: bytes, stored: bytes | memoryview
+) -> tuple[bytes, bytes | None]:
+    """One blob's plaintext, verified against its ID, and its zstd frame if it was
+    stored compressed (None if not).
+
+    Whether it was compressed is told by the hash: the decrypted bytes either hash
+    to the ID, or decompress to bytes that do (a stored ``.zst`` file's chunk is not
+    mistaken for compressed). What starts as a zstd frame is tried decompressed
+    first: in a format 2 repository nearly every blob is, and one hash is saved."""
     name = blob_id.hex()
     plain = key.open(stored, "restic blob", name)
     if plain[:4] == _ZSTD_MAGIC:
@@ -79,9 +90,9 @@ def decode_blob(key: ResticKey, blob_id: bytes, stored: bytes | memoryview) -> b
             pass
         else:
             if _sha256(data) == blob_id:
-                return data
+                return data, plain
     if _sha256(plain) == blob_id:
-        return plain
+        return plain, None
     raise CorruptedObject("restic blob", name, "content does not match its ID")
 
 
@@ -91,8 +102,17 @@ class ResticDecoder:
     def __init__(self, key: ResticKey) -> None:
         self.key = key
 
-    def decode(self, blob_type: int, blob_id: bytes, stored: memoryview) -> bytes:
-        return decode_blob(self.key, blob_id, stored)
+    def decode(
+        self, blob_type: int, blob_id: bytes, stored: memoryview
+    ) -> tuple[bytes, bytes | None]:
+        """The plaintext, and — for a blob restic stored compressed, in a frame that
+        records its size as cairn's reader requires — cairn's packed body (flag byte
+        and the same frame), so that copy only re-encrypts it instead of compressing
+        again. Blobs restic stored raw get None: copy compresses them."""
+        data, frame = decode_blob_and_frame(self.key, blob_id, stored)
+        if frame is not None and zstandard.frame_content_size(frame) == len(data):
+            return data, FLAG_ZSTD_BYTE + frame
+        return data, None
 
 
 @dataclass
