@@ -126,6 +126,44 @@ async def open_source(settings: Settings) -> AsyncIterator[Any]:
             await backend.aclose()
 
 
+#: ``--from-repo restic:LOCATION``: a restic repository (read-only), any backend.
+RESTIC_PREFIX = "restic:"
+
+
+@asynccontextmanager
+async def open_restic_source(source: Settings, settings: Settings) -> AsyncIterator[Any]:
+    """A restic repository as a copy source: opened, locked (a shared restic lock,
+    unless --no-lock), its index loaded."""
+    from cairn.config.password import read_password
+    from cairn.repo.restic.repository import ResticRepository
+    from cairn.repo.restic.source import ResticSource
+
+    assert source.repo is not None
+    backend, _throttles = open_backend(replace(source, repo=source.repo[len(RESTIC_PREFIX) :]))
+    try:
+        try:
+            password = read_password(source, prompt="enter password for the source repository: ")
+            repo = await ResticRepository.open(backend, password)
+        except Exception as exc:
+            _name_source(exc)
+            raise
+        log.info("source.opened", source_repository=repo.config.id, format="restic")
+        async with AsyncExitStack() as stack:
+            if not source.no_lock:
+                await stack.enter_async_context(repo.shared_lock())
+            try:
+                await repo.load_index()
+            except Exception as exc:
+                _name_source(exc)
+                raise
+            yield ResticSource(repo)
+    finally:
+        import anyio
+
+        with anyio.CancelScope(shield=True):
+            await backend.aclose()
+
+
 def _name_source(exc: BaseException) -> None:
     """Prefix an error's one-line message with "source repository" (the class, and
     so the exit code, stay: 12 for a wrong password, 10 for no repository)."""
@@ -194,24 +232,31 @@ async def _copy(settings: Settings, source: Settings, refs: list[str], flt: Any)
         pool = await stack.enter_async_context(_started(copy_workers(workers)))
         # One after the other: two Argon2id derivations at once in two threads
         # (cryptography 50 / OpenSSL) never return.
-        src_repo = await stack.enter_async_context(open_source(source))
-        if not source.no_lock:
-            try:
-                await stack.enter_async_context(
-                    repository_lock(src_repo, exclusive=False, retry_seconds=settings.retry_lock)
-                )
-            except Exception as exc:  # held exclusively (a prune): exit 11, named
-                _name_source(exc)
-                raise
+        src_id: str | None = None
+        if source.repo and source.repo.startswith(RESTIC_PREFIX):
+            reader: Any = await stack.enter_async_context(open_restic_source(source, settings))
+        else:
+            src_repo = await stack.enter_async_context(open_source(source))
+            src_id = src_repo.config.id
+            if not source.no_lock:
+                try:
+                    lock = repository_lock(
+                        src_repo, exclusive=False, retry_seconds=settings.retry_lock
+                    )
+                    await stack.enter_async_context(lock)
+                except Exception as exc:  # held exclusively (a prune): exit 11, named
+                    _name_source(exc)
+                    raise
         dest = await stack.enter_async_context(open_repo(settings))
-        if dest.config.id == src_repo.config.id:
+        if dest.config.id == src_id:
             raise UsageError("the source and the destination are the same repository")
         await stack.enter_async_context(
             repository_lock(dest, exclusive=False, retry_seconds=settings.retry_lock)
         )
-        await src_repo.load_index()
+        if src_id is not None:
+            await src_repo.load_index()
+            reader = CairnSource(src_repo)
         await dest.load_index()
-        reader = CairnSource(src_repo)
         src_snapshots = await reader.snapshots()
         selected = select_snapshots(src_snapshots, refs, flt)
         earlier = copies_in(list(await load_snapshots(dest)), src_snapshots)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from cairn.repo.codec import (
+    DEFAULT_LEVEL,
     decode_blob_keeping_frame,
     encode_blob_into,
     encrypt_blob_body_into,
@@ -86,7 +87,9 @@ def recode_spans(
             # Compressing is most of a re-encoding's CPU; the frame needs no key.
             size = encrypt_blob_body_into(dest, blob_type, new_id, body, dst[pos:])
         else:
-            size = encode_blob_into(dest, blob_type, new_id, data, dst[pos:], level or 0)
+            # No body to keep (a restic blob stored raw): the default compression.
+            chosen = DEFAULT_LEVEL if level is None else level
+            size = encode_blob_into(dest, blob_type, new_id, data, dst[pos:], chosen)
         placed.append((i, new_id, pos, size, len(data)))
         pos += size
     return placed, bad

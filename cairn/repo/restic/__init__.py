@@ -1,0 +1,1 @@
+"""Reading restic repositories (``cairn copy --from-repo restic:LOCATION``)."""
