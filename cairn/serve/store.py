@@ -129,7 +129,7 @@ class Store:
     async def delete(self, target: Target) -> int:
         """Remove one object, answering 404 when it is not there; its size."""
         if self.options.append_only and target.kind != "locks":
-            raise Forbidden(f"{target.relative()}: append-only: only locks can be deleted")
+            raise Forbidden("append-only: only locks can be deleted")
         path = self.file(target)
 
         def remove() -> int:
@@ -201,9 +201,7 @@ class Store:
                 # A retried upload of the same bytes is harmless; anything else would
                 # overwrite history.
                 if _blake3_of(final) != upload.blake3.digest():
-                    raise Forbidden(
-                        f"{target.relative()}: append-only: exists with other content"
-                    ) from None
+                    raise Forbidden("append-only: exists with other content") from None
             os.unlink(upload.temp)
             _fsync_dir(final.parent)
             return 0
