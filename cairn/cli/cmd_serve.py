@@ -187,7 +187,7 @@ async def _serve(
         private_repos=private_repos,
         prometheus_no_auth=prometheus_no_auth,
     )
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, read_bufsize=1 << 21)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, ssl_context=tls, reuse_address=True)

@@ -116,6 +116,7 @@ def _record(
         "bytes_in": request["received"],
         "bytes_out": sent,
         "seconds": round(seconds, 4),
+        "agent": request.headers.get("User-Agent", ""),
     }
     if error or request.get("error"):
         fields["error"] = error or request["error"]

@@ -9,8 +9,9 @@ no prefix of an object is ever visible.
 
 Verification: restic names every file but ``config`` by the SHA-256 of its bytes,
 cairn by their BLAKE3. The server does not know which client it serves, so an upload
-under a 64-hex name must match one of the two (both hashes run in the writer thread,
-releasing the GIL); names that are not hex ids carry nothing to check.
+under a 64-hex name must match one of the two (both hashes run as the body
+streams in; together ~0.7 ms per MiB); names that are not hex ids carry nothing to
+check. ``--no-verify-upload`` turns this off.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ import blake3
 
 from cairn.serve.paths import KINDS, Target, is_hex_id
 
-# Bytes gathered before one hop to the writer thread: a thread hop costs ~50 µs,
-# 1 MiB takes ~0.5 ms to hash twice and write to the page cache.
+# Bytes gathered before one writev. Hashing (SHA-256 ~1.7 GB/s, BLAKE3 ~6 GB/s) and
+# writing to the page cache take ~0.8 ms per MiB, done on the event loop: handing each
+# batch to a worker thread instead made a sequence of 4 MiB uploads 1.5-2x slower in
+# wall time on this (busy, 2-core) machine, every hop waiting to be scheduled. Only
+# what can block for long — fsync, rename — goes to a thread.
 WRITE_BATCH = 1 << 20
 
 
@@ -155,9 +159,9 @@ class Store:
             reserved = declared
         upload = _Upload(final)
         try:
-            await anyio.to_thread.run_sync(upload.open)
-            count = 0
-            batch = bytearray()
+            upload.open()
+            count = pending = 0
+            pieces: list[bytes] = []  # handed over as they came: no copy in Python
             async for piece in body:
                 count += len(piece)
                 if declared is not None and count > declared:
@@ -165,12 +169,13 @@ class Store:
                 if count > reserved:
                     await self._reserve(target, count - reserved)
                     reserved = count
-                batch += piece
-                if len(batch) >= WRITE_BATCH:
-                    await anyio.to_thread.run_sync(upload.absorb, bytes(batch))
-                    batch.clear()
-            if batch:
-                await anyio.to_thread.run_sync(upload.absorb, bytes(batch))
+                pieces.append(piece)
+                pending += len(piece)
+                if pending >= WRITE_BATCH:
+                    upload.absorb(pieces)
+                    pieces, pending = [], 0
+            if pieces:
+                upload.absorb(pieces)
             if declared is not None and count != declared:
                 raise BadUpload(f"body of {count} bytes, Content-Length said {declared}")
             self._verify(target, upload)
@@ -242,7 +247,7 @@ class Store:
 
 
 class _Upload:
-    """One upload's temporary file and running hashes (used from worker threads)."""
+    """One upload's temporary file and running hashes."""
 
     def __init__(self, final: Path) -> None:
         self.final = final
@@ -260,13 +265,18 @@ class _Upload:
             self.final.parent.mkdir(mode=0o700, exist_ok=True)
             self._fd = os.open(self.temp, flags, 0o600)
 
-    def absorb(self, data: bytes) -> None:
-        view = memoryview(data)
-        self.sha256.update(view)
-        self.blake3.update(view)
+    def absorb(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.sha256.update(piece)
+            self.blake3.update(piece)
+        views = [memoryview(p) for p in pieces]
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            while views:
+                written = os.writev(self._fd, views)
+                while views and written >= views[0].nbytes:
+                    written -= views.pop(0).nbytes
+                if views:
+                    views[0] = views[0][written:]
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull("no space left on the server's disk") from exc
