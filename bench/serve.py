@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_pristine(corpus, args.corpus)
     files, size = tree_count(corpus)
     CairnTool().prepare()
-    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     shutil.rmtree(args.workdir, ignore_errors=True)
     logs = args.workdir / "logs"
     logs.mkdir(parents=True)
