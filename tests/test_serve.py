@@ -14,13 +14,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import ipaddress
 import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -386,3 +389,102 @@ def test_cairn_client_append_only(append_only: CairnServe, tmp_path: Path) -> No
     assert {
         str(p.relative_to(inside)): p.read_bytes() for p in inside.rglob("*") if p.is_file()
     } == files
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with ``cryptography``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    with cairn_serve(tmp_path / "s", "--tls-cert", str(cert), "--tls-key", str(key)) as s:
+        assert s.url.startswith("https://127.0.0.1:")
+        parts = urlsplit(s.url)
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection(
+            parts.hostname or "", parts.port, timeout=30, context=context
+        )
+        conn.request("POST", "/tls/?create=true", body=b"")
+        assert conn.getresponse().status == 200
+        conn.close()
+        plain = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            plain.request("GET", "/tls/keys/")
+            plain.getresponse()
+        plain.close()
+
+
+def test_quota_applies_to_bodies_without_a_length(tmp_path: Path) -> None:
+    with cairn_serve(tmp_path, "--max-size", "1M", "--no-verify-upload") as s:
+        assert request(s, "POST", "/q/?create=true", b"", user=None)[0] == 200
+        parts = urlsplit(s.url)
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=30)
+        pieces = iter([b"x" * (256 << 10)] * 8)  # 2 MiB, chunked: no Content-Length
+        conn.request("POST", "/q/keys/big", body=pieces, encode_chunked=True)
+        assert conn.getresponse().status == 413
+        conn.close()
+        assert files_on_disk(s.root) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--private-repos"], "--private-repos needs --htpasswd-file"),
+        (["--max-size", "12Q"], "--max-size"),
+        (["--listen", "nowhere"], "expected HOST:PORT"),
+        (["--tls-cert", "/nonexistent"], "go together"),
+        (["--tls-cert", "/nonexistent", "--tls-key", "/nonexistent"], "cannot load TLS"),
+        (["--htpasswd-file", "/nonexistent"], "cannot read htpasswd file"),
+        (["--htpasswd-file", "/nonexistent", "--no-auth"], "contradict"),
+    ],
+)
+def test_misuse_is_one_line_and_exit_1(tmp_path: Path, args: list[str], message: str) -> None:
+    cli = Cairn(tmp_path / "unused", tmp_path / "pw")
+    result = cli.run("serve", "--path", str(tmp_path / "repos"), *args, base=False, timeout=60)
+    assert result.code == 1
+    assert message in result.err
+    assert result.err.count("\n") == 1 and "Traceback" not in result.err
+
+
+def test_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cli = Cairn(tmp_path / "unused", tmp_path / "pw")
+        listen = f"127.0.0.1:{port}"
+        result = cli.run("serve", "--path", str(tmp_path), "--listen", listen, base=False)
+    assert result.code == 1
+    assert "cannot listen on" in result.err
