@@ -488,3 +488,21 @@ def test_port_in_use(tmp_path: Path) -> None:
         result = cli.run("serve", "--path", str(tmp_path), "--listen", listen, base=False)
     assert result.code == 1
     assert "cannot listen on" in result.err
+
+
+def test_stale_temporaries_are_swept_at_start(tmp_path: Path) -> None:
+    """What a server killed mid-upload left (invisible) is removed when one starts."""
+    keys = tmp_path / "repos" / "r" / "keys"
+    keys.mkdir(parents=True)
+    stale, fresh = keys / ".tmp-abc-123", keys / ".tmp-def-456"
+    stale.write_bytes(b"half an upload")
+    fresh.write_bytes(b"someone's live upload")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    with cairn_serve(tmp_path):
+        for _ in range(100):  # the sweep runs once the server listens
+            if not stale.exists():
+                break
+            time.sleep(0.05)
+        assert not stale.exists()
+        assert fresh.exists()

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from cairn.serve.store import StoreOptions
 
 
+#: Temporary upload files older than this, found at start, were left by a server that
+#: was killed mid-upload (a live upload writes to its file continuously).
+STALE_TEMPORARY_SECONDS = 3600
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[v6]:PORT``; port 0 picks a free one."""
     host, sep, port = text.rpartition(":")
@@ -181,8 +186,10 @@ async def _serve(
     from cairn.serve.app import make_app
     from cairn.serve.store import Store
 
+    log = structlog.get_logger("cairn.serve")
+    store = Store(path, options)
     app = make_app(
-        Store(path, options),
+        store,
         htpasswd,
         private_repos=private_repos,
         prometheus_no_auth=prometheus_no_auth,
@@ -198,7 +205,7 @@ async def _serve(
         bound = runner.addresses[0]
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         url = f"{'https' if tls else 'http'}://{shown}:{bound[1]}/"
-        structlog.get_logger("cairn.serve").info(
+        log.info(
             "serve.listening",
             url=url,
             path=str(path),
@@ -207,6 +214,9 @@ async def _serve(
             private_repos=private_repos,
         )
         click.echo(f"serving {path} on {url}", nl=True)
+        removed = await store.sweep_stale(STALE_TEMPORARY_SECONDS)
+        if removed:
+            log.info("serve.stale_temporaries_removed", count=removed)
         await anyio.sleep_forever()
     finally:
         with anyio.CancelScope(shield=True):

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,12 @@ class Store:
         _fsync_dir(final.parent)
         return replaced
 
+    async def sweep_stale(self, max_age: float) -> int:
+        """Remove temporary files older than ``max_age`` seconds: uploads a killed or
+        crashed server left (never visible, but they take space). The age keeps this
+        from touching a live upload of another server on the same directory."""
+        return await anyio.to_thread.run_sync(_sweep, self.root, max_age)
+
     # --- quota ----------------------------------------------------------------
 
     async def usage(self, target: Target) -> int:
@@ -311,6 +318,23 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sweep(root: Path, max_age: float) -> int:
+    cutoff = time.time() - max_age
+    removed = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if not name.startswith(".tmp-"):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                if os.stat(path).st_mtime < cutoff:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def _tree_size(base: Path) -> int:
