@@ -380,6 +380,8 @@ def test_cairn_client_append_only(append_only: CairnServe, tmp_path: Path) -> No
     forget = cli.run("forget", "--keep-last", "1")
     assert forget.code != 0
     assert "append-only" in forget.err
+    # A 403 is a refusal, not a wrong password (rest.py used to say so for both).
+    assert "refused by the server" in forget.err and "check user and password" not in forget.err
     assert "Traceback" not in forget.err
     snapshots = cli.run("--json", "snapshots", check=True).json()
     assert len(snapshots) == 2
