@@ -508,3 +508,17 @@ def test_stale_temporaries_are_swept_at_start(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert not stale.exists()
         assert fresh.exists()
+
+
+def test_disk_error_is_500_and_the_server_carries_on(server: CairnServe) -> None:
+    create(server, "/alice/broken")
+    fan_out = server.root / "alice" / "broken" / "data" / "ab"
+    fan_out.rmdir()
+    fan_out.write_bytes(b"a file where a directory should be")
+    path = "/alice/broken/data/" + "ab" * 32
+    assert request(server, "POST", path, b"x")[0] == 500
+    events = [json.loads(line) for line in server.log.read_text().splitlines() if line[0] == "{"]
+    failed = [e for e in events if e["event"] == "serve.request" and e["path"] == path]
+    assert [(e["status"], e["level"]) for e in failed] == [(500, "error")]
+    assert "NotADirectoryError" in failed[0]["error"]
+    assert request(server, "GET", "/alice/broken/keys/")[0] == 200

@@ -90,6 +90,13 @@ async def _access(
     except (ConnectionError, asyncio.CancelledError) as exc:
         error = f"connection lost: {type(exc).__name__}"
         raise
+    except Exception as exc:
+        # A disk error, a bug: the client gets a 500, the log gets the reason (and
+        # the traceback with --debug), and the server keeps serving.
+        error = f"{type(exc).__name__}: {exc}"
+        log.debug("serve.request_failed", exc_info=True)
+        response = _text(500, "500 internal server error\n")
+        return response
     finally:
         _record(request, response, error, time.monotonic() - started)
 
