@@ -522,3 +522,26 @@ def test_disk_error_is_500_and_the_server_carries_on(server: CairnServe) -> None
     assert [(e["status"], e["level"]) for e in failed] == [(500, "error")]
     assert "NotADirectoryError" in failed[0]["error"]
     assert request(server, "GET", "/alice/broken/keys/")[0] == 200
+
+
+def test_cairn_client_normal_mode(server: CairnServe, tmp_path: Path) -> None:
+    """cairn's full cycle through a verifying server, forget --prune included."""
+    password = tmp_path / "password"
+    password.write_text("cairn over cairn serve\n")
+    cli = Cairn("rest:" + server.with_user("bob", USERS["bob"]) + "bob/cairn", password)
+    src = tmp_path / "src"
+    make_source(src)
+    cli.run("init", check=True)
+    cli.run("backup", str(src), check=True)
+    (src / "big.bin").write_bytes(os.urandom(2 << 20))
+    second = {str(p.relative_to(src)): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    cli.run("backup", str(src), check=True)
+    cli.run("forget", "--keep-last", "1", "--prune", check=True)
+    assert len(cli.run("--json", "snapshots", check=True).json()) == 1
+    cli.run("check", "--read-data", check=True)
+    cli.run("restore", "latest", "--target", str(tmp_path / "out"), check=True)
+    inside = tmp_path / "out" / src.relative_to("/")
+    restored = {
+        str(p.relative_to(inside)): p.read_bytes() for p in inside.rglob("*") if p.is_file()
+    }
+    assert restored == second
