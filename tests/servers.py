@@ -1,7 +1,7 @@
 """Session-scoped test servers for the backend tests, all on 127.0.0.1, random ports.
 
 OpenSSH ``sshd``, SeaweedFS ``weed mini`` (S3), moto's ``moto_server`` (a second S3
-implementation) and ``rclone serve restic`` (REST) start once per test session in a
+implementation), ``rclone serve restic`` and ``cairn serve`` (REST) start once per test session in a
 temporary directory and stop at its end. A missing binary FAILS the test with the
 install step to run: a skipped backend must never look like a passing one in CI.
 Load as a plugin: ``pytest_plugins = ["tests.servers"]``.
@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,6 +271,66 @@ def rest_server(tmp_path_factory: pytest.TempPathFactory, rclone_bin: str) -> It
 
 
 @dataclass(frozen=True)
+class CairnServe:
+    url: str  # base URL without credentials: http://127.0.0.1:port/
+    root: Path  # --path
+    process: subprocess.Popen[bytes]
+    log: Path  # the server's stderr: its access log
+
+    def with_user(self, user: str, password: str) -> str:
+        """The base URL carrying basic-auth credentials."""
+        return self.url.replace("://", f"://{user}:{password}@", 1)
+
+
+def make_htpasswd(path: Path, users: dict[str, str]) -> None:
+    """An htpasswd file of bcrypt entries written by Apache's own ``htpasswd -B``."""
+    htpasswd = find_binary("htpasswd", "apt-get install -y apache2-utils; " + INSTALL)
+    for number, (user, password) in enumerate(users.items()):
+        create = ["-c"] if number == 0 else []
+        subprocess.run(
+            [htpasswd, "-B", "-b", *create, str(path), user, password],
+            check=True,
+            capture_output=True,
+        )
+
+
+@contextmanager
+def cairn_serve(base: Path, *flags: str) -> Iterator[CairnServe]:
+    """``cairn serve --path base/repos --listen 127.0.0.1:0 flags…``; the URL it prints."""
+    base.mkdir(parents=True, exist_ok=True)
+    out, err = base / "serve.out", base / "serve.log"
+    argv = [sys.executable, "-m", "cairn.cli.main", "--log-format", "json", "serve"]
+    argv += ["--path", str(base / "repos"), "--listen", "127.0.0.1:0", *flags]
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen(argv, stdout=stdout, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 30
+        while "\n" not in out.read_text():
+            if process.poll() is not None:
+                pytest.fail(f"cairn serve exited with {process.returncode}: {err.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"cairn serve did not start: {err.read_text()[-2000:]}")
+            time.sleep(0.05)
+        url = out.read_text().split()[-1]  # "serving DIR on URL"
+        yield CairnServe(url, base / "repos", process, err)
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="session")
+def serve_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestServer]:
+    """``cairn serve`` for the conformance suite: authenticated (an ``htpasswd -B``
+    file) and with ``--no-verify-upload``, since the suite stores arbitrary bytes under
+    made-up ids (verification has its own tests in test_serve.py)."""
+    base = tmp_path_factory.mktemp("serve")
+    make_htpasswd(base / "htpasswd", {REST_USER: REST_PASS})
+    flags = ("--htpasswd-file", str(base / "htpasswd"), "--no-verify-upload")
+    with cairn_serve(base, *flags) as server:
+        port = int(server.url.rstrip("/").rsplit(":", 1)[1])
+        yield RestServer(server.with_user(REST_USER, REST_PASS), port, server.root)
+
+
+@dataclass(frozen=True)
 class RcloneRemote:
     config: Path  # an rclone.conf defining the remote
     remote: str  # "cairntest:" — prefix a path to it
@@ -291,7 +351,7 @@ def rclone_remote(tmp_path_factory: pytest.TempPathFactory, rclone_bin: str) -> 
 
 # Backends whose client libraries need an asyncio loop (asyncssh, aiobotocore).
 ASYNCIO_ONLY = {"sftp", "s3", "s3-moto"}
-KINDS = ("local", "faulty", "rest", "rclone", "sftp", "s3", "s3-moto")
+KINDS = ("local", "faulty", "rest", "serve", "rclone", "sftp", "s3", "s3-moto")
 S3_BUCKET = "cairn-test"
 
 
@@ -300,8 +360,9 @@ def location_for(
 ) -> tuple[str, dict[str, str]]:
     """A new repository location (and its options) of ``kind``; starts its server."""
     unique = uuid.uuid4().hex[:12]
-    if kind == "rest":
-        rest: RestServer = request.getfixturevalue("rest_server")
+    if kind in ("rest", "serve"):
+        fixture = "rest_server" if kind == "rest" else "serve_server"
+        rest: RestServer = request.getfixturevalue(fixture)
         return f"rest:{rest.url}{unique}", {}
     if kind == "rclone":
         remote: RcloneRemote = request.getfixturevalue("rclone_remote")

@@ -1,9 +1,9 @@
 """The backend contract (``cairn/backends/base.py``), checked against every backend.
 
 Parametrized over local, the fault wrapper in pass-through mode, rest (``rclone serve
-restic``), rclone (``--stdio``), sftp (OpenSSH) and s3 (SeaweedFS, and moto as a
-second implementation); each on asyncio, and on trio too where the client library
-allows (not asyncssh, not aiobotocore).
+restic``), serve (``cairn serve``, the same protocol), rclone (``--stdio``), sftp
+(OpenSSH) and s3 (SeaweedFS, and moto as a second implementation); each on asyncio,
+and on trio too where the client library allows (not asyncssh, not aiobotocore).
 """
 
 from __future__ import annotations

@@ -80,6 +80,15 @@ class PermissionDenied(BackendError):
     """The backend refused access (credentials, file modes)."""
 
 
+class Retained(PermissionDenied):
+    """The object is under retention (S3 Object Lock: a retain-until date or a legal
+    hold) and cannot be deleted yet. ``until`` is the date as text, or "legal hold"."""
+
+    def __init__(self, message: str, until: str = "") -> None:
+        super().__init__(message)
+        self.until = until
+
+
 class QuotaExceeded(BackendError):
     """No space left, or a storage quota is reached."""
 

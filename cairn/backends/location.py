@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from cairn.backends.base import Backend, BackendError
@@ -34,6 +35,8 @@ KNOWN_OPTIONS = {
         "storage-class",
         "part-size",
         "multipart-threshold",
+        "object-lock",
+        "retention-days",
     },
     "rest": {"connections"},
     "rclone": {"connections", "program", "args", "config"},
@@ -172,10 +175,28 @@ def _s3(rest: str, opts: dict[str, str], url: str) -> Backend:
         multipart_threshold=_int(opts, "multipart-threshold", "s3", s3.MULTIPART_THRESHOLD),
         part_size=_int(opts, "part-size", "s3", s3.PART_SIZE),
         connections=_int(opts, "connections", "s3", s3.DEFAULT_CONNECTIONS),
+        **_object_lock(opts),
     )
     if options.part_size < 5 * 1024 * 1024:
         raise InvalidLocation("option s3.part-size: S3 requires at least 5 MiB")
     return s3.S3Backend(bucket, prefix, options)
+
+
+def _object_lock(opts: dict[str, str]) -> dict[str, Any]:
+    """``s3.object-lock=governance|compliance`` with ``s3.retention-days=N``: both or neither."""
+    mode = opts.get("object-lock", "").strip().upper()
+    if mode not in ("", "GOVERNANCE", "COMPLIANCE"):
+        raise InvalidLocation(
+            f"option s3.object-lock: expected governance or compliance, got {opts['object-lock']!r}"
+        )
+    if bool(mode) != ("retention-days" in opts):
+        raise InvalidLocation("options s3.object-lock and s3.retention-days go together")
+    if not mode:
+        return {}
+    days = opts["retention-days"].strip()
+    if not days.isdigit() or int(days) < 1:
+        raise InvalidLocation(f"option s3.retention-days: expected whole days ≥ 1, got {days!r}")
+    return {"object_lock": mode, "retention_days": int(days)}
 
 
 def _rest(rest: str, opts: dict[str, str], url: str) -> Backend:

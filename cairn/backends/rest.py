@@ -58,8 +58,11 @@ def _status_error(status: int, what: str, text: str = "") -> BackendError:
     detail = f"{what}: HTTP {status}" + (f" ({text.strip()[:200]})" if text.strip() else "")
     if status == 404:
         return NotFound(f"{what}: not found")
-    if status in (401, 403):
+    if status == 401:
         return PermissionDenied(f"{detail}: access denied (check user and password)")
+    if status == 403:
+        # rest-server and cairn serve answer 403 to what --append-only forbids.
+        return PermissionDenied(f"{detail}: refused by the server (is it append-only?)")
     if status in (413, 507):
         return QuotaExceeded(f"{detail}: storage full or quota exceeded")
     if status == 416:

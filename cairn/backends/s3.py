@@ -14,6 +14,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -36,6 +37,7 @@ from cairn.backends.base import (
     ObjectTruncated,
     PermissionDenied,
     QuotaExceeded,
+    Retained,
     ServerUnavailable,
     TransientError,
     Unreachable,
@@ -88,6 +90,9 @@ class S3Options:
     multipart_threshold: int = MULTIPART_THRESHOLD
     part_size: int = PART_SIZE
     connections: int = DEFAULT_CONNECTIONS
+    # S3 Object Lock: "GOVERNANCE" or "COMPLIANCE" retention of every object but locks.
+    object_lock: str | None = None
+    retention_days: int = 0
 
 
 def _translate(exc: Exception, what: str) -> BackendError:
@@ -148,6 +153,19 @@ def _no_expect_continue(params: dict[str, Any], **_: Any) -> None:
     retried.
     """
     params["headers"].pop("Expect", None)
+
+
+def _refuse_if_retained(name: str, head: dict[str, Any]) -> None:
+    """Raise ``Retained`` when HEAD says the object is under Object Lock: a plain
+    DELETE would then only hide it behind a delete marker (the locked version stays,
+    and keeps costing), which looks like success but is not one."""
+    if head.get("ObjectLockLegalHoldStatus") == "ON":
+        raise Retained(f"{name}: under a legal hold (S3 Object Lock)", "legal hold")
+    until = head.get("ObjectLockRetainUntilDate")
+    if isinstance(until, datetime) and until > datetime.now(UTC):
+        mode = str(head.get("ObjectLockMode", "")).lower()
+        shown = until.strftime("%Y-%m-%d %H:%M:%S UTC")
+        raise Retained(f"{name}: retained until {shown} (S3 Object Lock, {mode} mode)", shown)
 
 
 class S3Backend:
@@ -221,9 +239,20 @@ class S3Backend:
         except (BotoCoreError, ClientError, OSError) as exc:
             raise _translate(exc, f"{self._location}: {what}") from exc
 
+    def _retention(self, name: str) -> dict[str, Any]:
+        """Object Lock headers for a new object: everything is retained but locks,
+        which must go when their holder is done. (PUTs carry Content-MD5, which
+        AWS requires of a request setting retention.)"""
+        if self._opts.object_lock is None or name.startswith("locks/"):
+            return {}
+        until = datetime.now(UTC) + timedelta(days=self._opts.retention_days)
+        return {"ObjectLockMode": self._opts.object_lock, "ObjectLockRetainUntilDate": until}
+
     async def save(self, name: str, data: bytes | memoryview) -> None:
         body = memoryview(data).cast("B")
-        extra = {"StorageClass": self._opts.storage_class} if self._opts.storage_class else {}
+        extra: dict[str, Any] = self._retention(name)
+        if self._opts.storage_class:
+            extra["StorageClass"] = self._opts.storage_class
         if len(body) <= self._opts.multipart_threshold:
             payload = data if isinstance(data, bytes) else bytes(body)
             await self._call(
@@ -237,7 +266,7 @@ class S3Backend:
         else:
             await self._save_multipart(name, body, extra)
 
-    async def _save_multipart(self, name: str, body: memoryview, extra: dict[str, str]) -> None:
+    async def _save_multipart(self, name: str, body: memoryview, extra: dict[str, Any]) -> None:
         key, what = self._key(name), f"save {name}"
         upload = await self._call(what, "create_multipart_upload", Key=key, **extra)
         upload_id = upload["UploadId"]
@@ -276,6 +305,14 @@ class S3Backend:
                 UploadId=upload_id,
                 MultipartUpload={"Parts": listing},
             )
+            if "ObjectLockMode" in extra:
+                # Set again on the object: not every server applies what
+                # CreateMultipartUpload asked for (moto does not).
+                retention = {
+                    "Mode": extra["ObjectLockMode"],
+                    "RetainUntilDate": extra["ObjectLockRetainUntilDate"],
+                }
+                await self._call(what, "put_object_retention", Key=key, Retention=retention)
         except BaseException:
             # An abandoned upload is invisible but billed; abort it.
             with anyio.CancelScope(shield=True), contextlib.suppress(BackendError):
@@ -310,7 +347,8 @@ class S3Backend:
 
     async def remove(self, name: str) -> None:
         # S3 deletes succeed for missing keys; the contract wants NotFound.
-        await self.stat(name)
+        head = await self._call(f"stat {name}", "head_object", Key=self._key(name))
+        _refuse_if_retained(name, head)
         await self._call(f"remove {name}", "delete_object", Key=self._key(name))
 
     async def list(self, prefix: str) -> AsyncIterator[tuple[str, int]]:
@@ -328,14 +366,35 @@ class S3Backend:
         """Create the bucket when missing; S3 has no directories to make."""
         try:
             await self._call("create layout", "head_bucket")
-            return
         except NotFound:
             pass
+        else:
+            if self._opts.object_lock is not None:
+                await self._check_object_lock()
+            return
         kw: dict[str, Any] = {}
+        if self._opts.object_lock is not None:
+            # Only a new bucket can have Object Lock (it turns versioning on).
+            kw["ObjectLockEnabledForBucket"] = True
         region = (await self._s3()).meta.region_name
         if region and region != "us-east-1" and not self._opts.endpoint:
             kw["CreateBucketConfiguration"] = {"LocationConstraint": region}
         await self._call("create bucket", "create_bucket", **kw)
+
+    async def _check_object_lock(self) -> None:
+        """An existing bucket must have Object Lock enabled, or every save would fail."""
+        try:
+            reply = await self._call("object lock", "get_object_lock_configuration")
+        except BackendError as exc:
+            enabled, detail = False, str(exc)
+        else:
+            config = reply.get("ObjectLockConfiguration", {})
+            enabled, detail = config.get("ObjectLockEnabled") == "Enabled", ""
+        if not enabled:
+            raise BackendError(
+                f"{self._location}: bucket {self._bucket} has no Object Lock enabled "
+                f"(S3 allows it only when a bucket is created) {detail}".rstrip()
+            )
 
     async def aclose(self) -> None:
         with anyio.CancelScope(shield=True):

@@ -107,7 +107,6 @@ def local_tz() -> tzinfo:
 @click.pass_obj
 def command(settings: Settings, ids: tuple[str, ...], **opts: Any) -> int:
     """Remove snapshots: the IDs given, or those the --keep-* policy does not keep."""
-    from cairn.backends.base import object_name
     from cairn.stages.locking import repository_lock
 
     async def main() -> tuple[list[dict[str, Any]], tuple[dict[str, Any], Any] | None]:
@@ -119,8 +118,7 @@ def command(settings: Settings, ids: tuple[str, ...], **opts: Any) -> int:
             removed = [s["id"] for g in groups for s in g["remove"]]
             prune_out = None
             if not opts["dry_run"]:
-                for sid in removed:
-                    await repo.backend.remove(object_name("snapshots", sid))
+                await _remove_snapshots(repo, removed)
                 if opts["prune"] and removed:
                     prune_out = await run_prune(repo, prune_settings(settings, repo, opts, False))
             return groups, prune_out
@@ -130,6 +128,19 @@ def command(settings: Settings, ids: tuple[str, ...], **opts: Any) -> int:
     if prune_out is not None:
         print_prune(settings, *prune_out)
     return EXIT_OK
+
+
+async def _remove_snapshots(repo: Repository, ids: list[str]) -> None:
+    """Remove snapshot files; one storage still retains (S3 Object Lock) is kept, and
+    said so on stderr, rather than failing half-way."""
+    from cairn.backends.base import object_name
+    from cairn.cli.common import stderr
+    from cairn.stages.retention import remove_unless_retained
+
+    for sid in ids:
+        retained = await remove_unless_retained(repo.backend, object_name("snapshots", sid))
+        if retained is not None:
+            stderr(f"snapshot {sid[:8]} kept: still under retention ({retained.until})")
 
 
 async def _decide(

@@ -135,6 +135,7 @@ async def run_prune(
             "index_files_written": len(result.index_written),
             "index_files_deleted": result.index_deleted,
             "stale_temporaries_removed": len(await _remove_stale_temporaries(repo)),
+            "retained_kept": result.retained,
         }
     return out | summary_fields(pipeline), pipeline
 
@@ -195,6 +196,11 @@ def print_prune(
             f"{out['packs_deleted']} packs ({_human(out['bytes_deleted'])}), replaced "
             f"{out['index_files_deleted']} index files by {out['index_files_written']}"
         )
+        if out["retained_kept"]:
+            click.echo(
+                f"kept {out['retained_kept']} files still under retention (S3 Object Lock); "
+                "a later prune removes them once it has ended"
+            )
         if out["stale_temporaries_removed"]:
             click.echo(
                 f"removed {out['stale_temporaries_removed']} temporary files left by "

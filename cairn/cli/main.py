@@ -52,6 +52,7 @@ _COMMAND_MODULES = (
     "generate",
     "migrate",
     "copy",
+    "serve",
 )
 
 

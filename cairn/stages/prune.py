@@ -238,6 +238,8 @@ class PruneResult:
     # holds by construction (docs/architecture.md, "Prune").
     held_peak: int = 0
     held_bound: int = 0
+    # Files storage would not delete yet (S3 Object Lock retention).
+    retained: int = 0
 
 
 async def used_blobs(
@@ -551,13 +553,13 @@ async def execute_prune(repo: Repository, plan: PrunePlan, options: PruneOptions
         for new_id, entries in new_packs:
             repo.index.add_pack(new_id, entries)
     for index_id in plan.index_ids:
-        await _remove(repo, object_name("index", index_id))
-        result.index_deleted += 1
+        if await _remove(repo, object_name("index", index_id), result):
+            result.index_deleted += 1
     doomed = [(p.id, p.size) for p in plan.with_action("delete") + plan.with_action("repack")]
     for pack_id, size in [*doomed, *plan.unindexed.items()]:
-        await _remove(repo, object_name("data", pack_id))
-        result.packs_deleted += 1
-        result.bytes_deleted += size
+        if await _remove(repo, object_name("data", pack_id), result):
+            result.packs_deleted += 1
+            result.bytes_deleted += size
     log.info(
         "prune.done",
         packs_written=result.packs_written,
@@ -591,8 +593,15 @@ async def write_index_files(
     return written
 
 
-async def _remove(repo: Repository, name: str) -> None:
+async def _remove(repo: Repository, name: str, result: PruneResult) -> bool:
+    """Delete one file; False when storage retains it (S3 Object Lock: skipped, and
+    counted, see ``stages/retention.py``)."""
+    from cairn.stages.retention import remove_unless_retained
+
     try:
-        await repo.backend.remove(name)
+        if await remove_unless_retained(repo.backend, name) is not None:
+            result.retained += 1
+            return False
     except NotFound:
         pass  # already gone: an earlier interrupted prune got this far
+    return True
