@@ -423,16 +423,20 @@ def test_upload_limit_is_paid_before_an_object_is_loaded(
 ) -> None:
     cli, _tree = source
     largest = max(_objects(Path(cli.repo)).values())
-    result = cli.run("--limit-upload", "2048", "migrate", "--to", str(tmp_path / "dest"), "--json")
+    result = cli.run(
+        "--limit-upload", "2048", "--connections", "6",
+        "migrate", "--to", str(tmp_path / "dest"), "--json",
+    )  # fmt: skip
     lines = result.json_lines()
     done = _summary(result)
     assert done["bottleneck"]["hint"] == "--limit-upload/--limit-download"
     # Progress: status lines, the last one complete.
     statuses = [line for line in lines if line["message_type"] == "status"]
     assert statuses and statuses[-1]["bytes_done"] == done["bytes_total"]
-    # Objects wait for the limit before they are loaded, not in memory: one at a time
-    # is held (without prepaying, every transfer held its pack while it waited).
-    assert done["bytes_held_peak"] <= largest
+    # Objects wait for the limit before they are loaded, not in memory: one is held
+    # at a time, two at a hand-over on a busy machine (without prepaying, each of the
+    # six transfers held its pack while it waited).
+    assert done["bytes_held_peak"] <= 2 * largest
 
 
 # --- the destination's lock ------------------------------------------------------------
