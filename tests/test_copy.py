@@ -466,3 +466,21 @@ def test_copy_to_s3(
     dest.run("restore", "latest", "--target", str(target), check=True)
     assert snapshot_of(target / tree.relative_to("/")) == snapshot_of(tree)
     shutil.rmtree(target)
+
+
+def test_repository_file_and_key_hint_name_the_destination_only(
+    source: tuple[Cairn, Path], tmp_path: Path
+) -> None:
+    src, _tree = source
+    dest = _repo(tmp_path, "dest", "another password entirely")
+    (tmp_path / "repository").write_text(f"{dest.repo}\n")
+    (dest_key,) = [k["id"] for k in dest.run("key", "list", "--json", check=True).json()]
+    result = dest.run(
+        "--repository-file", str(tmp_path / "repository"), "--key-hint", dest_key,
+        "--password-file", str(dest.password_file), "--insecure-kdf", "--json",
+        "copy", "--from-repo", str(src.repo), "--from-password-file", str(src.password_file),
+        base=False,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert _summary(result)["snapshots_copied"] == 2
+    assert len(_snapshots(dest)) == 2
