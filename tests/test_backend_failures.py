@@ -233,6 +233,31 @@ async def test_s3_profile_from_shared_credentials_file(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_s3_plain_http_endpoint_loads_no_ca_bundle(
+    s3_server: servers.S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    anyio_backend: str,
+) -> None:
+    """An http:// endpoint has no TLS to verify: a CA bundle setting, here one that
+    does not exist, is not even read (parsing the default one cost every command
+    ~30 ms before its first request)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", servers.S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", servers.S3_SECRET)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "no-such-bundle.pem"))
+    assert s3_server.endpoint.startswith("http://")
+    backend = parse_location(
+        f"s3:{s3_server.endpoint}/{servers.S3_BUCKET}/plain", {"s3.region": "us-east-1"}
+    )
+    await backend.save(NAME, b"plain http")
+    assert await backend.load(NAME) == b"plain http"
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_s3_multipart_upload(
     request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
 ) -> None:
