@@ -341,6 +341,37 @@ async def test_s3_uploads_do_not_wait_for_100_continue(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_s3_uploads_are_not_hashed_twice(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
+) -> None:
+    """Every PUT carries the Content-MD5 the server checks (signed with the other
+    headers) and no SHA-256 of the body, which botocore computes on the event loop
+    for plain-http endpoints unless told not to."""
+    url, options = servers.location_for("s3", request, tmp_path)
+    options |= {"s3.multipart-threshold": "5M", "s3.part-size": "5M"}
+    backend = parse_location(url, options)
+    await backend.create_layout()
+    client = await backend._s3()  # type: ignore[attr-defined]
+    sent: list[Any] = []
+    client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request))
+    small, large = os.urandom(100_000), os.urandom(6 * 1024 * 1024)  # one PUT; two parts
+    await backend.save(NAME, small)
+    await backend.save("data/00/" + "0" * 64, large)
+    uploads = [r for r in sent if r.method == "PUT"]
+    assert len(uploads) == 3
+    for req in uploads:
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        assert headers["x-amz-content-sha256"] in (b"UNSIGNED-PAYLOAD", "UNSIGNED-PAYLOAD")
+        assert "content-md5" in headers
+        signed = str(headers["authorization"]).split("SignedHeaders=")[1].split(",")[0]
+        assert "content-md5" in signed.split(";")
+    assert await backend.load(NAME) == small
+    assert await backend.load("data/00/" + "0" * 64) == large
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_s3_body_damaged_in_transit_is_refused_and_resent(
     request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
 ) -> None:
