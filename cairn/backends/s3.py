@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import io
 import re
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -148,7 +149,7 @@ def _translate(exc: Exception, what: str) -> BackendError:
     return BackendError(f"{what}: {exc}")
 
 
-async def _content_md5(data: bytes) -> str:
+async def _content_md5(data: bytes | memoryview) -> str:
     """The ``Content-MD5`` header: every S3 server checks it and refuses a body that
     changed in transit (BadDigest). Hashed in a thread (hashlib releases the GIL), so
     a 16 MiB pack does not stall the event loop for tens of milliseconds."""
@@ -156,7 +157,17 @@ async def _content_md5(data: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def _md5(data: bytes) -> bytes:
+def _request_body(data: memoryview) -> io.BytesIO:
+    """The body of a PUT: one copy of ``data``, in a buffer of its own. Given bytes,
+    botocore wraps them in a BytesIO that shares them and aiohttp's ``getbuffer()``
+    on it copies them all again: two copies of every 16 MiB pack, now one."""
+    body = io.BytesIO()
+    body.write(data)
+    body.seek(0)
+    return body
+
+
+def _md5(data: bytes | memoryview) -> bytes:
     return hashlib.md5(data, usedforsecurity=False).digest()
 
 
@@ -262,13 +273,12 @@ class S3Backend:
         body = memoryview(data).cast("B")
         extra = {"StorageClass": self._opts.storage_class} if self._opts.storage_class else {}
         if len(body) <= self._opts.multipart_threshold:
-            payload = bytes(body)
             await self._call(
                 f"save {name}",
                 "put_object",
                 Key=self._key(name),
-                Body=payload,
-                ContentMD5=await _content_md5(payload),
+                Body=_request_body(body),
+                ContentMD5=await _content_md5(body),
                 **extra,
             )
         else:
@@ -282,14 +292,14 @@ class S3Backend:
         parts: dict[int, str] = {}
 
         async def send(number: int, start: int) -> None:
-            part = bytes(body[start : start + size])
+            part = body[start : start + size]
             reply = await self._call(
                 what,
                 "upload_part",
                 Key=key,
                 UploadId=upload_id,
                 PartNumber=number,
-                Body=part,
+                Body=_request_body(part),
                 ContentMD5=await _content_md5(part),
             )
             parts[number] = reply["ETag"]
