@@ -690,8 +690,9 @@ def render(
         f"# Latency and throttle ({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')})",
         "",
         f"Proxy adds {rtt_ms:g} ms per round trip in front of the server: `rclone serve "
-        "restic` (REST) or SeaweedFS `weed mini` (S3), the same for both tools. One run "
-        "each; shared 2-core machine, so expect ±15%.",
+        "restic` (REST) or SeaweedFS `weed mini` (S3), the same for both tools, on the "
+        "same 2 cores as the tools. Medians over the repetitions, with half their range "
+        f"(±); 1-minute load average at the end: {os.getloadavg()[0]:.1f}.",
         "",
     ]
     for kind in dict.fromkeys(r.backend for r in runs):
