@@ -187,7 +187,7 @@ async def _backup(
     from cairn.stages.locking import repository_lock
 
     async with (
-        open_repo(settings, workers=True) as repo,
+        open_repo(settings) as repo,
         repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock),
     ):
         limit = settings.limit_upload * 1024 if settings.limit_upload else None
