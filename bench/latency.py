@@ -7,9 +7,9 @@ in front of ``rclone serve restic`` (the REST protocol both tools speak) or Seaw
 which is what the throttle test samples, and the HTTP requests it carries. See
 "Latency and throttle" in ``bench/README.md``::
 
-    .venv/bin/python -m bench.latency                       # both parts, ~2 minutes
-    .venv/bin/python -m bench.latency --part latency --connections 2,8
-    .venv/bin/python -m bench.latency --part latency --backend s3 --connections 5,8
+    .venv/bin/python -m bench.latency --part latency --backend s3    # issue 12, ~3 minutes
+    .venv/bin/python -m bench.latency --part latency --backend s3 --corpus small --reps 1
+    .venv/bin/python -m bench.latency --part latency --connections 2,8,default
     .venv/bin/python -m bench.latency --part throttle --limit 4096 --seconds 60
 
 Results: ``bench/results/latency-<timestamp>.md``.
@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -373,6 +374,8 @@ class Run:
     up_mb: float = 0.0  # bytes client→server, 10**6
     down_mb: float = 0.0
     cpu_s: float = 0.0  # user + sys of the command's whole process tree
+    server_cpu_s: float = 0.0  # user + sys of the server process meanwhile (same 2 cores)
+    rep: int = 1
 
     @property
     def mb_per_s(self) -> float:
@@ -409,10 +412,22 @@ def tool_command(
 
 def timed(argv: list[str], env: dict[str, str], log: Path) -> Measurement:
     """Run one command, output appended to ``log``: wall time, CPU-s of its whole process
-    tree (workers included) and peak memory, as ``python -m bench`` measures them."""
+    tree (workers included) and peak memory, as ``python -m bench`` measures them.
+    ``sync`` first, as the main bench does: no command pays for the writeback of what
+    the one before it wrote (a restore's 330 MB)."""
     with log.open("ab") as out:
         out.write(f"$ {' '.join(argv)}\n".encode())
+    os.sync()
     return run_one(Command(tuple(argv)), env, log, timeout=900)
+
+
+def process_cpu_s(pid: int) -> float:
+    """user + sys seconds of process ``pid`` so far (all its threads), 0 if gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree_bytes(root: Path) -> int:
@@ -427,51 +442,86 @@ def run_latency(
     corpus: Path,
     server: Server,
     proxy: DelayProxy,
-    connections: list[int],
+    connections: list[int | None],
     log: Path,
     debug_logs: bool = False,
+    reps: int = 1,
 ) -> list[Run]:
-    """init, backup and restore for each tool at each connection count, then cairn at
-    its default; a fresh repository (and cache, HOME) for each."""
+    """Per repetition and connection count (``None``: each tool's default), cairn and
+    restic in turn — the order alternates between repetitions, so neither always runs
+    second on a machine the other just loaded — each doing init, backup, ``snapshots``
+    and restore in a fresh repository (and cache, HOME).
+
+    ``snapshots`` is the fixed cost of any command over the link: start, open the
+    repository (config, key, KDF), list and read the snapshots. Restores go to targets
+    of their own, kept until the end of the run: deleting one restored tree right
+    before the next restore makes the next one's file creation several times slower
+    on this machine's ext4 (bench/README.md, "What is measured")."""
     size_mb = tree_bytes(corpus) / 1e6
+    restores = work / f"restores-{os.getpid()}"
     runs: list[Run] = []
-    configs: list[tuple[str, int | None]] = []
-    for n in connections:
-        configs += [("cairn", n), ("restic", n)]
-    configs.append(("cairn", None))
-    for serial, (tool, n) in enumerate(configs):
-        label = str(n) if n else "default"
-        tag = f"{server.kind}-{tool}-{label}-{serial}"
-        tool_work = work / tag
-        shutil.rmtree(tool_work, ignore_errors=True)
-        tool_work.mkdir(parents=True)
-        repo = server.repository(proxy.port, tag)
-        for step, args in (
-            ("init", ["init"]),
-            ("backup", ["backup", str(corpus)]),
-            ("restore", ["restore", "latest", "--target", str(tool_work / "restore")]),
-        ):
-            if debug_logs and tool == "cairn":
-                jsonl = work / f"{tag}-{step}.jsonl"
-                args = ["--log-level", "debug", "--log-format", "json", "--log-file", str(jsonl),
-                        *args]  # fmt: skip
-            argv, env = tool_command(tool, repo, n, args, tool_work)
-            before = proxy.traffic.counters()
-            m = timed(argv, env, log)
-            seconds, ok, error = m.wall_s, m.ok, m.error or ""
-            requests, conns, up, down = (
-                b - a for a, b in zip(before, proxy.traffic.counters(), strict=True)
-            )
-            if step != "init":
-                runs.append(Run(tool, label, step, seconds, size_mb, ok, error, server.kind,
-                                requests, conns, up / 1e6, down / 1e6, m.cpu_s))  # fmt: skip
-                print(f"  {server.kind:4} {tool:6} connections={label:7} {step:7} "
-                      f"{seconds:6.2f} s  {size_mb / seconds:6.1f} MB/s  {m.cpu_s:5.2f} CPU-s "
-                      f"{requests:5} requests{'' if ok else '  FAILED ' + error}",
-                      flush=True)  # fmt: skip
-            if not ok:
-                break
-        shutil.rmtree(tool_work / "restore", ignore_errors=True)
+    try:
+        for rep in range(1, reps + 1):
+            for n in connections:
+                order = ("cairn", "restic") if (rep + connections.index(n)) % 2 else (
+                    "restic", "cairn")  # fmt: skip
+                for tool in order:
+                    runs += _run_tool(work, corpus, restores, server, proxy, tool, n, rep, log,
+                                      size_mb, debug_logs)  # fmt: skip
+    finally:
+        shutil.rmtree(restores, ignore_errors=True)
+    return runs
+
+
+def _run_tool(
+    work: Path,
+    corpus: Path,
+    restores: Path,
+    server: Server,
+    proxy: DelayProxy,
+    tool: str,
+    n: int | None,
+    rep: int,
+    log: Path,
+    size_mb: float,
+    debug_logs: bool,
+) -> list[Run]:
+    """init, backup, snapshots and restore of one tool at ``n`` connections."""
+    label = str(n) if n else "default"
+    tag = f"{server.kind}-{tool}-{label}-r{rep}"
+    tool_work = work / tag
+    shutil.rmtree(tool_work, ignore_errors=True)
+    tool_work.mkdir(parents=True)
+    repo = server.repository(proxy.port, tag)
+    runs = []
+    for step, args in (
+        ("init", ["init"]),
+        ("backup", ["backup", str(corpus)]),
+        ("snapshots", ["snapshots"]),
+        ("restore", ["restore", "latest", "--target", str(restores / tag)]),
+    ):
+        if debug_logs and tool == "cairn":
+            jsonl = work / f"{tag}-{step}.jsonl"
+            args = ["--log-level", "debug", "--log-format", "json", "--log-file", str(jsonl),
+                    *args]  # fmt: skip
+        argv, env = tool_command(tool, repo, n, args, tool_work)
+        before = proxy.traffic.counters()
+        server_before = process_cpu_s(server.process.pid)
+        m = timed(argv, env, log)
+        server_cpu = process_cpu_s(server.process.pid) - server_before
+        requests, conns, up, down = (
+            b - a for a, b in zip(before, proxy.traffic.counters(), strict=True)
+        )
+        if step != "init":
+            runs.append(Run(tool, label, step, m.wall_s, size_mb, m.ok, m.error or "",
+                            server.kind, requests, conns, up / 1e6, down / 1e6, m.cpu_s,
+                            server_cpu, rep))  # fmt: skip
+            print(f"  r{rep} {server.kind:4} {tool:6} connections={label:7} {step:9} "
+                  f"{m.wall_s:6.2f} s  {m.cpu_s:5.2f} CPU-s (server {server_cpu:5.2f}) "
+                  f"{requests:5} requests{'' if m.ok else '  FAILED ' + (m.error or '')}",
+                  flush=True)  # fmt: skip
+        if not m.ok:
+            break
     return runs
 
 
@@ -545,38 +595,72 @@ def run_throttle(
 _SERVERS = {"rest": "`rclone serve restic` (REST)", "s3": "SeaweedFS `weed mini` (S3)"}
 
 
-def _find(runs: list[Run], tool: str, conns: str, step: str) -> Run | None:
-    return next((r for r in runs if (r.tool, r.connections, r.step) == (tool, conns, step)), None)
+def _runs(runs: list[Run], tool: str, conns: str, step: str) -> list[Run]:
+    return [r for r in runs if (r.tool, r.connections, r.step) == (tool, conns, step)]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _cell(values: list[float], fmt: str = "{:.2f}") -> str:
+    """The median, and ``±x%`` (half the range over the median) over several reps."""
+    median = _median(values)
+    text = fmt.format(median)
+    if len(values) > 1 and median:
+        text += f" ±{(max(values) - min(values)) / 2 / median * 100:.0f}%"
+    return text
 
 
 def throughput_table(runs: list[Run], kind: str, corpus: str, corpus_mb: float) -> list[str]:
-    """Wall time and MB/s per tool and connection count; on cairn's rows, its throughput
-    over restic's at the same count (above 1: cairn is faster)."""
+    """Median wall time and MB/s per tool and connection count; on cairn's rows, its
+    throughput over restic's at the same count (restic's median wall time over cairn's:
+    above 1, cairn is faster), as ``python -m bench`` reports it. ``snapshots`` is the
+    fixed per-command cost (start, open, list) over the link. CPU-s: the tool's
+    process tree; server CPU-s: the server's, on the same 2 cores."""
+    reps = max((r.rep for r in runs), default=1)
     out = [
-        f"## {_SERVERS[kind]}: throughput, corpus `{corpus}` ({corpus_mb:.1f} MB)",
+        f"## {_SERVERS[kind]}: throughput, corpus `{corpus}` ({corpus_mb:.1f} MB), "
+        f"median of {reps} run{'s' if reps > 1 else ''}",
         "",
         "| tool | connections | backup s | backup MB/s | backup cairn/restic | backup CPU-s "
-        "| restore s | restore MB/s | restore cairn/restic | restore CPU-s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| backup server CPU-s | restore s | restore MB/s | restore cairn/restic "
+        "| restore CPU-s | restore server CPU-s | snapshots s | snapshots cairn/restic |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, conns in dict.fromkeys((r.tool, r.connections) for r in runs):
         cells = []
-        for step in ("backup", "restore"):
-            r = _find(runs, tool, conns, step)
-            other = _find(runs, "restic", conns, step) if tool == "cairn" else None
-            if r is None:
-                cells += ["skipped", "-", "-", "-"]
-            elif not r.ok:
-                cells += ["failed", r.error[:60].replace("|", "\\|"), "-", "-"]
-            else:
-                ratio = f"{other.seconds / r.seconds:.2f}x" if other and other.ok else "-"
-                cells += [f"{r.seconds:.2f}", f"{r.mb_per_s:.1f}", ratio, f"{r.cpu_s:.2f}"]
+        for step in ("backup", "restore", "snapshots"):
+            mine = _runs(runs, tool, conns, step)
+            ok = [r for r in mine if r.ok]
+            theirs = [r for r in _runs(runs, "restic", conns, step) if r.ok]
+            if not mine:
+                cells += ["skipped", "-"] if step == "snapshots" else ["skipped", *"----"]
+                continue
+            if not ok:
+                failed = ["failed", mine[0].error[:60].replace("|", "\\|")]
+                cells += failed if step == "snapshots" else [*failed, *"---"]
+                continue
+            wall = _median([r.seconds for r in ok])
+            ratio = "-"
+            if tool == "cairn" and theirs:
+                ratio = f"{_median([r.seconds for r in theirs]) / wall:.2f}x"
+            if step == "snapshots":
+                cells += [_cell([r.seconds for r in ok]), ratio]
+                continue
+            cells += [
+                _cell([r.seconds for r in ok]),
+                f"{corpus_mb / wall:.1f}",
+                ratio,
+                _cell([r.cpu_s for r in ok]),
+                _cell([r.server_cpu_s for r in ok]),
+            ]
         out.append(f"| {tool} | {conns} | " + " | ".join(cells) + " |")
     return [*out, ""]
 
 
 def link_table(runs: list[Run], kind: str) -> list[str]:
-    """What each command sent over the proxied link."""
+    """What each command sent over the proxied link (medians over the repetitions)."""
     out = [
         f"What went through the proxy ({kind}): request/response exchanges (a client→server "
         "burst after an answer; a `100 Continue` wait counts as one more), TCP connections "
@@ -585,9 +669,13 @@ def link_table(runs: list[Run], kind: str) -> list[str]:
         "| tool | connections | step | exchanges | TCP connections | MB up | MB down |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for r in runs:
-        out.append(f"| {r.tool} | {r.connections} | {r.step} | {r.requests} | {r.conns} "
-                   f"| {r.up_mb:.1f} | {r.down_mb:.1f} |")  # fmt: skip
+    for tool, conns, step in dict.fromkeys((r.tool, r.connections, r.step) for r in runs):
+        rs = _runs(runs, tool, conns, step)
+        out.append(
+            f"| {tool} | {conns} | {step} | {_median([r.requests for r in rs]):.0f} "
+            f"| {_median([r.conns for r in rs]):.0f} | {_median([r.up_mb for r in rs]):.1f} "
+            f"| {_median([r.down_mb for r in rs]):.1f} |"
+        )
     return [*out, ""]
 
 
@@ -602,8 +690,9 @@ def render(
         f"# Latency and throttle ({datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')})",
         "",
         f"Proxy adds {rtt_ms:g} ms per round trip in front of the server: `rclone serve "
-        "restic` (REST) or SeaweedFS `weed mini` (S3), the same for both tools. One run "
-        "each; shared 2-core machine, so expect ±15%.",
+        "restic` (REST) or SeaweedFS `weed mini` (S3), the same for both tools, on the "
+        "same 2 cores as the tools. Medians over the repetitions, with half their range "
+        f"(±); 1-minute load average at the end: {os.getloadavg()[0]:.1f}.",
         "",
     ]
     for kind in dict.fromkeys(r.backend for r in runs):
@@ -664,10 +753,16 @@ def main(argv: list[str] | None = None) -> int:
         default="rest",
         help="server of the latency part (the throttle part always uses rest)",
     )
-    p.add_argument("--corpus", choices=["small", "medium"], default="small",
-                   help="corpus of the latency part (bench/corpus.py shapes)")  # fmt: skip
+    p.add_argument("--corpus", choices=["small", "medium", "default"], default="medium",
+                   help="corpus of the latency part (bench/corpus.py shapes; small for a "
+                   "quick look, where startup is most of each command)")  # fmt: skip
     p.add_argument("--rtt-ms", type=float, default=20.0, help="added round-trip time")
-    p.add_argument("--connections", default="2,8", help="equal counts for both tools")
+    p.add_argument(
+        "--connections",
+        default="5",
+        help="equal counts for both tools, comma-separated; 'default': each tool's own",
+    )
+    p.add_argument("--reps", type=int, default=3, help="repetitions of the latency part")
     p.add_argument("--limit", type=int, default=4096, help="--limit-upload in KiB/s")
     p.add_argument("--seconds", type=float, default=60.0, help="length of the throttled upload")
     p.add_argument(
@@ -693,11 +788,12 @@ def main(argv: list[str] | None = None) -> int:
         corpus = work / f"corpus-{args.corpus}-1"
         ensure_pristine(corpus, args.corpus)
         corpus_mb = tree_bytes(corpus) / 1e6
-        counts = [int(n) for n in args.connections.split(",") if n]
+        counts = [None if n == "default" else int(n) for n in args.connections.split(",") if n]
         for kind in BACKENDS if args.backend == "both" else (args.backend,):
             print(f"latency: {kind}, {args.rtt_ms:g} ms RTT, corpus {corpus_mb:.1f} MB", flush=True)
             with serving(kind, work, stamp, args.rtt_ms) as (server, proxy):
-                runs += run_latency(work, corpus, server, proxy, counts, log, args.cairn_debug_log)
+                runs += run_latency(work, corpus, server, proxy, counts, log,
+                                    args.cairn_debug_log, args.reps)  # fmt: skip
     if args.part in ("all", "throttle"):
         print(f"throttle: --limit-upload {args.limit} for ~{args.seconds:g} s", flush=True)
         with serving("rest", work, stamp, args.rtt_ms) as (_, proxy):

@@ -233,6 +233,31 @@ async def test_s3_profile_from_shared_credentials_file(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_s3_plain_http_endpoint_loads_no_ca_bundle(
+    s3_server: servers.S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    anyio_backend: str,
+) -> None:
+    """An http:// endpoint has no TLS to verify: a CA bundle setting, here one that
+    does not exist, is not even read (parsing the default one cost every command
+    ~30 ms before its first request)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", servers.S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", servers.S3_SECRET)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "no-such-bundle.pem"))
+    assert s3_server.endpoint.startswith("http://")
+    backend = parse_location(
+        f"s3:{s3_server.endpoint}/{servers.S3_BUCKET}/plain", {"s3.region": "us-east-1"}
+    )
+    await backend.save(NAME, b"plain http")
+    assert await backend.load(NAME) == b"plain http"
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_s3_multipart_upload(
     request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
 ) -> None:
@@ -309,6 +334,37 @@ async def test_s3_uploads_do_not_wait_for_100_continue(
     assert len(uploads) == 3, [(r.method, r.url) for r in sent]
     for req in uploads:
         assert "expect" not in {k.lower() for k in req.headers}, req.headers
+    assert await backend.load(NAME) == small
+    assert await backend.load("data/00/" + "0" * 64) == large
+    await backend.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_s3_uploads_are_not_hashed_twice(
+    request: pytest.FixtureRequest, tmp_path: Path, anyio_backend: str
+) -> None:
+    """Every PUT carries the Content-MD5 the server checks (signed with the other
+    headers) and no SHA-256 of the body, which botocore computes on the event loop
+    for plain-http endpoints unless told not to."""
+    url, options = servers.location_for("s3", request, tmp_path)
+    options |= {"s3.multipart-threshold": "5M", "s3.part-size": "5M"}
+    backend = parse_location(url, options)
+    await backend.create_layout()
+    client = await backend._s3()  # type: ignore[attr-defined]
+    sent: list[Any] = []
+    client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request))
+    small, large = os.urandom(100_000), os.urandom(6 * 1024 * 1024)  # one PUT; two parts
+    await backend.save(NAME, small)
+    await backend.save("data/00/" + "0" * 64, large)
+    uploads = [r for r in sent if r.method == "PUT"]
+    assert len(uploads) == 3
+    for req in uploads:
+        headers = {k.lower(): v for k, v in req.headers.items()}
+        assert headers["x-amz-content-sha256"] in (b"UNSIGNED-PAYLOAD", "UNSIGNED-PAYLOAD")
+        assert "content-md5" in headers
+        signed = str(headers["authorization"]).split("SignedHeaders=")[1].split(",")[0]
+        assert "content-md5" in signed.split(";")
     assert await backend.load(NAME) == small
     assert await backend.load("data/00/" + "0" * 64) == large
     await backend.aclose()

@@ -86,14 +86,36 @@ def test_tool_commands_per_backend(tmp_path: Path) -> None:
 
 def test_render_has_the_ratio_at_equal_connections() -> None:
     runs = [
-        Run("cairn", "5", "backup", 2.0, 50.0, True, backend="s3", cpu_s=1.0),
+        Run("cairn", "5", "backup", 2.0, 50.0, True, backend="s3", cpu_s=1.0, server_cpu_s=0.5),
+        Run("cairn", "5", "snapshots", 0.5, 50.0, True, backend="s3"),
         Run("cairn", "5", "restore", 4.0, 50.0, True, backend="s3", cpu_s=1.5),
         Run("restic", "5", "backup", 3.0, 50.0, True, backend="s3", cpu_s=2.0),
+        Run("restic", "5", "snapshots", 0.25, 50.0, True, backend="s3"),
         Run("restic", "5", "restore", 2.0, 50.0, True, backend="s3", cpu_s=0.5),
         Run("cairn", "default", "backup", 2.5, 50.0, True, backend="s3"),
     ]
     text = render(runs, None, 20.0, 50.0)
-    assert "| cairn | 5 | 2.00 | 25.0 | 1.50x | 1.00 | 4.00 | 12.5 | 0.50x | 1.50 |" in text
-    assert "| restic | 5 | 3.00 | 16.7 | - | 2.00 | 2.00 | 25.0 | - | 0.50 |" in text
-    assert "| cairn | default | 2.50 | 20.0 | - | 0.00 | skipped | - | - | - |" in text
+    assert (
+        "| cairn | 5 | 2.00 | 25.0 | 1.50x | 1.00 | 0.50 | 4.00 | 12.5 | 0.50x | 1.50 | 0.00 "
+        "| 0.50 | 0.50x |" in text
+    )
+    assert (
+        "| restic | 5 | 3.00 | 16.7 | - | 2.00 | 0.00 | 2.00 | 25.0 | - | 0.50 | 0.00 "
+        "| 0.25 | - |" in text
+    )
+    assert "| cairn | default | 2.50 | 20.0 | - | 0.00 | 0.00 | skipped | - | - | - | - " in text
     assert "SeaweedFS `weed mini` (S3)" in text
+
+
+def test_render_takes_the_median_of_repetitions() -> None:
+    runs = [
+        Run("cairn", "5", "backup", wall, 60.0, True, backend="s3", rep=rep)
+        for rep, wall in enumerate((2.0, 3.0, 6.0), start=1)
+    ] + [
+        Run("restic", "5", "backup", wall, 60.0, True, backend="s3", rep=rep)
+        for rep, wall in enumerate((4.5, 4.0, 5.0), start=1)
+    ]
+    text = render(runs, None, 20.0, 60.0)
+    # median 3.0 (spread (6-2)/2/3 = 67%), 20 MB/s, restic's median 4.5 / 3.0
+    assert "| cairn | 5 | 3.00 ±67% | 20.0 | 1.50x |" in text
+    assert "median of 3 runs" in text

@@ -8,8 +8,11 @@ import multiprocessing
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -390,3 +393,47 @@ async def test_slot_memory_is_handed_to_workers_and_a_reused_descriptor_is_not_c
     # Same descriptor number, different memory: the key's token tells them apart.
     assert names[0].split(":")[:2] == names[1].split(":")[:2]
     assert names[0] != names[1]
+
+
+# The fork server started ahead of a pool (a command does it before it opens the
+# repository) must be the one the pool forks from, with the job code preloaded;
+# run in a fresh interpreter, where no earlier test started a server.
+_AHEAD = """
+import sys
+from multiprocessing import forkserver
+
+import anyio
+
+from cairn.pipeline.workers import WorkerPool, start_fork_server
+from cairn.stages import cpu
+
+
+def parent(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+async def pool_parents():
+    async with WorkerPool(2, initializer=cpu.init_worker, initargs=(None,)) as pool:
+        return sorted({parent(pid) for pid in pool.pids})
+
+
+if __name__ == "__main__":
+    server = forkserver._forkserver
+    assert server._forkserver_pid is None
+    start_fork_server([cpu.init_worker.__module__])
+    started = server._forkserver_pid
+    print(started, server._preload_modules, anyio.run(pool_parents), server._forkserver_pid)
+"""
+
+
+def test_fork_server_started_ahead_is_the_one_the_pool_forks_from(tmp_path: Path) -> None:
+    script = tmp_path / "ahead.py"
+    script.write_text(_AHEAD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    started, rest = out.stdout.split(maxsplit=1)
+    assert rest.strip() == (f"['cairn.pipeline.workers', 'cairn.stages.cpu'] [{started}] {started}")

@@ -115,7 +115,7 @@ async def _check(settings: Settings, options: Any, report: Any) -> Any:
     from cairn.stages.check import Checker
     from cairn.stages.locking import repository_lock
 
-    async with open_repo(settings) as repo:
+    async with open_repo(settings, workers=True) as repo:
         # Check what the backend holds, not the local cache's copies (restic, too,
         # checks with a fresh cache).
         repo.cache = None

@@ -125,7 +125,7 @@ async def _restore(settings: Settings, ref: str, options: Any, opts: dict[str, A
     snap_ref, subpath = split_snapshot_ref(ref)
     flt = opts["flt"]
     async with (
-        open_repo(settings) as repo,
+        open_repo(settings, workers=not options.dry_run) as repo,
         repository_lock(repo, exclusive=False, retry_seconds=settings.retry_lock),
     ):
         sid, snap = await find_snapshot(repo, snap_ref, flt)

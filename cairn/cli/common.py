@@ -189,18 +189,37 @@ def kdf_params(settings: Settings) -> Any:
     return KdfParams(memory_kib=64, iterations=1, lanes=1)
 
 
+# Where every worker pool's initializer (``cpu.init_worker``) lives: what the fork
+# server started ahead of a command's pool imports.
+WORKER_MODULES = ("cairn.stages.cpu",)
+
+
 @asynccontextmanager
 async def open_repo(
-    settings: Settings, identities: Any = None, throttles: Throttles | None = None
+    settings: Settings,
+    identities: Any = None,
+    throttles: Throttles | None = None,
+    *,
+    workers: bool = False,
 ) -> AsyncIterator[Any]:
     """Open the repository named by the settings; close the backend afterwards.
 
     With ``identities`` (age identities, ``key recover``) a recovery key opens it and
-    no password is asked for. ``throttles`` as in :func:`open_backend`.
+    no password is asked for. ``throttles`` as in :func:`open_backend`. ``workers``:
+    the command will start a worker pool whatever it finds (restore, check); its fork
+    server starts first, importing the
+    job code on another core while this process imports the backend and opens the
+    repository (the pool was then ready in 0.02 s instead of 0.2). Not for backup,
+    which starts workers only past 32 MiB of new data, while it goes on encoding in
+    threads: a small or no-change backup would pay for a server it never uses.
     """
     from cairn.repo.cache import open_cache
     from cairn.repo.repository import open_repository, open_repository_with_identities
 
+    if workers:
+        from cairn.pipeline.workers import start_fork_server
+
+        start_fork_server(WORKER_MODULES)
     backend, throttles = open_backend(settings, throttles)
     try:
         if identities is not None:

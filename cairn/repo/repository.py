@@ -199,6 +199,27 @@ async def _load_config(backend: Backend) -> bytes:
         raise RepositoryNotFound(backend.location) from None
 
 
+async def _config_and_key_ids(backend: Backend) -> tuple[bytes, list[str]]:
+    """The config's bytes and the key files' names, asked for at once: two round trips
+    that need nothing from each other (over a 20 ms link, one fewer to wait for). A
+    missing config is reported before a missing key, as when they were asked in turn."""
+    outcomes: dict[str, Any] = {}
+
+    async def fetch(what: str, call: Callable[[Backend], Awaitable[Any]]) -> None:
+        try:
+            outcomes[what] = await call(backend)
+        except Exception as exc:
+            outcomes[what] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fetch, "config", _load_config)
+        tg.start_soon(fetch, "keys", _key_ids)
+    for what in ("config", "keys"):
+        if isinstance(outcomes[what], Exception):
+            raise outcomes[what]
+    return outcomes["config"], outcomes["keys"]
+
+
 async def open_repository(
     backend: Backend, password: str | bytes, *, key_hint: str | None = None
 ) -> Repository:
@@ -207,8 +228,7 @@ async def open_repository(
     ``key_hint`` (restic's ``--key-hint``): the keys whose ID starts with it are
     tried first, so a repository with many keys costs one Argon2 run, not one per
     key; a hint that matches no key changes nothing (restic ignores it too)."""
-    config_bytes = await _load_config(backend)
-    key_ids = await _key_ids(backend)
+    config_bytes, key_ids = await _config_and_key_ids(backend)
     if key_hint:
         hint = key_hint.strip().lower()
         key_ids.sort(key=lambda key_id: not key_id.startswith(hint))

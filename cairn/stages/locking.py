@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -120,24 +120,41 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-async def list_locks(repo: Repository) -> list[tuple[str, Lock | None]]:
-    """Every lock with its decoded contents (``None`` if unreadable)."""
-    out: list[tuple[str, Lock | None]] = []
-    for lock_id in await repo.list_ids("locks"):
-        try:
-            out.append((lock_id, decode_lock(await repo.load_sealed("locks", lock_id), lock_id)))
-        except (ObjectNotFound, NotFound):
-            continue  # removed while we looked: its holder finished
-        except CorruptedObject:
-            out.append((lock_id, None))
-    return out
+# Lock objects read at once when looking for conflicts (each read is a round trip;
+# lock files bypass the connection limit, so this bounds them).
+LOCK_READS = 8
+
+
+async def list_locks(
+    repo: Repository, skip: Collection[str] = ()
+) -> list[tuple[str, Lock | None]]:
+    """Every lock but those in ``skip`` (our own), with its decoded contents
+    (``None`` if unreadable). Read concurrently: one after another, each a round
+    trip, they added up over a slow link with several clients' locks present."""
+    ids = [lock_id for lock_id in await repo.list_ids("locks") if lock_id not in skip]
+    found: dict[str, Lock | None] = {}
+    limiter = anyio.CapacityLimiter(LOCK_READS)
+
+    async def read(lock_id: str) -> None:
+        async with limiter:
+            try:
+                found[lock_id] = decode_lock(await repo.load_sealed("locks", lock_id), lock_id)
+            except (ObjectNotFound, NotFound):
+                pass  # removed while we looked: its holder finished
+            except CorruptedObject:
+                found[lock_id] = None
+
+    async with anyio.create_task_group() as tg:
+        for lock_id in ids:
+            tg.start_soon(read, lock_id)
+    return [(lock_id, found[lock_id]) for lock_id in ids if lock_id in found]
 
 
 async def _conflict(repo: Repository, exclusive: bool, own: set[str]) -> str | None:
     now = time.time_ns()
     host = socket.gethostname()
-    for lock_id, lock in await list_locks(repo):
-        if lock_id in own or lock is None:
+    for _lock_id, lock in await list_locks(repo, skip=own):
+        if lock is None:
             continue
         if is_stale(lock, now, host, pid_alive):
             continue
