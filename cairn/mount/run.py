@@ -20,6 +20,7 @@ MOUNTPOINT`` removes it.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,4 +147,10 @@ async def _stop_on_signals(pyfuse3: Any, scope: anyio.CancelScope, signalled: li
                 return
             signalled.append(signum)
             log.info("mount.stopping", signal=signal.Signals(signum).name)
-            pyfuse3.terminate()
+            try:
+                pyfuse3.terminate()
+            except asyncio.InvalidStateError:
+                # pyfuse3.asyncio's notify_closing fails on a reader whose wait just
+                # ended (the FUSE fd became readable): the session's exit flag is set
+                # first, and that reader sees it once it has handled the request.
+                pass
