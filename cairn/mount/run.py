@@ -1,8 +1,9 @@
 """Mount, serve until unmounted or signalled, unmount cleanly.
 
-pyfuse3 runs on asyncio (``pyfuse3.asyncio.enable()``), the loop every cairn command
-runs on, because the S3 and SFTP backends need it. Each FUSE request is a task on
-that loop; blob fetches and read-ahead are tasks of this module's task group.
+pyfuse3 runs on asyncio (:mod:`cairn.mount.aioloop`, a faster ``pyfuse3.asyncio``),
+the loop every cairn command runs on, because the S3 and SFTP backends need it. Each
+FUSE request is a task on that loop; blob fetches and read-ahead are tasks of this
+module's task group.
 
 The mount ends when:
 
@@ -20,7 +21,6 @@ MOUNTPOINT`` removes it.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,11 +92,11 @@ async def serve(
     signalled; return the cache statistics. ``on_mounted(snapshot count)`` is
     called once the mount is visible."""
     import pyfuse3
-    import pyfuse3.asyncio
 
+    from cairn.mount import aioloop
     from cairn.mount.fs import READ_AHEAD_SPAN, MountFS
 
-    pyfuse3.asyncio.enable()
+    aioloop.enable()
     await repo.load_index()
     slots = SlotPool(SLOT_SIZE, DOWNLOAD_SLOTS)
     reason = "unmounted"
@@ -147,10 +147,4 @@ async def _stop_on_signals(pyfuse3: Any, scope: anyio.CancelScope, signalled: li
                 return
             signalled.append(signum)
             log.info("mount.stopping", signal=signal.Signals(signum).name)
-            try:
-                pyfuse3.terminate()
-            except asyncio.InvalidStateError:
-                # pyfuse3.asyncio's notify_closing fails on a reader whose wait just
-                # ended (the FUSE fd became readable): the session's exit flag is set
-                # first, and that reader sees it once it has handled the request.
-                pass
+            pyfuse3.terminate()
