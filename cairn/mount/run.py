@@ -133,7 +133,7 @@ async def serve(
                 tg.cancel_scope.cancel()
     finally:
         slots.close()
-    stats = blobs.stats.as_fields()
+    stats = {"read_requests": fs.reads, "bytes_read": fs.read_bytes, **blobs.stats.as_fields()}
     log.info("mount.unmounted", mountpoint=options.mountpoint, reason=reason, **stats)
     return {"reason": reason, **stats}
 
