@@ -341,3 +341,32 @@ def test_mountpoint_must_be_a_directory(cairn: Cairn, tmp_path: Path) -> None:
     assert result.err.strip().splitlines() == [
         f"cairn: mountpoint {tmp_path / 'nowhere'} is not a directory"
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_stale_readiness_does_not_wake_the_next_fuse_reader(anyio_backend: str) -> None:
+    """pyfuse3 reads the FUSE fd blocking once woken: a wake-up for a request the
+    previous reader already took must not reach the next reader (it hung the loop)."""
+    import asyncio
+
+    from cairn.mount import aioloop
+
+    r, w = os.pipe()
+    try:
+        os.write(w, b"1")
+        await aioloop.wait_readable(r)
+        os.read(r, 1)  # the previous reader took its request
+        waiting = asyncio.ensure_future(aioloop.wait_readable(r))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        aioloop._ready(r)  # the readiness callback queued before that read
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        os.write(w, b"2")
+        await asyncio.wait_for(waiting, 10)
+        aioloop.notify_closing(r)
+    finally:
+        os.close(r)
+        os.close(w)
