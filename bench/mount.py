@@ -189,7 +189,8 @@ def render(samples: list[Sample], meta: dict[str, object]) -> str:
         "Each mount step runs in a fresh mount; memory is the mount process's peak PSS "
         "(for restore-largest: the restore's).",
         "",
-        "| step | " + " | ".join(f"{t} s | {t} MB/s | {t} peak MiB" for t in tools)
+        "| step | "
+        + " | ".join(f"{t} s | {t} MB/s | {t} peak MiB" for t in tools)
         + (" | restic/cairn time | cairn/restic memory |" if len(tools) > 1 else " |"),
         "| --- " * (1 + 3 * len(tools) + (2 if len(tools) > 1 else 0)) + "|",
     ]

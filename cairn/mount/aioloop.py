@@ -3,9 +3,9 @@
 pyfuse3 is written against trio; ``pyfuse3.asyncio.enable()`` hands it a stand-in
 module whose ``wait_readable`` adds an asyncio reader for the FUSE descriptor before
 each request and removes it after (two ``epoll_ctl`` calls, a future and a callback
-per request). Measured here, that made every request cost ~4x what it costs on trio:
-``ls -lR`` of 4,000 files (a readdirplus, two ``getxattr`` per file) took 1.27 s on
-asyncio against 0.30 s on trio and 0.40 s with mfusepy (docs/architecture.md).
+per request). Measured here (``bench/fuse_bindings.py``, docs/architecture.md), that
+made ``ls -lR`` of 4,000 files (a readdirplus, two ``getxattr`` per file) take 1.4 to
+2.3 times as long as with this stand-in, and longer than on trio or with mfusepy.
 
 :func:`enable` installs the same stand-in with two functions replaced:
 
