@@ -184,19 +184,28 @@ class MountFS(pyfuse3.Operations):
             if not force and self._clock() - self._refreshed_at < self._refresh_seconds:
                 return
             ids = await self._repo.list_ids("snapshots")
-            known = dict(self._snapshots)
-            self._snapshots = {}
-            for sid in ids:
-                snap = known.get(sid)
-                if snap is None:
+            known = self._snapshots
+            loaded: dict[str, Snapshot] = {}
+            limiter = anyio.CapacityLimiter(max(1, self._repo.backend.connections))
+
+            async def load(sid: str) -> None:
+                async with limiter:
                     try:
-                        snap = await self._repo.load_snapshot(sid)
+                        loaded[sid] = await self._repo.load_snapshot(sid)
                     except CorruptedObject as exc:
                         log.warning("snapshot.damaged", file=f"snapshots/{sid}", error=exc.problem)
-                        continue
                     except ObjectNotFound:
-                        continue
-                self._snapshots[sid] = snap
+                        pass  # forgotten while we listed
+
+            async with anyio.create_task_group() as tg:
+                for sid in ids:
+                    if sid not in known:
+                        tg.start_soon(load, sid)
+            self._snapshots = {
+                sid: snap
+                for sid in ids
+                if (snap := known.get(sid) or loaded.get(sid)) is not None
+            }
             index_ids = await self._repo.list_ids("index")
             if index_ids != self._index_ids:
                 # New snapshots bring new blobs; the index is reloaded when it changed.
@@ -208,6 +217,15 @@ class MountFS(pyfuse3.Operations):
             self.shown = len(shown)
             self._refreshed_at = self._clock()
             log.debug("mount.snapshots_refreshed", snapshots=len(shown))
+
+    async def _refresh_listed(self) -> None:
+        """The layout is being listed: refresh, but a failure (the backend unreachable
+        for a while) only logs and keeps showing the snapshots known so far."""
+        try:
+            await self.refresh()
+        except Exception as exc:
+            self._refreshed_at = self._clock()  # not again at once
+            log.warning("mount.refresh_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _resolve(self, path: tuple[bytes, ...]) -> MetaDir | SnapshotDir | Link | None:
         here: MetaDir | SnapshotDir | Link | None = self.layout
@@ -337,7 +355,7 @@ class MountFS(pyfuse3.Operations):
             if not isinstance(meta, MetaDir):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if parent_inode == pyfuse3.ROOT_INODE or not meta.entries:
-                await self.refresh()
+                await self._refresh_listed()
                 meta = self._resolve(parent.path)
             what = meta.entries.get(name) if isinstance(meta, MetaDir) else None
             if what is None:
@@ -419,7 +437,7 @@ class MountFS(pyfuse3.Operations):
             nodes = await self._tree(entry.node)
             handle = OpenDir(inode, [n.name for n in nodes], nodes=nodes)
         else:
-            await self.refresh()  # listing the layout shows new snapshots
+            await self._refresh_listed()  # listing the layout shows new snapshots
             meta = self._resolve(entry.path)
             if not isinstance(meta, MetaDir):
                 raise pyfuse3.FUSEError(errno.ENOENT)
