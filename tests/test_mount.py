@@ -18,9 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import CAIRN, Cairn
-from tests.maintenance_helpers import describe, new_cairn
-from tests.treeutil import make_everything_tree
+pytest.register_assert_rewrite("tests.servers")
+
+from tests.cli_helpers import CAIRN, Cairn  # noqa: E402
+from tests.maintenance_helpers import describe, new_cairn  # noqa: E402
+from tests.servers import S3_KEY, S3_SECRET, location_for  # noqa: E402
+from tests.treeutil import make_everything_tree  # noqa: E402
+
+pytest_plugins = ["tests.servers"]
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
@@ -45,6 +50,7 @@ class Mounted:
             "--password-file",
             str(c.password_file),
             "--insecure-kdf",
+            *c.global_args,
             "mount",
             str(mountpoint),
             *args,
@@ -333,6 +339,38 @@ def test_missing_pack_fails_only_the_files_needing_it(tmp_path: Path, mount) -> 
     errors = [line for line in m.stderr().splitlines() if "mount.pack_unreadable" in line]
     assert len(errors) == 1, m.stderr()
     assert next(iter(first_data)) in errors[0]
+
+
+@pytest.mark.parametrize("kind", ["sftp", "s3"])
+def test_mount_of_a_remote_repository(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, mount
+) -> None:
+    """The backends that need asyncio (asyncssh, aiobotocore) serve the mount's reads."""
+    url, options = location_for(kind, request, tmp_path)
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
+    if kind == "s3":
+        env |= {
+            "AWS_ACCESS_KEY_ID": S3_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        }
+    password = tmp_path / "password"
+    password.write_text("remote mount\n")
+    flags = tuple(f"--option={key}={value}" for key, value in options.items())
+    c = Cairn(url, password, extra_env=env, global_args=flags)
+    c.run("init", check=True)
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    data = os.urandom(3_000_000)
+    (src / "d" / "big.bin").write_bytes(data)
+    (src / "small.txt").write_text("small\n")
+    c.run("backup", str(src), check=True)
+    m = mount(c)
+    tree = in_snapshot(m.mountpoint / "snapshots" / "latest", src)
+    assert (tree / "d" / "big.bin").read_bytes() == data
+    assert (tree / "small.txt").read_text() == "small\n"
+    assert m.stop() == 0, m.stderr()
 
 
 def test_mountpoint_must_be_a_directory(cairn: Cairn, tmp_path: Path) -> None:
