@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.corpus import ensure_pristine
-from bench.measure import Command, run_one, tree_memory
+from bench.measure import Command, run_one, tree_memory, tree_pids
 
 HERE = Path(__file__).resolve().parent
 PASSWORD = "bench mount password"
@@ -54,6 +54,7 @@ class Sample:
     mount_peak_bytes: int
     ok: bool
     error: str | None = None
+    mount_cpu_s: float = 0.0  # CPU the mount process tree spent during the step
 
 
 class Tool:
@@ -113,6 +114,18 @@ class Mount:
                 raise RuntimeError(f"{tool.name} mount did not come up (see {log})")
             time.sleep(0.05)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the mount process and its children so far."""
+        total = 0
+        for pid in tree_pids(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, tree_memory(self.proc.pid))
@@ -153,10 +166,12 @@ def measure_mount(tool: Tool, step: str, rep: int, corpus: Path, largest: str,
         return Sample(tool.name, step, rep, 0.0, nbytes, 0, False, str(exc))
     try:
         cmd = client_command(step, snapshot_dir(mountpoint, corpus), largest)
+        before = mount.cpu_seconds()
         m = run_one(Command(("sh", "-c", cmd)), os.environ, log, 3600)
+        cpu = mount.cpu_seconds() - before
     finally:
         peak = mount.close()
-    return Sample(tool.name, step, rep, m.wall_s, nbytes, peak, m.ok, m.error)
+    return Sample(tool.name, step, rep, m.wall_s, nbytes, peak, m.ok, m.error, cpu)
 
 
 def measure_restore(tool: Tool, rep: int, corpus: Path, largest: str, nbytes: int,
@@ -187,29 +202,41 @@ def render(samples: list[Sample], meta: dict[str, object]) -> str:
         f"Corpus `{meta['corpus']}` ({meta['corpus_bytes']:,} bytes in {meta['files']} files), "
         f"largest file {meta['largest_bytes']:,} bytes; {meta['reps']} repetitions (median). "
         "Each mount step runs in a fresh mount; memory is the mount process's peak PSS "
-        "(for restore-largest: the restore's).",
+        "(for restore-largest: the restore's); mount CPU is what the mount process spent "
+        "during the step (less sensitive than wall time to the machine's other load).",
         "",
         "| step | "
-        + " | ".join(f"{t} s | {t} MB/s | {t} peak MiB" for t in tools)
-        + (" | restic/cairn time | cairn/restic memory |" if len(tools) > 1 else " |"),
-        "| --- " * (1 + 3 * len(tools) + (2 if len(tools) > 1 else 0)) + "|",
+        + " | ".join(f"{t} s | {t} MB/s | {t} mount CPU s | {t} peak MiB" for t in tools)
+        + (
+            " | restic/cairn time | restic/cairn mount CPU | cairn/restic memory |"
+            if len(tools) > 1
+            else " |"
+        ),
+        "| --- " * (1 + 4 * len(tools) + (3 if len(tools) > 1 else 0)) + "|",
     ]
     for step in steps:
         row = [step]
         walls: dict[str, float | None] = {}
+        cpus: dict[str, float | None] = {}
         peaks: dict[str, float | None] = {}
         for t in tools:
             wall = median(samples, t, step, "wall_s")
+            cpu = median(samples, t, step, "mount_cpu_s") if step in MOUNT_STEPS else None
             peak = median(samples, t, step, "mount_peak_bytes")
             nbytes = next((s.bytes for s in samples if s.step == step), 0)
-            walls[t], peaks[t] = wall, peak
+            walls[t], cpus[t], peaks[t] = wall, cpu, peak
             rate = f"{nbytes / wall / 1e6:.0f}" if wall and step != "ls-lR" else "-"
-            row += [f"{wall:.2f}" if wall else "failed", rate,
-                    f"{peak / 2**20:.0f}" if peak else "-"]  # fmt: skip
+            row += [
+                f"{wall:.2f}" if wall else "failed",
+                rate,
+                f"{cpu:.2f}" if cpu else "-",
+                f"{peak / 2**20:.0f}" if peak else "-",
+            ]
         if len(tools) > 1:
-            cw, rw = walls.get("cairn"), walls.get("restic")
+            for values in (walls, cpus):
+                c, r = values.get("cairn"), values.get("restic")
+                row.append(f"{r / c:.2f}x" if c and r else "-")
             cp, rp = peaks.get("cairn"), peaks.get("restic")
-            row.append(f"{rw / cw:.2f}x" if cw and rw else "-")
             row.append(f"{cp / rp:.2f}x" if cp and rp else "-")
         lines.append("| " + " | ".join(row) + " |")
     mount_read = median(samples, "cairn", "read-largest", "wall_s")
