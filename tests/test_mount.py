@@ -198,6 +198,8 @@ def test_layout_as_restic(history, mount) -> None:
     m = mount(c)
     top = m.mountpoint
     assert sorted(os.listdir(top)) == ["hosts", "ids", "snapshots", "tags"]
+    listed = subprocess.run(["ls", "-a", str(top / "ids")], capture_output=True, check=True)
+    assert listed.stdout.decode().split()[:2] == [".", ".."]
     times = sorted(n for n in os.listdir(top / "snapshots") if n != "latest")
     assert len(times) == 2
     assert os.readlink(top / "snapshots" / "latest") == times[-1]

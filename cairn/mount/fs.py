@@ -452,12 +452,18 @@ class MountFS(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self._dirs[fh]
         parent = self._entry(handle.ino)
+        # "." and ".." first (offsets 1 and 2); the kernel counts no lookup for them.
+        for offset, (name, ino) in enumerate(((b".", handle.ino), (b"..", parent.parent)), 1):
+            if start_id < offset:
+                up = self._entries.get(ino, parent)
+                if not pyfuse3.readdir_reply(token, name, self._attributes(ino, up), offset):
+                    return
         items = handle.nodes if handle.nodes is not None else handle.entries
-        for i in range(start_id, len(items)):
+        for i in range(max(0, start_id - 2), len(items)):
             name = handle.names[i]
             ino = self._child(handle.ino, parent, name, items[i])
             entry = self._entries[ino]
-            if not pyfuse3.readdir_reply(token, name, self._attributes(ino, entry), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attributes(ino, entry), i + 3):
                 if entry.lookups == 0:  # not handed out after all
                     del self._entries[ino]
                     self._by_key.pop(entry.key, None)
