@@ -7,8 +7,10 @@ measurement then mounts the repository afresh (a cold blob cache and page cache 
 the mount), runs one client command against ``snapshots/latest``, and unmounts:
 
 * ``read-largest``: ``cat LARGEST > /dev/null`` — sequential read of the largest file;
-* ``cat-all``: ``find SNAPSHOT -type f -exec cat {} + > /dev/null``;
-* ``ls-lR``: ``ls -lR SNAPSHOT > /dev/null``;
+* ``cat-all``: ``find . -type f -exec cat {} + > /dev/null``;
+* ``ls-lR``: ``ls -lR . > /dev/null``;
+
+each after ``cd SNAPSHOT`` (``snapshots/latest/<corpus path>``), as a user browses.
 
 and, without a mount, ``restore-largest``: ``restore latest --include LARGEST`` into an
 empty directory (cairn; restic too, for reference). The mount process's peak memory
@@ -150,11 +152,14 @@ def snapshot_dir(mountpoint: Path, corpus: Path) -> Path:
 
 
 def client_command(step: str, snap: Path, largest: str) -> str:
+    """The step's shell command. Like a user, it changes into the snapshot first:
+    every path walked through the ``latest`` symlink costs a readlink request (FUSE
+    does not cache symlink targets), three per entry with ``ls -lR`` of full paths."""
     if step == "read-largest":
-        return f"cat '{snap / largest}' > /dev/null"
+        return f"cd '{snap}' && cat '{largest}' > /dev/null"
     if step == "cat-all":
-        return f"find '{snap}' -type f -exec cat {{}} + > /dev/null"
-    return f"ls -lR '{snap}' > /dev/null"
+        return f"cd '{snap}' && find . -type f -exec cat {{}} + > /dev/null"
+    return f"cd '{snap}' && ls -lR . > /dev/null"
 
 
 def measure_mount(tool: Tool, step: str, rep: int, corpus: Path, largest: str,
