@@ -315,32 +315,47 @@ def test_unmount(cairn: Cairn, tmp_path: Path, mount, how: str) -> None:
     assert "Traceback" not in m.stderr()
 
 
-def test_missing_pack_fails_only_the_files_needing_it(tmp_path: Path, mount) -> None:
+def test_missing_or_corrupt_pack_fails_only_the_files_needing_it(tmp_path: Path, mount) -> None:
     c = new_cairn(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
+
+    def data_packs() -> set[str]:
+        return {p for p, t in describe(Path(c.repo))["pack_type"].items() if t == 0}
+
     lost = os.urandom(300_000)
     (src / "lost.bin").write_bytes(lost)
     c.run("backup", str(src), check=True)
-    first_data = {p for p, t in describe(Path(c.repo))["pack_type"].items() if t == 0}
+    missing = data_packs()
+    corrupt = os.urandom(300_000)
+    (src / "corrupt.bin").write_bytes(corrupt)
+    c.run("backup", str(src), check=True)
+    damaged = data_packs() - missing
     kept = os.urandom(300_000)
     (src / "kept.bin").write_bytes(kept)
     c.run("backup", str(src), check=True)
-    for pack in first_data:
+    for pack in missing:
         (Path(c.repo) / "data" / pack[:2] / pack).unlink()
+    for pack in damaged:
+        path = Path(c.repo) / "data" / pack[:2] / pack
+        raw = bytearray(path.read_bytes())
+        raw[1000] ^= 0xFF  # inside corrupt.bin's blob
+        path.write_bytes(bytes(raw))
     m = mount(c)
     tree = in_snapshot(m.mountpoint / "snapshots" / "latest", src)
-    assert sorted(os.listdir(tree)) == ["kept.bin", "lost.bin"]
+    assert sorted(os.listdir(tree)) == ["corrupt.bin", "kept.bin", "lost.bin"]
     assert os.stat(tree / "lost.bin").st_size == len(lost)
     for _ in range(2):
-        with pytest.raises(OSError) as failed:
-            (tree / "lost.bin").read_bytes()
-        assert failed.value.errno == 5  # EIO
+        for name in ("lost.bin", "corrupt.bin"):
+            with pytest.raises(OSError) as failed:
+                (tree / name).read_bytes()
+            assert failed.value.errno == 5  # EIO
     assert (tree / "kept.bin").read_bytes() == kept
     assert m.stop() == 0
     errors = [line for line in m.stderr().splitlines() if "mount.pack_unreadable" in line]
-    assert len(errors) == 1, m.stderr()
-    assert next(iter(first_data)) in errors[0]
+    assert len(errors) == 2, m.stderr()  # one line per pack, however many reads failed
+    assert any(next(iter(missing)) in line for line in errors)
+    assert any(next(iter(damaged)) in line for line in errors)
 
 
 @pytest.mark.parametrize("kind", ["sftp", "s3"])

@@ -487,7 +487,11 @@ class MountFS(pyfuse3.Operations):
         for blob_id in node.content:
             loc = self._blobs.locate(blob_id)
             if loc is None:
-                log.error("mount.blob_missing", blob=blob_id.hex(), file=node.name)
+                log.error(
+                    "mount.blob_missing",
+                    blob=blob_id.hex(),
+                    file=node.name.decode("utf-8", "backslashreplace"),
+                )
                 raise pyfuse3.FUSEError(errno.EIO)
             starts.append(pos)
             pos += loc.raw_length
