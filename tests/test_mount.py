@@ -219,6 +219,13 @@ def test_layout_as_restic(history, mount) -> None:
         pass
 
 
+def test_snapshot_filters(history, mount) -> None:
+    c, _src, ids = history
+    m = mount(c, "--tag", "first")
+    assert os.listdir(m.mountpoint / "ids") == [ids[0][:8]]
+    assert os.listdir(m.mountpoint / "tags") == ["first"]
+
+
 def test_several_readers_of_one_large_file(cairn: Cairn, tmp_path: Path, mount) -> None:
     src = tmp_path / "big"
     src.mkdir()
