@@ -202,9 +202,7 @@ class MountFS(pyfuse3.Operations):
                     if sid not in known:
                         tg.start_soon(load, sid)
             self._snapshots = {
-                sid: snap
-                for sid in ids
-                if (snap := known.get(sid) or loaded.get(sid)) is not None
+                sid: snap for sid in ids if (snap := known.get(sid) or loaded.get(sid)) is not None
             }
             index_ids = await self._repo.list_ids("index")
             if index_ids != self._index_ids:
@@ -264,26 +262,30 @@ class MountFS(pyfuse3.Operations):
         path = (*parent.path, name)
         if isinstance(what, SnapshotDir):
             key = ("snap", path, what.id)
-            snap = what.snapshot
-            node = Node(
-                "dir",
-                name,
-                mode=0o555,
-                uid=self._uid,
-                gid=self._gid,
-                mtime_ns=snap.time_ns,
-                atime_ns=snap.time_ns,
-                ctime_ns=snap.time_ns,
-                links=2,
-                subtree=snap.tree,
-            )
             ino = self._by_key.get(key)
             if ino is None:
-                ino = self._intern(key, lambda: Entry(key, parent_ino, path, node))
-                self._entries[ino].root = ino
+                ino = self._intern(key, lambda: Entry(key, parent_ino, path, self._root_node(what)))
+                self._entries[ino].root = ino  # the scope of its hard links
             return ino
         key = ("link" if isinstance(what, Link) else "meta", path)
         return self._intern(key, lambda: Entry(key, parent_ino, path))
+
+    def _root_node(self, where: SnapshotDir) -> Node:
+        """A snapshot's directory: its tree, read-only, owned by whoever mounted,
+        dated with the snapshot (restic shows it so)."""
+        snap = where.snapshot
+        return Node(
+            "dir",
+            b"",
+            mode=0o555,
+            uid=self._uid,
+            gid=self._gid,
+            mtime_ns=snap.time_ns,
+            atime_ns=snap.time_ns,
+            ctime_ns=snap.time_ns,
+            links=2,
+            subtree=snap.tree,
+        )
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
