@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import anyio
 import pyfuse3
@@ -528,6 +528,10 @@ class MountFS(pyfuse3.Operations):
             i += 1
         self.reads += 1
         self.read_bytes += end - off
+        if len(parts) == 1:
+            # pyfuse3 replies from any contiguous buffer: a read inside one blob (most
+            # are) is sent from the cached blob without a copy.
+            return cast(bytes, parts[0])
         return b"".join(parts)
 
     def _ahead(self, handle: OpenFile, first: int, end: int) -> list[bytes]:
