@@ -26,23 +26,21 @@ import functools
 import os
 import stat
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
-import anyio
 import pyfuse3
 import structlog
 
 from cairn.mount.blobs import BlobSource, BlobUnavailable
-from cairn.mount.layout import Link, MetaDir, SnapshotDir, build_layout
+from cairn.mount.layout import Link, MetaDir, SnapshotDir
+from cairn.mount.listing import DecodedTrees, SnapshotLayout
 from cairn.repo.errors import CorruptedObject, ObjectNotFound
 from cairn.repo.tree import Node
 
 if TYPE_CHECKING:
     from cairn.repo.repository import Repository
-    from cairn.repo.snapshot import Snapshot
     from cairn.stages.snapshots import SnapshotFilter
 
 log = structlog.get_logger("cairn.mount")
@@ -150,88 +148,20 @@ class MountFS(pyfuse3.Operations):
         super().__init__()
         self._repo = repo
         self._blobs = blobs
-        self._filter = snapshot_filter
         self._read_ahead = read_ahead
-        self._refresh_seconds = refresh_seconds
-        self._clock = clock
         self._uid, self._gid = os.getuid(), os.getgid()
-        self._snapshots: dict[str, Snapshot] = {}
-        self._index_ids: list[str] = []
-        self._refreshed_at = -float("inf")
-        self._refresh_lock = anyio.Lock()
-        self.layout = MetaDir()
-        self.shown = 0  # snapshots in the layout
+        self.snapshots = SnapshotLayout(repo, snapshot_filter, refresh_seconds, clock)
         root = Entry(("meta", ()), pyfuse3.ROOT_INODE, lookups=1)
         self._entries: dict[int, Entry] = {pyfuse3.ROOT_INODE: root}
         self._by_key: dict[tuple[Any, ...], int] = {root.key: pyfuse3.ROOT_INODE}
         self._next_ino = pyfuse3.ROOT_INODE + 1
-        self._trees: OrderedDict[bytes, list[Node]] = OrderedDict()
-        self._tree_nodes = 0
-        self._tree_loads: dict[bytes, anyio.Event] = {}
+        self._trees = DecodedTrees(repo, TREE_CACHE_NODES)
         self._files: dict[int, OpenFile] = {}
         self._opened_in: dict[int, int] = {}  # directory inode -> index of last file opened
         self.reads = 0  # read requests answered, and their bytes
         self.read_bytes = 0
         self._dirs: dict[int, OpenDir] = {}
         self._next_fh = 1
-
-    # --- snapshots -------------------------------------------------------------------
-
-    async def refresh(self, force: bool = False) -> None:
-        """Reload the snapshot list (and the index, if it grew) unless that was done
-        less than ``refresh_seconds`` ago."""
-        async with self._refresh_lock:
-            if not force and self._clock() - self._refreshed_at < self._refresh_seconds:
-                return
-            ids = await self._repo.list_ids("snapshots")
-            known = self._snapshots
-            loaded: dict[str, Snapshot] = {}
-            limiter = anyio.CapacityLimiter(max(1, self._repo.backend.connections))
-
-            async def load(sid: str) -> None:
-                async with limiter:
-                    try:
-                        loaded[sid] = await self._repo.load_snapshot(sid)
-                    except CorruptedObject as exc:
-                        log.warning("snapshot.damaged", file=f"snapshots/{sid}", error=exc.problem)
-                    except ObjectNotFound:
-                        pass  # forgotten while we listed
-
-            async with anyio.create_task_group() as tg:
-                for sid in ids:
-                    if sid not in known:
-                        tg.start_soon(load, sid)
-            self._snapshots = {
-                sid: snap for sid in ids if (snap := known.get(sid) or loaded.get(sid)) is not None
-            }
-            index_ids = await self._repo.list_ids("index")
-            if index_ids != self._index_ids:
-                # New snapshots bring new blobs; the index is reloaded when it changed.
-                if self._index_ids:
-                    await self._repo.load_index()
-                self._index_ids = index_ids
-            shown = [(sid, s) for sid, s in self._snapshots.items() if self._filter.matches(s)]
-            self.layout = build_layout(shown)
-            self.shown = len(shown)
-            self._refreshed_at = self._clock()
-            log.debug("mount.snapshots_refreshed", snapshots=len(shown))
-
-    async def _refresh_listed(self) -> None:
-        """The layout is being listed: refresh, but a failure (the backend unreachable
-        for a while) only logs and keeps showing the snapshots known so far."""
-        try:
-            await self.refresh()
-        except Exception as exc:
-            self._refreshed_at = self._clock()  # not again at once
-            log.warning("mount.refresh_failed", error=f"{type(exc).__name__}: {exc}")
-
-    def _resolve(self, path: tuple[bytes, ...]) -> MetaDir | SnapshotDir | Link | None:
-        here: MetaDir | SnapshotDir | Link | None = self.layout
-        for name in path:
-            if not isinstance(here, MetaDir):
-                return None
-            here = here.entries.get(name)
-        return here
 
     # --- inodes ----------------------------------------------------------------------
 
@@ -317,7 +247,7 @@ class MountFS(pyfuse3.Operations):
             attr.st_ctime_ns = node.ctime_ns
             timeout = LAYOUT_TIMEOUT if entry.key[0] == "snap" else CONTENT_TIMEOUT
         else:
-            what = self._resolve(entry.path)
+            what = self.snapshots.resolve(entry.path)
             if what is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             attr.st_uid, attr.st_gid = self._uid, self._gid
@@ -347,18 +277,18 @@ class MountFS(pyfuse3.Operations):
         if parent.node is not None:
             if parent.node.type != "dir":
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            nodes = await self._tree(parent.node)
+            nodes = await self._trees.nodes(parent.node)
             i = bisect.bisect_left(nodes, name, key=lambda n: n.name)
             if i == len(nodes) or nodes[i].name != name:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             what = nodes[i]
         else:
-            meta = self._resolve(parent.path)
+            meta = self.snapshots.resolve(parent.path)
             if not isinstance(meta, MetaDir):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             if parent_inode == pyfuse3.ROOT_INODE or not meta.entries:
-                await self._refresh_listed()
-                meta = self._resolve(parent.path)
+                await self.snapshots.refresh_listed()
+                meta = self.snapshots.resolve(parent.path)
             what = meta.entries.get(name) if isinstance(meta, MetaDir) else None
             if what is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
@@ -374,7 +304,7 @@ class MountFS(pyfuse3.Operations):
             if entry.node.type != "symlink":
                 raise pyfuse3.FUSEError(errno.EINVAL)
             return entry.node.link_target
-        what = self._resolve(entry.path)
+        what = self.snapshots.resolve(entry.path)
         if not isinstance(what, Link):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return what.target
@@ -400,35 +330,6 @@ class MountFS(pyfuse3.Operations):
 
     # --- directories -----------------------------------------------------------------
 
-    async def _tree(self, node: Node) -> list[Node]:
-        """The entries of a directory node, decoded once and kept (LRU, bounded)."""
-        tree_id = node.subtree
-        if tree_id is None:
-            return []
-        while True:
-            nodes = self._trees.get(tree_id)
-            if nodes is not None:
-                self._trees.move_to_end(tree_id)
-                return nodes
-            loading = self._tree_loads.get(tree_id)
-            if loading is None:
-                break
-            await loading.wait()  # another request is loading it (and may have failed)
-            if tree_id not in self._trees:
-                break
-        done = self._tree_loads[tree_id] = anyio.Event()
-        try:
-            nodes = (await self._repo.load_tree(tree_id)).nodes
-        finally:
-            del self._tree_loads[tree_id]
-            done.set()
-        self._trees[tree_id] = nodes
-        self._tree_nodes += len(nodes)
-        while self._tree_nodes > TREE_CACHE_NODES and len(self._trees) > 1:
-            _old, dropped = self._trees.popitem(last=False)
-            self._tree_nodes -= len(dropped)
-        return nodes
-
     @_fuse_errors
     async def opendir(self, inode: int, ctx: Any = None) -> int:
         entry = self._entry(inode)
@@ -436,11 +337,11 @@ class MountFS(pyfuse3.Operations):
         if entry.node is not None:
             if entry.node.type != "dir":
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            nodes = await self._tree(entry.node)
+            nodes = await self._trees.nodes(entry.node)
             handle = OpenDir(inode, [n.name for n in nodes], nodes=nodes)
         else:
-            await self._refresh_listed()  # listing the layout shows new snapshots
-            meta = self._resolve(entry.path)
+            await self.snapshots.refresh_listed()  # listing the layout shows new snapshots
+            meta = self.snapshots.resolve(entry.path)
             if not isinstance(meta, MetaDir):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             names = sorted(meta.entries)
@@ -547,7 +448,7 @@ class MountFS(pyfuse3.Operations):
         parent = self._entries.get(parent_ino)
         if self._read_ahead <= 0 or parent is None or parent.node is None:
             return
-        nodes = await self._tree(parent.node)
+        nodes = await self._trees.nodes(parent.node)
         i = bisect.bisect_left(nodes, node.name, key=lambda n: n.name)
         if i == len(nodes) or nodes[i].name != node.name:
             return

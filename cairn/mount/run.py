@@ -113,7 +113,7 @@ async def serve(
                 read_ahead=options.read_ahead,
                 refresh_seconds=options.refresh_seconds,
             )
-            await fs.refresh(force=True)
+            await fs.snapshots.refresh(force=True)
             # The index, snapshots and modules loaded so far live as long as the mount:
             # out of the collector's sight, or its first pass (~75 ms on the medium
             # bench corpus) lands in the middle of the first reads.
@@ -127,7 +127,7 @@ async def serve(
                 ) from None
             try:
                 log.info("mount.mounted", mountpoint=options.mountpoint)
-                on_mounted(fs.shown)
+                on_mounted(fs.snapshots.shown)
                 signalled: list[int] = []
                 tg.start_soon(_stop_on_signals, pyfuse3, tg.cancel_scope, signalled)
                 await pyfuse3.main(max_tasks=MAX_REQUESTS)
