@@ -6,6 +6,7 @@ way of unmounting. Every mount is unmounted by a fixture finalizer, whatever hap
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +30,9 @@ pytest_plugins = ["tests.servers"]
 
 pytestmark = [
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("pyfuse3") is None, reason="needs pyfuse3 (the mount extra)"
+    ),
     pytest.mark.skipif(shutil.which("fusermount3") is None, reason="needs fuse3"),
 ]
 
