@@ -356,6 +356,76 @@ def test_files_vanishing_between_walk_and_read_are_warned_and_left_out(
         assert got[name.encode()] == data
 
 
+def test_small_files_changing_before_a_worker_reads_them(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Small files are read, hashed and encoded in the worker processes once the
+    pool is up (docs/architecture.md, "Small files"): what the walk saw and what the
+    worker found must be told apart there as in a thread. As in the test above, the
+    big file (first by name, which starts the pool) holds the one reader while the
+    others are changed behind the walk's back."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = src / "a-big.bin"
+    big.write_bytes(os.urandom(200 * MiB))
+    kinds = ("vanish", "symlink", "dir", "rewrite", "grow")
+    victims = {kind: [src / f"b-{kind}-{i}" for i in range(6)] for kind in kinds}
+    for path in (p for paths in victims.values() for p in paths):
+        path.write_bytes(os.urandom(5000))
+    keepers = {f"c-{i:03d}": os.urandom(3000 + i) for i in range(20)}
+    for name, data in keepers.items():
+        (src / name).write_bytes(data)
+    (tmp_path / "secret").write_text("not to be backed up")
+    log = tmp_path / "debug.log"
+    args = ["--read-concurrency", "1", "--limit-upload", "60000"]
+    args += ["--log-level", "debug", "--log-format", "json", "--log-file", str(log)]
+    proc = _popen(cairn, [*args, "backup", str(src), "--json"], tmp_path / "b")
+    _wait_until_open(proc, big)
+    changed: dict[bytes, bytes] = {}
+    for path in victims["vanish"]:
+        path.unlink()
+    for path in victims["symlink"]:
+        path.unlink()
+        path.symlink_to(tmp_path / "secret")
+    for path in victims["dir"]:
+        path.unlink()
+        path.mkdir()
+    for path in victims["rewrite"]:
+        changed[path.name.encode()] = os.urandom(4000)
+        path.write_bytes(changed[path.name.encode()])
+    for path in victims["grow"]:  # now read as a large file
+        changed[path.name.encode()] = os.urandom(MiB)
+        path.write_bytes(changed[path.name.encode()])
+    assert _has_open(proc.pid, big), "the big file was read before the victims changed"
+    result = _finish(proc, tmp_path / "b")
+
+    assert result.code == 3, result.err
+    expected = {
+        "vanish": "vanished before it could be read",
+        "symlink": "replaced by a symlink during the backup; not followed",
+        "dir": "Is a directory",
+        "rewrite": "file changed while it was read; stored as read",
+        "grow": "file changed while it was read; stored as read",
+    }
+    want = sorted((str(p), expected[kind]) for kind, paths in victims.items() for p in paths)
+    assert sorted((e["item"], e["error"]["message"]) for e in _errors(result)) == want
+    summary = _summary(result)
+    assert summary["errors"] == len(want)
+    assert summary["files_new"] == 1 + len(keepers) + len(changed)
+    (small,) = _events(log, "backup.small_files")
+    assert (small["workers"], small["here"]) == (len(keepers) + 5 * 6, 0), small
+    target = tmp_path / "t"
+    assert _restore(cairn, target).code == 0
+    got = _files(_under(target, src))
+    assert got.keys() == {b"a-big.bin", *(k.encode() for k in keepers), *changed}
+    for name, data in keepers.items():
+        assert got[name.encode()] == data
+    for name, data in changed.items():
+        assert got[name] == data
+    assert not (_under(target, src) / "b-symlink-0").exists()
+
+
 # -- choosing what to back up -----------------------------------------------------------
 
 

@@ -7,14 +7,17 @@
 * ``walk`` (source) scans directories in threads (a few at once), reuses the
   content of files unchanged since the parent snapshot, and sends the rest on:
   a large file as one item, small files batched (it knows their sizes);
-* ``read`` (``read_concurrency`` tasks) reads files into shared-memory input
-  slots in threads, cuts them into content-defined chunks and hashes them there
-  (pyfastcdc and BLAKE3 release the GIL); only chunks the repository lacks
-  (``Packer.claim``) go on, as one item per slot that owns the slot;
-* ``encode`` compresses and encrypts them in the worker processes (in threads
-  until the pool is up: a small incremental run never starts it), slot to slot;
-  it releases the input slot, and its output slot goes with the blobs until
-  ``pack`` has copied them;
+* ``read`` (``read_concurrency`` tasks) reads large files into shared-memory
+  input slots in threads, cuts them into content-defined chunks and hashes them
+  there (pyfastcdc and BLAKE3 release the GIL); only chunks the repository lacks
+  (``Packer.claim``) go on, as one item per slot that owns the slot. A batch of
+  small files is one worker job per slot, which reads, hashes, compresses and
+  encrypts them into it (``cpu.backup_small_files``): per-file work stays off
+  this process's GIL; the new blobs go on encoded, with the slot;
+* ``encode`` compresses and encrypts new chunks in the worker processes (in
+  threads until the pool is up: a small incremental run never starts it), slot
+  to slot; it releases the input slot, and its output slot goes with the blobs
+  until ``pack`` has copied them. Small files' blobs pass through;
 * ``pack``, ``upload``, ``index``: the shared stages of ``stages/packing.py``;
 * a directory's tree blob is made once its last entry is complete (in ``walk``
   or ``read``) and enters ``pack`` through an inlet, so trees are built
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,12 +61,13 @@ from cairn.repo.tree import Node, Tree, encode_tree
 from cairn.stages import cpu
 from cairn.stages.chunker import (
     ChunkerParams,
+    SmallOut,
     fill_and_chunk,
     finish_file,
     make_chunker,
     open_for_backup,
+    read_encode_small,
     read_problem,
-    read_small_files,
 )
 from cairn.stages.excludes import ExcludeRules
 from cairn.stages.packing import EncodedBlob, Packer
@@ -86,7 +90,7 @@ WALK_CONCURRENCY = 3
 # no-change backup of 1,000 directories made 1,000 of them.
 SCAN_BATCH = 8
 # Small files read per thread hop.
-SMALL_READ_FILES = 64
+SMALL_READ_FILES = 256
 
 # A second worker starts once an encode job has waited this long for an idle one.
 # A job (at most one 8 MiB slot) takes 10-50 ms to compress and encrypt, so an
@@ -251,6 +255,36 @@ class _EncodeJob:
         return sum(length for _, length, _ in self.spans)
 
 
+@dataclass
+class _Encoded:
+    """New blobs of small files, already encoded into an input slot it owns (by
+    the small-file job that read them): ``encode`` hands them on to ``pack``."""
+
+    slot: Slot | None
+    blobs: list[EncodedBlob]
+    raw: int  # their plaintext bytes
+
+    def release(self) -> None:
+        if self.slot is not None:
+            self.slot.release()
+            self.slot = None
+
+    def nbytes(self) -> int:
+        return self.raw
+
+
+# What ``read`` sends to ``encode``.
+_ReadOut = _EncodeJob | _Encoded
+
+
+def _read_out_bytes(item: _ReadOut) -> int:
+    return item.nbytes()
+
+
+def _release_read_out(item: _ReadOut) -> None:
+    item.release()
+
+
 class Archiver:
     """Runs one backup as a Pipeline (see the module docstring); ``run`` returns
     the root tree ID. ``stats``, ``packer.stats``, ``held`` and :meth:`snapshot`
@@ -301,6 +335,12 @@ class Archiver:
         self._pool_started = False
         # Bytes encoded in threads of this process while there is no pool yet.
         self._encoded_here = 0
+        # Small files are read in the workers, through /proc/<pid>/fd (cpu.py);
+        # where that is refused, in threads of this process.
+        self._worker_reads = True
+        # Small files read (or tried) in workers and in threads here (logged).
+        self._small_in_workers = 0
+        self._small_here = 0
         self._slots: SlotPool | None = None
         self._out_slots: SlotPool | None = None
         self._pipeline: Pipeline | None = None
@@ -308,11 +348,15 @@ class Archiver:
         # Small files the walk has not sent on yet (one batch, shared by its tasks).
         self._batch: list[_FileJob] = []
         self._batch_bytes = 0
+        self._batch_dirs = 0  # directories the batch spans (each pinned while it is read)
         self._devices: dict[bytes, int] | None = None
         # Every file and directory is reached relative to its directory's
         # descriptor, never by its full path (sourcedirs.py: any depth, no symlink
         # swapped in during the walk is followed).
         self._dirs = SourceDirs()
+        # A batch's directories are all held open while it is read: a quarter of
+        # the descriptor cache, so a low ``ulimit -n`` is respected (sourcedirs.py).
+        self._batch_dirs_max = max(1, self._dirs.size // 4)
 
     # -- memory ------------------------------------------------------------------
 
@@ -378,6 +422,7 @@ class Archiver:
             self._dirs.close()
         slots, bound = self.memory_bound()
         log.debug("backup.memory", held_peak=self.held.peak, held_bound=bound, slots=slots)
+        log.debug("backup.small_files", workers=self._small_in_workers, here=self._small_here)
         assert self.root_tree is not None
         return self.root_tree
 
@@ -403,8 +448,8 @@ class Archiver:
                 "encode",
                 self._encode,
                 concurrency=self.out_slots,
-                sizeof=_EncodeJob.nbytes,
-                release=_EncodeJob.release,
+                sizeof=_read_out_bytes,
+                release=_release_read_out,
                 hint=ENCODE_HINT,
             )
         )
@@ -467,13 +512,19 @@ class Archiver:
         if not self._is_small(job):
             await file_tx.send(job)
             return
+        if self._batch and self._batch[-1].dir is not job.dir:
+            if self._batch_dirs >= self._batch_dirs_max:
+                await self._flush_batch(file_tx)
+            self._batch_dirs += 1
+        elif not self._batch:
+            self._batch_dirs = 1
         self._batch.append(job)
         self._batch_bytes += job.node.size
         if len(self._batch) >= SMALL_READ_FILES or self._batch_bytes >= SMALL_BATCH_BYTES:
             await self._flush_batch(file_tx)
 
     async def _flush_batch(self, file_tx: ObjectSendStream[_ReadItem]) -> None:
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        batch, self._batch, self._batch_bytes, self._batch_dirs = self._batch, [], 0, 0
         if batch:
             await file_tx.send(batch)
 
@@ -763,8 +814,9 @@ class Archiver:
     def _is_small(self, job: _FileJob) -> bool:
         return job.node.size < self.chunker_params.min_size and job.path != b"/dev/stdin"
 
-    async def _read(self, item: _ReadItem) -> AsyncIterator[_EncodeJob]:
-        """The ``read`` stage: read, chunk and hash; yield the new chunks of each slot."""
+    async def _read(self, item: _ReadItem) -> AsyncIterator[_ReadOut]:
+        """The ``read`` stage: read, chunk and hash a large file, yielding the new
+        chunks of each slot; or read and encode a batch of small files."""
         if isinstance(item, list):
             async for job in self._read_small_batch(item):
                 yield job
@@ -778,47 +830,141 @@ class Archiver:
         with waiting_on_output():
             return await self._slots.acquire()
 
-    async def _read_small_batch(self, batch: list[_FileJob]) -> AsyncIterator[_EncodeJob]:
-        """Read small files into one slot after another, one thread hop per slot."""
+    async def _read_small_batch(self, batch: list[_FileJob]) -> AsyncIterator[_ReadOut]:
+        """Read, hash, compress and encrypt small files into one input slot after
+        another, one job per slot (in a worker; in a thread until the pool is up),
+        and hand the new blobs on already encoded. The main process only claims
+        their IDs and completes the nodes: per-file work stays off its GIL."""
         while batch:
             slot = await self._acquire_slot()
             try:
-                results = await anyio.to_thread.run_sync(
-                    read_small_files,
-                    [(j.dir, j.node.name) for j in batch],
-                    self._dirs,
-                    slot.view,
-                    self.crypto,
-                    self.chunker_params.min_size,
-                )
+                results = await self._backup_small(batch, slot)
             except BaseException:
                 slot.release()
                 raise
-            new: list[tuple[int, int, bytes]] = []
+            done, batch = batch[: len(results)], batch[len(results) :]
+            blobs: list[EncodedBlob] = []
             grown: list[_FileJob] = []
-            for j, result in zip(batch, results, strict=False):
+            raw = 0
+            view = slot.view
+            for j, result in zip(done, results, strict=True):
                 if result is None:  # grew past the small-file size since the walk
                     grown.append(j)
-                elif isinstance(result, OSError):
-                    self._warn(j.path, read_problem(result))
+                    continue
+                if isinstance(result, str):
+                    self._warn(j.path, result)
                     await self._job_done(j, False)
+                    continue
+                offset, stored, length, blob_id, mtime_ns, size_after, xattrs = result
+                node = j.node
+                if mtime_ns != node.mtime_ns or size_after != length:
+                    self._changed_during_read(j)
+                if length:
+                    if self.packer.claim(blob_id):
+                        blobs.append(
+                            EncodedBlob(DATA, blob_id, view[offset : offset + stored], length)
+                        )
+                        raw += length
+                    content = [blob_id]
                 else:
-                    offset, length, blob_id, after, xattrs = result
-                    self._check_unchanged(j, after, length)
-                    if length and self.packer.claim(blob_id):
-                        new.append((offset, length, blob_id))
-                    self.stats.bytes_read += length
-                    j.node.xattrs = xattrs
-                    self._file_done(j, [blob_id] if length else [], length)
-                    await self._job_done(j, True)
-            batch = batch[len(results) :]
-            if new:
-                yield _EncodeJob(slot, new)
+                    content = []
+                self.stats.bytes_read += length
+                node.xattrs = xattrs
+                self._file_done(j, content, length)
+                await self._job_done(j, True)
+            if blobs:
+                yield _Encoded(slot, blobs, raw)
             else:
                 slot.release()
             for j in grown:
                 async for job in self._read_file(j):
                     yield job
+
+    async def _backup_small(
+        self, batch: list[_FileJob], slot: Slot
+    ) -> list[SmallOut | str | None]:
+        """Run :func:`~cairn.stages.chunker.read_encode_small` over (a first part
+        of) ``batch`` into ``slot``: in a worker once the pool is up, else in a
+        thread (counted towards ENCODE_HERE_BYTES, which then starts the pool)."""
+        dirs: list[_Dir] = []
+        files: list[tuple[int, bytes]] = []
+        last = None
+        for j in batch:
+            if j.dir is not last:
+                last = j.dir
+                dirs.append(last)
+            files.append((len(dirs) - 1, j.node.name))
+        limit = self.chunker_params.min_size
+        pool = self._pool
+        if pool is None or not self._worker_reads:
+            if pool is None:
+                self._encoded_here += _read_bytes(batch)
+                if self._encoded_here > ENCODE_HERE_BYTES:
+                    self._start_pool()
+            # Not abandoned on cancel: the slot is released only when the thread
+            # is done writing into it.
+            results = await anyio.to_thread.run_sync(self._read_small_here, dirs, files, slot.view)
+            self._small_here += len(results)
+            if self._pool_started:
+                await anyio.to_thread.run_sync(trim_heap)  # see _encode
+            return results
+        fds = await self._pin_dirs(dirs)
+        try:
+            results = await pool.run(
+                cpu.backup_small_files,
+                os.getpid(),
+                fds,
+                files,
+                slot.ref(),
+                limit,
+                self.opts.level,
+            )
+            self._small_in_workers += len(results)
+            return results
+        except cpu.DirsUnreachable as exc:
+            # Reads go on in threads, as before the pool was up.
+            log.warning("backup.worker_reads_off", error=str(exc))
+            self._worker_reads = False
+            return await anyio.to_thread.run_sync(self._read_small_here, dirs, files, slot.view)
+        finally:
+            for d, fd in zip(dirs, fds, strict=True):
+                if not isinstance(fd, str):
+                    self._dirs.release(d)
+
+    async def _pin_dirs(self, dirs: list[_Dir]) -> list[int | str]:
+        """Pin the descriptors of ``dirs`` for a worker job (on the loop when they
+        are open, as they nearly always are: the scan just used them); a directory
+        that cannot be opened gives its problem instead."""
+        fds: list[int | str | None] = [self._dirs.acquire_open(d) for d in dirs]
+        if any(fd is None for fd in fds):
+            missing = [d for d, fd in zip(dirs, fds, strict=True) if fd is None]
+            opened = iter(await anyio.to_thread.run_sync(self._pin_here, missing))
+            fds = [next(opened) if fd is None else fd for fd in fds]
+        return [fd for fd in fds if fd is not None]
+
+    def _pin_here(self, dirs: list[_Dir]) -> list[int | str]:
+        """Thread side of :meth:`_pin_dirs`."""
+        out: list[int | str] = []
+        for d in dirs:
+            try:
+                out.append(self._dirs.acquire(d))
+            except OSError as exc:
+                out.append(read_problem(exc))
+        return out
+
+    def _read_small_here(
+        self, dirs: list[_Dir], files: list[tuple[int, bytes]], view: memoryview
+    ) -> list[SmallOut | str | None]:
+        """:func:`~cairn.stages.chunker.read_encode_small` in a thread of this process."""
+        fds = self._pin_here(dirs)
+        try:
+            return read_encode_small(
+                self.crypto, fds, files, view, self.chunker_params.min_size, self.opts.level
+            )
+        finally:
+            for d, fd in zip(dirs, fds, strict=True):
+                if not isinstance(fd, str):
+                    self._dirs.release(d)
 
     async def _job_done(self, job: _FileJob, ok: bool) -> None:
         if not ok:
@@ -828,8 +974,11 @@ class Archiver:
 
     def _check_unchanged(self, job: _FileJob, after: os.stat_result, size: int) -> None:
         if after.st_mtime_ns != job.node.mtime_ns or after.st_size != size:
-            self.stats.files_changed_during_read += 1
-            self._warn(job.path, "file changed while it was read; stored as read")
+            self._changed_during_read(job)
+
+    def _changed_during_read(self, job: _FileJob) -> None:
+        self.stats.files_changed_during_read += 1
+        self._warn(job.path, "file changed while it was read; stored as read")
 
     async def _read_file(self, job: _FileJob) -> AsyncIterator[_EncodeJob]:
         """Read and chunk one large file (or stdin) slot by slot, yielding the new
@@ -916,12 +1065,17 @@ class Archiver:
 
     # -- encoding --------------------------------------------------------------------
 
-    async def _encode(self, job: _EncodeJob) -> list[EncodedBlob]:
+    async def _encode(self, job: _ReadOut) -> list[EncodedBlob]:
         """The ``encode`` stage: compress and encrypt new chunks in a worker, from
         the input slot (released by the stage) into an output slot that goes on
         with the blobs until ``pack`` has copied them. When the uploads fall
         behind, output slots run out, encode waits, then read: nothing piles up
-        in memory (docs/architecture.md, "Memory bound")."""
+        in memory (docs/architecture.md, "Memory bound"). Small files' blobs come
+        encoded already: their input slot goes on with them instead."""
+        if isinstance(job, _Encoded):
+            slot, job.slot = job.slot, None  # ours now: the stage's release is a no-op
+            assert slot is not None
+            return _with_release(job.blobs, slot.release)
         assert self._out_slots is not None
         pool = self._pool
         if pool is None:
@@ -959,15 +1113,17 @@ class Archiver:
             EncodedBlob(DATA, blob_id, out.view[offset : offset + size], length)
             for (_, length, blob_id), (offset, size) in zip(job.spans, placed, strict=True)
         ]
-        # One release for the slot, with the batch's last blob ("pack" calls it
-        # once it has copied the whole batch).
-        last = blobs[-1]
-        blobs[-1] = EncodedBlob(
-            last.blob_type, last.blob_id, last.data, last.raw_length, out.release
-        )
-        return blobs
+        return _with_release(blobs, out.release)
 
     def _warn(self, path: bytes, problem: str) -> None:
         text = os.fsdecode(path)
         self.stats.errors.append((text, problem))
         log.warning("backup.file_error", path=text, error=problem)
+
+
+def _with_release(blobs: list[EncodedBlob], release: Callable[[], None]) -> list[EncodedBlob]:
+    """``blobs`` with one ``release`` of the slot they are in, on the last one
+    (``pack`` calls it once it has copied the whole batch)."""
+    last = blobs[-1]
+    blobs[-1] = EncodedBlob(last.blob_type, last.blob_id, last.data, last.raw_length, release)
+    return blobs
