@@ -189,6 +189,7 @@ class _Dir:
 
     __slots__ = (
         "dev",
+        "done",
         "follow",
         "node",
         "nodes",
@@ -219,6 +220,7 @@ class _Dir:
         self.nodes: list[Node] = []
         self.pending = 0
         self.walked = False
+        self.done = False  # its tree is stored (or being stored)
         self.dev: int | None = None  # --one-file-system: the device to stay on
         # Reached through a symlink above a given path (opened following it).
         self.follow = False
@@ -232,13 +234,45 @@ class _FileJob:
     old: Node | None
 
 
+class _SmallBatch:
+    """Small files for one ``read`` item: their jobs, the directories they are in,
+    and ``(index into dirs, name)`` per file, as the worker job takes them. The
+    walk pins each directory's descriptor as it adds the first file of it (it is
+    open then: the scan has just used it), so no system call is needed to hand
+    the batch to a worker; ``fds[i]`` is None where it was not open."""
+
+    __slots__ = ("dirs", "fds", "files", "jobs", "nbytes")
+
+    def __init__(self) -> None:
+        self.jobs: list[_FileJob] = []
+        self.dirs: list[_Dir] = []
+        self.fds: list[int | str | None] = []
+        self.files: list[tuple[int, bytes]] = []
+        self.nbytes = 0
+
+    def add(self, job: _FileJob, dirs: SourceDirs) -> None:
+        d = job.dir
+        if not self.dirs or self.dirs[-1] is not d:
+            self.dirs.append(d)
+            self.fds.append(dirs.acquire_open(d))
+        self.jobs.append(job)
+        self.files.append((len(self.dirs) - 1, job.node.name))
+        self.nbytes += job.node.size
+
+    def unpin(self, dirs: SourceDirs) -> None:
+        """Release the descriptors pinned for the batch (once it is read)."""
+        for d, fd in zip(self.dirs, self.fds, strict=True):
+            if isinstance(fd, int):
+                dirs.release(d)
+        self.fds = [None] * len(self.dirs)
+
+
 # What ``walk`` sends to ``read``: one file, or a batch of small files.
-_ReadItem = _FileJob | list[_FileJob]
+_ReadItem = _FileJob | _SmallBatch
 
 
 def _read_bytes(item: _ReadItem) -> int:
-    jobs = item if isinstance(item, list) else [item]
-    return sum(job.node.size for job in jobs)
+    return item.nbytes if isinstance(item, _SmallBatch) else item.node.size
 
 
 @dataclass
@@ -346,9 +380,7 @@ class Archiver:
         self._pipeline: Pipeline | None = None
         self._tree_inlet: Inlet | None = None
         # Small files the walk has not sent on yet (one batch, shared by its tasks).
-        self._batch: list[_FileJob] = []
-        self._batch_bytes = 0
-        self._batch_dirs = 0  # directories the batch spans (each pinned while it is read)
+        self._batch = _SmallBatch()
         self._devices: dict[bytes, int] | None = None
         # Every file and directory is reached relative to its directory's
         # descriptor, never by its full path (sourcedirs.py: any depth, no symlink
@@ -512,20 +544,21 @@ class Archiver:
         if not self._is_small(job):
             await file_tx.send(job)
             return
-        if self._batch and self._batch[-1].dir is not job.dir:
-            if self._batch_dirs >= self._batch_dirs_max:
-                await self._flush_batch(file_tx)
-            self._batch_dirs += 1
-        elif not self._batch:
-            self._batch_dirs = 1
-        self._batch.append(job)
-        self._batch_bytes += job.node.size
-        if len(self._batch) >= SMALL_READ_FILES or self._batch_bytes >= SMALL_BATCH_BYTES:
+        batch = self._batch
+        if (
+            batch.dirs
+            and batch.dirs[-1] is not job.dir
+            and len(batch.dirs) >= self._batch_dirs_max
+        ):
+            await self._flush_batch(file_tx)
+            batch = self._batch
+        batch.add(job, self._dirs)
+        if len(batch.jobs) >= SMALL_READ_FILES or batch.nbytes >= SMALL_BATCH_BYTES:
             await self._flush_batch(file_tx)
 
     async def _flush_batch(self, file_tx: ObjectSendStream[_ReadItem]) -> None:
-        batch, self._batch, self._batch_bytes, self._batch_dirs = self._batch, [], 0, 0
-        if batch:
+        batch, self._batch = self._batch, _SmallBatch()
+        if batch.jobs:
             await file_tx.send(batch)
 
     def _path_trie(self) -> dict[bytes, Any] | None:
@@ -776,8 +809,10 @@ class Archiver:
     # -- trees ---------------------------------------------------------------------
 
     async def _maybe_finish(self, d: _Dir) -> None:
-        """Store the tree of a fully processed directory, then look at its parent."""
-        while d.walked and d.pending == 0:
+        """Store the tree of a fully processed directory, then look at its parent.
+        Once per directory, whoever calls it first (the walk, or a reader)."""
+        while d.walked and d.pending == 0 and not d.done:
+            d.done = True
             payload = encode_tree(Tree(d.nodes))
             tree_id = self.crypto.blob_id(payload)
             if self.packer.claim(tree_id):
@@ -817,7 +852,7 @@ class Archiver:
     async def _read(self, item: _ReadItem) -> AsyncIterator[_ReadOut]:
         """The ``read`` stage: read, chunk and hash a large file, yielding the new
         chunks of each slot; or read and encode a batch of small files."""
-        if isinstance(item, list):
+        if isinstance(item, _SmallBatch):
             async for job in self._read_small_batch(item):
                 yield job
         else:
@@ -830,141 +865,147 @@ class Archiver:
         with waiting_on_output():
             return await self._slots.acquire()
 
-    async def _read_small_batch(self, batch: list[_FileJob]) -> AsyncIterator[_ReadOut]:
+    async def _read_small_batch(self, batch: _SmallBatch) -> AsyncIterator[_ReadOut]:
         """Read, hash, compress and encrypt small files into one input slot after
         another, one job per slot (in a worker; in a thread until the pool is up),
         and hand the new blobs on already encoded. The main process only claims
         their IDs and completes the nodes: per-file work stays off its GIL."""
-        while batch:
-            slot = await self._acquire_slot()
-            try:
-                results = await self._backup_small(batch, slot)
-            except BaseException:
-                slot.release()
-                raise
-            done, batch = batch[: len(results)], batch[len(results) :]
-            blobs: list[EncodedBlob] = []
-            grown: list[_FileJob] = []
-            raw = 0
-            view = slot.view
-            for j, result in zip(done, results, strict=True):
-                if result is None:  # grew past the small-file size since the walk
-                    grown.append(j)
-                    continue
-                if isinstance(result, str):
-                    self._warn(j.path, result)
-                    await self._job_done(j, False)
-                    continue
-                offset, stored, length, blob_id, mtime_ns, size_after, xattrs = result
-                node = j.node
-                if mtime_ns != node.mtime_ns or size_after != length:
-                    self._changed_during_read(j)
-                if length:
-                    if self.packer.claim(blob_id):
-                        blobs.append(
-                            EncodedBlob(DATA, blob_id, view[offset : offset + stored], length)
-                        )
-                        raw += length
-                    content = [blob_id]
-                else:
-                    content = []
-                self.stats.bytes_read += length
-                node.xattrs = xattrs
-                self._file_done(j, content, length)
-                await self._job_done(j, True)
-            if blobs:
-                yield _Encoded(slot, blobs, raw)
+        try:
+            start = 0
+            while start < len(batch.jobs):
+                slot = await self._acquire_slot()
+                try:
+                    results = await self._backup_small(batch, start, slot)
+                except BaseException:
+                    slot.release()
+                    raise
+                done = batch.jobs[start : start + len(results)]
+                start += len(results)
+                encoded, grown = await self._small_done(done, results, slot)
+                if encoded is not None:
+                    yield encoded
+                for j in grown:
+                    async for job in self._read_file(j):
+                        yield job
+        finally:
+            batch.unpin(self._dirs)
+
+    async def _small_done(
+        self, jobs: list[_FileJob], results: list[SmallOut | str | None], slot: Slot
+    ) -> tuple[_Encoded | None, list[_FileJob]]:
+        """Complete the nodes of small files read into ``slot``: the new blobs
+        (which own the slot; None and the slot released if there are none), and
+        the files that have grown past the small-file size since the walk."""
+        blobs: list[EncodedBlob] = []
+        grown: list[_FileJob] = []
+        # Directories whose last pending entry completed here, in that order: a
+        # tree is stored once, after all of its entries (as _job_done does).
+        complete: list[_Dir] = []
+        raw = 0
+        view = slot.view
+        claim = self.packer.claim
+        stats = self.stats
+        for j, result in zip(jobs, results, strict=True):
+            if result is None:
+                grown.append(j)
+                continue
+            d = j.dir
+            d.pending -= 1
+            if not d.pending:
+                complete.append(d)
+            if isinstance(result, str):
+                self._warn(j.path, result)
+                d.nodes = [n for n in d.nodes if n is not j.node]
+                continue
+            offset, stored, length, blob_id, mtime_ns, size_after, xattrs = result
+            node = j.node
+            if mtime_ns != node.mtime_ns or size_after != length:
+                self._changed_during_read(j)
+            if length:
+                if claim(blob_id):
+                    blobs.append(EncodedBlob(DATA, blob_id, view[offset : offset + stored], length))
+                    raw += length
+                node.content = [blob_id]
             else:
-                slot.release()
-            for j in grown:
-                async for job in self._read_file(j):
-                    yield job
+                node.content = []
+            node.size = length
+            node.xattrs = xattrs
+            stats.bytes_read += length
+            if j.old is None:
+                stats.files_new += 1
+            else:
+                stats.files_changed += 1
+        for d in complete:
+            await self._maybe_finish(d)
+        if not blobs:
+            slot.release()
+            return None, grown
+        return _Encoded(slot, blobs, raw), grown
 
     async def _backup_small(
-        self, batch: list[_FileJob], slot: Slot
+        self, batch: _SmallBatch, start: int, slot: Slot
     ) -> list[SmallOut | str | None]:
         """Run :func:`~cairn.stages.chunker.read_encode_small` over (a first part
-        of) ``batch`` into ``slot``: in a worker once the pool is up, else in a
-        thread (counted towards ENCODE_HERE_BYTES, which then starts the pool)."""
-        dirs: list[_Dir] = []
-        files: list[tuple[int, bytes]] = []
-        last = None
-        for j in batch:
-            if j.dir is not last:
-                last = j.dir
-                dirs.append(last)
-            files.append((len(dirs) - 1, j.node.name))
-        limit = self.chunker_params.min_size
+        of) the batch's files from ``start`` into ``slot``: in a worker once the
+        pool is up, else in a thread (counted towards ENCODE_HERE_BYTES, which
+        then starts the pool)."""
+        files = batch.files[start:] if start else batch.files
         pool = self._pool
         if pool is None or not self._worker_reads:
             if pool is None:
-                self._encoded_here += _read_bytes(batch)
+                self._encoded_here += batch.nbytes
                 if self._encoded_here > ENCODE_HERE_BYTES:
                     self._start_pool()
             # Not abandoned on cancel: the slot is released only when the thread
             # is done writing into it.
-            results = await anyio.to_thread.run_sync(self._read_small_here, dirs, files, slot.view)
+            results = await anyio.to_thread.run_sync(
+                self._read_small_here, batch, files, slot.view
+            )
             self._small_here += len(results)
             if self._pool_started:
                 await anyio.to_thread.run_sync(trim_heap)  # see _encode
             return results
-        fds = await self._pin_dirs(dirs)
+        if None in batch.fds:
+            await anyio.to_thread.run_sync(self._pin_missing, batch)
         try:
             results = await pool.run(
                 cpu.backup_small_files,
                 os.getpid(),
-                fds,
+                batch.fds,
                 files,
                 slot.ref(),
-                limit,
+                self.chunker_params.min_size,
                 self.opts.level,
             )
-            self._small_in_workers += len(results)
-            return results
         except cpu.DirsUnreachable as exc:
             # Reads go on in threads, as before the pool was up.
             log.warning("backup.worker_reads_off", error=str(exc))
             self._worker_reads = False
-            return await anyio.to_thread.run_sync(self._read_small_here, dirs, files, slot.view)
-        finally:
-            for d, fd in zip(dirs, fds, strict=True):
-                if not isinstance(fd, str):
-                    self._dirs.release(d)
+            return await anyio.to_thread.run_sync(
+                self._read_small_here, batch, files, slot.view
+            )
+        self._small_in_workers += len(results)
+        return results
 
-    async def _pin_dirs(self, dirs: list[_Dir]) -> list[int | str]:
-        """Pin the descriptors of ``dirs`` for a worker job (on the loop when they
-        are open, as they nearly always are: the scan just used them); a directory
-        that cannot be opened gives its problem instead."""
-        fds: list[int | str | None] = [self._dirs.acquire_open(d) for d in dirs]
-        if any(fd is None for fd in fds):
-            missing = [d for d, fd in zip(dirs, fds, strict=True) if fd is None]
-            opened = iter(await anyio.to_thread.run_sync(self._pin_here, missing))
-            fds = [next(opened) if fd is None else fd for fd in fds]
-        return [fd for fd in fds if fd is not None]
-
-    def _pin_here(self, dirs: list[_Dir]) -> list[int | str]:
-        """Thread side of :meth:`_pin_dirs`."""
-        out: list[int | str] = []
-        for d in dirs:
-            try:
-                out.append(self._dirs.acquire(d))
-            except OSError as exc:
-                out.append(read_problem(exc))
-        return out
+    def _pin_missing(self, batch: _SmallBatch) -> None:
+        """Pin the batch's directories the walk could not (thread side: it may
+        open them); one that cannot be opened gives its problem instead."""
+        for i, (d, fd) in enumerate(zip(batch.dirs, batch.fds, strict=True)):
+            if fd is None:
+                try:
+                    batch.fds[i] = self._dirs.acquire(d)
+                except OSError as exc:
+                    batch.fds[i] = read_problem(exc)
 
     def _read_small_here(
-        self, dirs: list[_Dir], files: list[tuple[int, bytes]], view: memoryview
+        self, batch: _SmallBatch, files: list[tuple[int, bytes]], view: memoryview
     ) -> list[SmallOut | str | None]:
         """:func:`~cairn.stages.chunker.read_encode_small` in a thread of this process."""
-        fds = self._pin_here(dirs)
-        try:
-            return read_encode_small(
-                self.crypto, fds, files, view, self.chunker_params.min_size, self.opts.level
-            )
-        finally:
-            for d, fd in zip(dirs, fds, strict=True):
-                if not isinstance(fd, str):
-                    self._dirs.release(d)
+        self._pin_missing(batch)
+        fds = [fd for fd in batch.fds if fd is not None]
+        return read_encode_small(
+            self.crypto, fds, files, view, self.chunker_params.min_size, self.opts.level
+        )
 
     async def _job_done(self, job: _FileJob, ok: bool) -> None:
         if not ok:
