@@ -179,10 +179,10 @@ def test_a_file_swapped_for_a_symlink_before_it_is_read_is_not_followed(
         try:
             # As a thread of the backup runs it, and as a worker does: through
             # /proc/<pid>/fd of the descriptor the walk holds.
-            here = read_encode_small(crypto, [fd], [(0, b"a"), (0, b"b")], view, 4096, 3)
+            here = read_encode_small(crypto, [fd], [(0, b"a", b""), (0, b"b", b"")], view, 4096, 3)
             cpu.init_worker(crypto)
             there = cpu.backup_small_files(
-                os.getpid(), [fd], [(0, b"a"), (0, b"b")], view, 4096, 3
+                os.getpid(), [fd], [(0, b"a", b""), (0, b"b", b"")], view, 4096, 3
             )
         finally:
             dirs.release(top)

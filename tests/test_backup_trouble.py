@@ -426,6 +426,35 @@ def test_small_files_changing_before_a_worker_reads_them(
     assert not (_under(target, src) / "b-symlink-0").exists()
 
 
+def test_small_files_whose_metadata_alone_changed_are_not_encoded_again(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A chmod (or touch, or chown) changes a file's ctime: the next backup reads it
+    again, finds the content it had, and neither encodes nor stores it again."""
+    src = tmp_path / "src"
+    for i in range(200):
+        d = src / f"d{i % 5}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(100 + i))
+    (src / "same-twice").write_bytes(b"x" * 700)
+    first = _backup(cairn, str(src))
+    for path in src.rglob("f*"):
+        path.chmod(0o600)
+    (src / "d0" / "f0").write_bytes(os.urandom(100))  # one really changed
+    log = tmp_path / "debug.log"
+    debug = ("--log-level", "debug", "--log-format", "json", "--log-file", str(log))
+    second = _backup(cairn, str(src), *debug)
+    assert second["files_changed"] == 200 and second["files_unmodified"] == 1
+    assert second["data_blobs"] == 1 and second["data_added"] == 100
+    (small,) = _events(log, "backup.small_files")
+    assert small["known"] == 199, small
+    target = tmp_path / "t"
+    assert _restore(cairn, target).code == 0
+    assert _files(_under(target, src)) == _files(src)
+    assert first["snapshot_id"] != second["snapshot_id"]
+
+
 # -- choosing what to back up -----------------------------------------------------------
 
 

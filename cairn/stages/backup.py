@@ -247,16 +247,28 @@ class _SmallBatch:
         self.jobs: list[_FileJob] = []
         self.dirs: list[_Dir] = []
         self.fds: list[int | str | None] = []
-        self.files: list[tuple[int, bytes]] = []
+        self.files: list[tuple[int, bytes, bytes]] = []
         self.nbytes = 0
 
-    def add(self, job: _FileJob, dirs: SourceDirs) -> None:
+    def add(self, job: _FileJob, dirs: SourceDirs, index: Index) -> None:
         d = job.dir
         if not self.dirs or self.dirs[-1] is not d:
             self.dirs.append(d)
             self.fds.append(dirs.acquire_open(d))
         self.jobs.append(job)
-        self.files.append((len(self.dirs) - 1, job.node.name))
+        # A changed file of the same size probably has the same content (a chmod,
+        # a touch, a checkout that rewrote it): its blob is not encoded again if
+        # the reader finds that ID (which the index has, so it is never claimed).
+        old = job.old
+        known = b""
+        if (
+            old is not None
+            and old.size == job.node.size
+            and len(old.content) == 1
+            and old.content[0] in index
+        ):
+            known = old.content[0]
+        self.files.append((len(self.dirs) - 1, job.node.name, known))
         self.nbytes += job.node.size
 
     def unpin(self, dirs: SourceDirs) -> None:
@@ -375,6 +387,7 @@ class Archiver:
         # Small files read (or tried) in workers and in threads here (logged).
         self._small_in_workers = 0
         self._small_here = 0
+        self._small_known = 0  # ... and found to hold the content they held before
         self._slots: SlotPool | None = None
         self._out_slots: SlotPool | None = None
         self._pipeline: Pipeline | None = None
@@ -454,7 +467,12 @@ class Archiver:
             self._dirs.close()
         slots, bound = self.memory_bound()
         log.debug("backup.memory", held_peak=self.held.peak, held_bound=bound, slots=slots)
-        log.debug("backup.small_files", workers=self._small_in_workers, here=self._small_here)
+        log.debug(
+            "backup.small_files",
+            workers=self._small_in_workers,
+            here=self._small_here,
+            known=self._small_known,
+        )
         assert self.root_tree is not None
         return self.root_tree
 
@@ -552,7 +570,7 @@ class Archiver:
         ):
             await self._flush_batch(file_tx)
             batch = self._batch
-        batch.add(job, self._dirs)
+        batch.add(job, self._dirs, self.index)
         if len(batch.jobs) >= SMALL_READ_FILES or batch.nbytes >= SMALL_BATCH_BYTES:
             await self._flush_batch(file_tx)
 
@@ -923,8 +941,12 @@ class Archiver:
                 self._changed_during_read(j)
             if length:
                 if claim(blob_id):
+                    if not stored:  # the known blob: in the index, never claimed
+                        raise RuntimeError(f"blob {blob_id.hex()} claimed but not stored")
                     blobs.append(EncodedBlob(DATA, blob_id, view[offset : offset + stored], length))
                     raw += length
+                elif not stored:
+                    self._small_known += 1
                 node.content = [blob_id]
             else:
                 node.content = []
@@ -998,7 +1020,7 @@ class Archiver:
                     batch.fds[i] = read_problem(exc)
 
     def _read_small_here(
-        self, batch: _SmallBatch, files: list[tuple[int, bytes]], view: memoryview
+        self, batch: _SmallBatch, files: list[tuple[int, bytes, bytes]], view: memoryview
     ) -> list[SmallOut | str | None]:
         """:func:`~cairn.stages.chunker.read_encode_small` in a thread of this process."""
         self._pin_missing(batch)

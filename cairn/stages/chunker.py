@@ -125,24 +125,28 @@ BLOB_OVERHEAD = 1 + CRYPTO_OVERHEAD
 def read_encode_small(
     crypto: Crypto,
     dir_fds: Sequence[int | str],
-    files: Sequence[tuple[int, bytes]],
+    files: Sequence[tuple[int, bytes, bytes]],
     dst: memoryview,
     limit: int,
     level: int,
 ) -> list[SmallOut | str | None]:
     """Read whole small files, hash, compress and encrypt each into ``dst``.
 
-    ``files`` are ``(index into dir_fds, name)``; each is opened relative to its
-    directory's descriptor (:func:`open_for_backup`) — a directory that could not
-    be opened is its problem instead, given for each of its files — read into the last ``limit``
-    bytes of ``dst`` (scratch space, so no other buffer is needed), and its blob
-    stored after the previous one from the start of ``dst``. Runs in a worker
-    process (:func:`cairn.stages.cpu.backup_small_files`) or, until the pool is
-    up, in a thread. Per file: a :data:`SmallOut`, the one-line problem that kept
-    it out (:func:`read_problem`), or None for a file that has grown to ``limit``
-    bytes or more (the caller reads it as a large file). A blob seen earlier in
-    the same call is stored once. Stops early when ``dst`` is full: the result
-    is then shorter than ``files`` and the caller passes the rest again.
+    ``files`` are ``(index into dir_fds, name, known blob ID or b"")``; each is
+    opened relative to its directory's descriptor (:func:`open_for_backup`) — a
+    directory that could not be opened is its problem instead, given for each of
+    its files — read into the last ``limit`` bytes of ``dst`` (scratch space, so
+    no other buffer is needed), and its blob stored after the previous one from
+    the start of ``dst``. Runs in a worker process
+    (:func:`cairn.stages.cpu.backup_small_files`) or, until the pool is up, in a
+    thread. Per file: a :data:`SmallOut`, the one-line problem that kept it out
+    (:func:`read_problem`), or None for a file that has grown to ``limit`` bytes
+    or more (the caller reads it as a large file). A blob seen earlier in the same
+    call is stored once; one whose ID is the known one given (the parent
+    snapshot's content, in the repository) is not stored at all (its stored
+    length is 0): a file whose metadata alone changed costs no compression.
+    Stops early when ``dst`` is full: the result is then shorter than ``files``
+    and the caller passes the rest again.
     """
     scratch_at = len(dst) - limit
     scratch = dst[scratch_at:]
@@ -150,7 +154,7 @@ def read_encode_small(
     out: list[SmallOut | str | None] = []
     placed: dict[bytes, tuple[int, int]] = {}
     pos = 0
-    for dir_index, name in files:
+    for dir_index, name, known in files:
         if pos > last_start:
             break
         dir_fd = dir_fds[dir_index]
@@ -185,7 +189,9 @@ def read_encode_small(
         data = scratch[:n]
         blob_id = crypto.blob_id(data)
         where = placed.get(blob_id)
-        if where is None:
+        if blob_id == known:
+            where = (0, 0)
+        elif where is None:
             size = encode_blob_into(crypto, DATA, blob_id, data, dst[pos:scratch_at], level)
             where = placed[blob_id] = (pos, size)
             pos += size

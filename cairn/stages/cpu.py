@@ -320,7 +320,7 @@ class DirsUnreachable(Exception):
 def backup_small_files(
     owner: int,
     dir_fds: list[int | str],
-    files: list[tuple[int, bytes]],
+    files: list[tuple[int, bytes, bytes]],
     dst: memoryview,
     limit: int,
     level: int,
