@@ -389,6 +389,7 @@ class Archiver:
         self._small_here = 0
         self._small_known = 0  # ... and found to hold the content they held before
         self._slots: SlotPool | None = None
+        self._large_reads: anyio.CapacityLimiter | None = None
         self._out_slots: SlotPool | None = None
         self._pipeline: Pipeline | None = None
         self._tree_inlet: Inlet | None = None
@@ -424,6 +425,15 @@ class Archiver:
             return self.opts.cpu_workers
         return 2 * self.opts.cpu_workers
 
+    @property
+    def read_tasks(self) -> int:
+        """Tasks of the ``read`` stage: ``read_concurrency`` of them read large files
+        (``_large_reads``), and one more per worker takes batches of small files,
+        which are worker jobs: with only ``read_concurrency`` jobs in flight, each
+        waited while this process took in the other's results, and on a busy
+        machine one worker did it all (many-small: 14.3 -> 12.3 s, same CPU)."""
+        return self.opts.read_concurrency + self.opts.cpu_workers
+
     def memory_bound(self) -> tuple[int, int]:
         """The most bytes this run holds: (slot pools, everything else counted by
         ``held``), whatever the size of the backup and the speed of the link.
@@ -441,6 +451,7 @@ class Archiver:
 
     async def run(self) -> bytes:
         """Back up; return the root tree ID. What failed is raised as itself."""
+        self._large_reads = anyio.CapacityLimiter(self.opts.read_concurrency)
         self._slots = SlotPool(self.opts.slot_size, self.in_slots)
         self._out_slots = SlotPool(self.opts.slot_size + OUT_SLACK, self.out_slots)
         pipeline = self._pipeline = self._build()
@@ -490,7 +501,7 @@ class Archiver:
             .map(
                 "read",
                 self._read,
-                concurrency=opts.read_concurrency,
+                concurrency=self.read_tasks,
                 sizeof=_read_bytes,
                 hint=READ_HINT,
             )
@@ -874,8 +885,15 @@ class Archiver:
             async for job in self._read_small_batch(item):
                 yield job
         else:
-            async for job in self._read_file(item):
+            async for job in self._read_large_file(item):
                 yield job
+
+    async def _read_large_file(self, job: _FileJob) -> AsyncIterator[_EncodeJob]:
+        """:meth:`_read_file`, at most ``read_concurrency`` at once."""
+        assert self._large_reads is not None
+        async with self._large_reads:
+            async for encode in self._read_file(job):
+                yield encode
 
     async def _acquire_slot(self) -> Slot:
         assert self._slots is not None
@@ -903,7 +921,7 @@ class Archiver:
                 if encoded is not None:
                     yield encoded
                 for j in grown:
-                    async for job in self._read_file(j):
+                    async for job in self._read_large_file(j):
                         yield job
         finally:
             batch.unpin(self._dirs)
