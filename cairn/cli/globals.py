@@ -71,9 +71,7 @@ GLOBAL_OPTIONS: list[click.Option] = [
         help="CPU worker processes (default: one per core; for a backup behind "
         "a --limit-upload below 64 MiB/s, one).",
     ),
-    click.Option(
-        ["--read-concurrency"], type=click.IntRange(1, 256), help="Large files read at once."
-    ),
+    click.Option(["--read-concurrency"], type=click.IntRange(1, 256), help="Files read at once."),
     click.Option(["--connections"], type=click.IntRange(1, 256), help="Backend connections."),
     click.Option(["--limit-upload"], type=click.IntRange(1), help="Upload limit in KiB/s."),
     click.Option(["--limit-download"], type=click.IntRange(1), help="Download limit in KiB/s."),
