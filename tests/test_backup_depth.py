@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from cairn.repo.codec import decode_blob
+from cairn.repo.crypto import Crypto
+from cairn.repo.pack import DATA
 from cairn.repo.tree import Node
+from cairn.stages import cpu
 from cairn.stages.backup import _Dir
-from cairn.stages.chunker import open_for_backup, read_problem, read_small_files
+from cairn.stages.chunker import open_for_backup, read_encode_small, read_problem
 from cairn.stages.excludes import ExcludeRules
 from cairn.stages.fsmeta import node_from_stat
 from cairn.stages.sourcedirs import ReplacedError, SourceDirs, dir_problem
@@ -165,31 +169,36 @@ def test_a_file_swapped_for_a_symlink_before_it_is_read_is_not_followed(
     (src / "b").write_text("b")
     (tmp_path / "secret").write_text("not to be backed up")
     dirs = SourceDirs()
+    crypto = Crypto(os.urandom(32), os.urandom(32), 7)
     try:
         top = _dir_chain(src)
         (src / "b").unlink()
         (src / "b").symlink_to(tmp_path / "secret")
         view = memoryview(bytearray(1 << 20))
-        crypto = _Hasher()
-        results = read_small_files([(top, b"a"), (top, b"b")], dirs, view, crypto, 4096)
-        assert results[0] is not None and not isinstance(results[0], OSError)
-        assert bytes(view[: results[0][1]]) == b"a"
-        assert isinstance(results[1], OSError)
-        assert read_problem(results[1]) == "replaced by a symlink during the backup; not followed"
+        fd = dirs.acquire(top)
+        try:
+            # As a thread of the backup runs it, and as a worker does: through
+            # /proc/<pid>/fd of the descriptor the walk holds.
+            here = read_encode_small(crypto, [fd], [(0, b"a", b""), (0, b"b", b"")], view, 4096, 3)
+            cpu.init_worker(crypto)
+            there = cpu.backup_small_files(
+                os.getpid(), [fd], [(0, b"a", b""), (0, b"b", b"")], view, 4096, 3
+            )
+        finally:
+            dirs.release(top)
+        for results in (here, there):
+            first = results[0]
+            assert isinstance(first, tuple)
+            offset, stored, length, blob_id, _, size, _ = first
+            assert (length, size) == (1, 1)
+            assert blob_id == crypto.blob_id(b"a")
+            assert decode_blob(crypto, DATA, blob_id, view[offset : offset + stored]) == b"a"
+            assert results[1] == "replaced by a symlink during the backup; not followed"
         with pytest.raises(OSError) as err:
             dirs.run_at(top, open_for_backup, b"b")
         assert "not followed" in read_problem(err.value)
     finally:
         dirs.close()
-
-
-class _Hasher:
-    """The one method read_small_files needs of the repository's crypto."""
-
-    def blob_id(self, data: memoryview) -> bytes:
-        import hashlib
-
-        return hashlib.sha256(data).digest()
 
 
 def test_open_directory_descriptors_stay_bounded(tmp_path: Path) -> None:

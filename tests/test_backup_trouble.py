@@ -315,13 +315,16 @@ def test_files_vanishing_between_walk_and_read_are_warned_and_left_out(
     cairn: Cairn,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    """Deterministic: with one reader, the big file (first by name) is read while the
-    rest of its directory is already walked and queued; the victims are deleted
-    while cairn holds the big file open, so each is gone when its turn comes."""
+    """Deterministic: with one reader of large files and one worker, the big file
+    (first by name) is read while the rest of its directory is already walked and
+    queued, and the second large file waits for that reader in the other read task
+    (one per worker); the victims are deleted while cairn holds the big file open,
+    so each is gone when its turn comes."""
     src = tmp_path / "src"
     src.mkdir()
     big = src / "a-big.bin"
     big.write_bytes(os.urandom(200 * MiB))
+    (src / "a-second.bin").write_bytes(os.urandom(MiB))
     victims = [src / f"b-{i:03d}" for i in range(40)]
     for v in victims:
         v.write_bytes(os.urandom(5000))
@@ -329,11 +332,8 @@ def test_files_vanishing_between_walk_and_read_are_warned_and_left_out(
     for name, data in keepers.items():
         (src / name).write_bytes(data)
     big_data = big.read_bytes()
-    proc = _popen(
-        cairn,
-        ["--read-concurrency", "1", "--limit-upload", "60000", "backup", str(src), "--json"],
-        tmp_path / "b",
-    )
+    args = ["--read-concurrency", "1", "--cpu-workers", "1", "--limit-upload", "60000"]
+    proc = _popen(cairn, [*args, "backup", str(src), "--json"], tmp_path / "b")
     _wait_until_open(proc, big)
     for v in victims:
         v.unlink()
@@ -346,14 +346,119 @@ def test_files_vanishing_between_walk_and_read_are_warned_and_left_out(
     assert {e["error"]["message"] for e in errors} == {"vanished before it could be read"}
     summary = _summary(result)
     assert summary["errors"] == len(victims)
-    assert summary["files_new"] == 1 + len(keepers)
+    assert summary["files_new"] == 2 + len(keepers)
     target = tmp_path / "t"
     assert _restore(cairn, target).code == 0
     got = _files(_under(target, src))
-    assert got.keys() == {b"a-big.bin", *(k.encode() for k in keepers)}
+    assert got.keys() == {b"a-big.bin", b"a-second.bin", *(k.encode() for k in keepers)}
     assert got[b"a-big.bin"] == big_data
     for name, data in keepers.items():
         assert got[name.encode()] == data
+
+
+def test_small_files_changing_before_a_worker_reads_them(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Small files are read, hashed and encoded in the worker processes once the
+    pool is up (docs/architecture.md, "Small files"): what the walk saw and what the
+    worker found must be told apart there as in a thread. As in the test above, the
+    big file (first by name, which starts the pool) holds the read stage while the
+    others are changed behind the walk's back."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = src / "a-big.bin"
+    big.write_bytes(os.urandom(200 * MiB))
+    (src / "a-second.bin").write_bytes(os.urandom(MiB))
+    kinds = ("vanish", "symlink", "dir", "rewrite", "grow")
+    victims = {kind: [src / f"b-{kind}-{i}" for i in range(6)] for kind in kinds}
+    for path in (p for paths in victims.values() for p in paths):
+        path.write_bytes(os.urandom(5000))
+    keepers = {f"c-{i:03d}": os.urandom(3000 + i) for i in range(20)}
+    for name, data in keepers.items():
+        (src / name).write_bytes(data)
+    (tmp_path / "secret").write_text("not to be backed up")
+    log = tmp_path / "debug.log"
+    args = ["--read-concurrency", "1", "--cpu-workers", "1", "--limit-upload", "60000"]
+    args += ["--log-level", "debug", "--log-format", "json", "--log-file", str(log)]
+    proc = _popen(cairn, [*args, "backup", str(src), "--json"], tmp_path / "b")
+    _wait_until_open(proc, big)
+    changed: dict[bytes, bytes] = {}
+    for path in victims["vanish"]:
+        path.unlink()
+    for path in victims["symlink"]:
+        path.unlink()
+        path.symlink_to(tmp_path / "secret")
+    for path in victims["dir"]:
+        path.unlink()
+        path.mkdir()
+    for path in victims["rewrite"]:
+        changed[path.name.encode()] = os.urandom(4000)
+        path.write_bytes(changed[path.name.encode()])
+    for path in victims["grow"]:  # now read as a large file
+        changed[path.name.encode()] = os.urandom(MiB)
+        path.write_bytes(changed[path.name.encode()])
+    assert _has_open(proc.pid, big), "the big file was read before the victims changed"
+    result = _finish(proc, tmp_path / "b")
+
+    assert result.code == 3, result.err
+    expected = {
+        "vanish": "vanished before it could be read",
+        "symlink": "replaced by a symlink during the backup; not followed",
+        "dir": "Is a directory",
+        "rewrite": "file changed while it was read; stored as read",
+        "grow": "file changed while it was read; stored as read",
+    }
+    want = sorted((str(p), expected[kind]) for kind, paths in victims.items() for p in paths)
+    assert sorted((e["item"], e["error"]["message"]) for e in _errors(result)) == want
+    summary = _summary(result)
+    assert summary["errors"] == len(want)
+    assert summary["files_new"] == 2 + len(keepers) + len(changed)
+    (small,) = _events(log, "backup.small_files")
+    assert (small["workers"], small["here"]) == (len(keepers) + 5 * 6, 0), small
+    target = tmp_path / "t"
+    assert _restore(cairn, target).code == 0
+    got = _files(_under(target, src))
+    assert got.keys() == {
+        b"a-big.bin",
+        b"a-second.bin",
+        *(k.encode() for k in keepers),
+        *changed,
+    }
+    for name, data in keepers.items():
+        assert got[name.encode()] == data
+    for name, data in changed.items():
+        assert got[name] == data
+    assert not (_under(target, src) / "b-symlink-0").exists()
+
+
+def test_small_files_whose_metadata_alone_changed_are_not_encoded_again(
+    cairn: Cairn,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A chmod (or touch, or chown) changes a file's ctime: the next backup reads it
+    again, finds the content it had, and neither encodes nor stores it again."""
+    src = tmp_path / "src"
+    for i in range(200):
+        d = src / f"d{i % 5}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}").write_bytes(os.urandom(100 + i))
+    (src / "same-twice").write_bytes(b"x" * 700)
+    first = _backup(cairn, str(src))
+    for path in src.rglob("f*"):
+        path.chmod(0o600)
+    (src / "d0" / "f0").write_bytes(os.urandom(100))  # one really changed
+    log = tmp_path / "debug.log"
+    debug = ("--log-level", "debug", "--log-format", "json", "--log-file", str(log))
+    second = _backup(cairn, str(src), *debug)
+    assert second["files_changed"] == 200 and second["files_unmodified"] == 1
+    assert second["data_blobs"] == 1 and second["data_added"] == 100
+    (small,) = _events(log, "backup.small_files")
+    assert small["known"] == 199, small
+    target = tmp_path / "t"
+    assert _restore(cairn, target).code == 0
+    assert _files(_under(target, src)) == _files(src)
+    assert first["snapshot_id"] != second["snapshot_id"]
 
 
 # -- choosing what to back up -----------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 SCRIPT = """
@@ -175,3 +176,22 @@ def test_killed_run_leaves_no_orphans_and_shm_is_reclaimed(
     assert gone(children, time.monotonic() + 10)
     assert not holders(segment, children)
     assert not named_segments(proc.pid)
+
+
+@pytest.mark.anyio
+async def test_what_fails_because_of_the_stop_is_reported_as_the_stop() -> None:
+    """A signal sent to the process group also reaches a child being started (the
+    fork server, before it ignores SIGINT); the start then fails with its own
+    error while the run unwinds. The user asked for a stop: exit 130, not an
+    internal error."""
+    from cairn.pipeline import Interrupted, stop_on_signals
+
+    with pytest.raises(Interrupted) as caught:
+        async with stop_on_signals():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                await anyio.sleep_forever()
+            finally:
+                raise EOFError("unexpected EOF")  # what the start raised
+    assert caught.value.signum == signal.SIGINT
+    assert "unexpected EOF" in repr(caught.value.__cause__)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from cairn.pipeline.options import cores
 from tests.cli_helpers import Cairn
 from tests.maintenance_helpers import copy_repo, new_cairn
 
@@ -256,11 +257,14 @@ def test_widths_come_from_flags_else_the_backend(repo: Cairn, tmp_path: Path) ->
         return {s: row["tasks"] for s, row in _stages(summary.json_lines()[-1]).items()}
 
     default = tasks()
-    assert default["upload"] == 4 and default["read"] == 2
+    # read: --read-concurrency readers of large files, and one task more per worker
+    # for batches of small files (worker jobs)
+    assert default["upload"] == 4 and default["read"] == 2 + cores()
     assert tasks("-o", "local.connections=3")["upload"] == 3
     flags = tasks("-o", "local.connections=3", "--connections", "2", "--read-concurrency", "3")
-    assert flags["upload"] == 2 and flags["read"] == 3
-    assert tasks("--cpu-workers", "1")["encode"] == 2  # two jobs in flight per worker
+    assert flags["upload"] == 2 and flags["read"] == 3 + cores()
+    one = tasks("--cpu-workers", "1")
+    assert one["encode"] == 2 and one["read"] == 3  # two jobs in flight per worker
     restored = repo.run(
         "-o", "local.connections=3", "restore", "latest", "--target", str(tmp_path / "t"), "--json"
     ).json_lines()[-1]

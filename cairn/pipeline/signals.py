@@ -24,19 +24,28 @@ async def stop_on_signals(
     Must be entered from the main thread (signal handlers live there).
     """
     received: list[int] = []
-    with anyio.open_signal_receiver(*signals) as incoming:
-        async with anyio.create_task_group() as tg:
+    try:
+        with anyio.open_signal_receiver(*signals) as incoming:
+            async with anyio.create_task_group() as tg:
 
-            async def watch() -> None:
-                async for signum in incoming:
-                    received.append(signum)
-                    tg.cancel_scope.cancel()
-                    return
+                async def watch() -> None:
+                    async for signum in incoming:
+                        received.append(signum)
+                        tg.cancel_scope.cancel()
+                        return
 
-            tg.start_soon(watch)
-            try:
-                yield
-            finally:
-                tg.cancel_scope.cancel()  # the body finished: stop watching
+                tg.start_soon(watch)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()  # the body finished: stop watching
+    except Exception as exc:
+        # A signal sent to the whole process group also reaches children that
+        # are starting (the fork server before it ignores SIGINT: "EOFError:
+        # unexpected EOF" from the process start): what fails after the stop was
+        # asked for is part of the stop, not an error of its own.
+        if received:
+            raise Interrupted(received[0]) from exc
+        raise
     if received:
         raise Interrupted(received[0])

@@ -1,22 +1,29 @@
 """Reading a file into content-defined chunks and their blob IDs.
 
 Blocking code, run in reader threads: ``read``, pyfastcdc and BLAKE3 all release the
-GIL, so two readers really do run in parallel with the event loop. The files are read
-into shared-memory slots that the worker processes then encode from. Compression and
-encryption of the *new* chunks happen later, in the worker processes — the dedupe
-check sits between, so no compress or encrypt work is spent on known blobs.
+GIL, so two readers really do run in parallel with the event loop. Large files are
+read into shared-memory slots that the worker processes then encode from.
+Compression and encryption of the *new* chunks happen later, in the worker
+processes — the dedupe check sits between, so no compress or encrypt work is spent
+on known blobs. Small files (one blob each) are read, hashed and encoded in one go
+by :func:`read_encode_small`, in a worker: their per-file cost is system calls and
+Python, which the main process's GIL cannot afford (docs/architecture.md, "Small
+files").
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
 
 from pyfastcdc import FastCDC
 
+from cairn.repo.codec import encode_blob_into
+from cairn.repo.crypto import OVERHEAD as CRYPTO_OVERHEAD
 from cairn.repo.crypto import Crypto
+from cairn.repo.pack import DATA
 from cairn.stages.fsmeta import read_xattrs_fd
 
 KiB = 1024
@@ -104,67 +111,89 @@ def read_problem(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-class DirOpener(Protocol):
-    """Pins and unpins directory descriptors (:class:`cairn.stages.sourcedirs.SourceDirs`)."""
+# What reading one small file gives (:func:`read_encode_small`):
+# (offset and length of its stored blob in the slot, plaintext length, blob ID,
+#  mtime_ns and size after the read, xattrs). A plain tuple: a worker pickles one
+# per file, and a class reference per item would cost more than its fields.
+SmallOut = tuple[int, int, int, bytes, int, int, dict[bytes, bytes]]
 
-    def acquire(self, d: Any) -> int: ...
-
-    def release(self, d: Any) -> None: ...
-
-
-class SmallFile(NamedTuple):
-    """One small file read into a slot, with what its descriptor said after."""
-
-    offset: int
-    length: int
-    blob_id: bytes
-    after: os.stat_result
-    xattrs: dict[bytes, bytes]
+# The most a stored blob adds to its plaintext: a flag byte and the encryption
+# envelope (cairn.repo.codec, cairn.repo.crypto).
+BLOB_OVERHEAD = 1 + CRYPTO_OVERHEAD
 
 
-def read_small_files(
-    files: list[tuple[Any, bytes]], dirs: DirOpener, view: memoryview, crypto: Any, limit: int
-) -> list[SmallFile | OSError | None]:
-    """Read whole small files one after another into a slot and hash them (thread
-    side). ``files`` are (directory, name) pairs, opened relative to the directory's
-    descriptor from ``dirs`` (held once for a run of files in one directory). Per
-    file: a :class:`SmallFile`, the error, or None for a file that has grown to
-    ``limit`` or more. Stops early when the slot is full; the
-    caller passes the remaining files again."""
-    out: list[SmallFile | OSError | None] = []
+def read_encode_small(
+    crypto: Crypto,
+    dir_fds: Sequence[int | str],
+    files: Sequence[tuple[int, bytes, bytes]],
+    dst: memoryview,
+    limit: int,
+    level: int,
+) -> list[SmallOut | str | None]:
+    """Read whole small files, hash, compress and encrypt each into ``dst``.
+
+    ``files`` are ``(index into dir_fds, name, known blob ID or b"")``; each is
+    opened relative to its directory's descriptor (:func:`open_for_backup`) — a
+    directory that could not be opened is its problem instead, given for each of
+    its files — read into the last ``limit`` bytes of ``dst`` (scratch space, so
+    no other buffer is needed), and its blob stored after the previous one from
+    the start of ``dst``. Runs in a worker process
+    (:func:`cairn.stages.cpu.backup_small_files`) or, until the pool is up, in a
+    thread. Per file: a :data:`SmallOut`, the one-line problem that kept it out
+    (:func:`read_problem`), or None for a file that has grown to ``limit`` bytes
+    or more (the caller reads it as a large file). A blob seen earlier in the same
+    call is stored once; one whose ID is the known one given (the parent
+    snapshot's content, in the repository) is not stored at all (its stored
+    length is 0): a file whose metadata alone changed costs no compression.
+    Stops early when ``dst`` is full: the result is then shorter than ``files``
+    and the caller passes the rest again.
+    """
+    scratch_at = len(dst) - limit
+    scratch = dst[scratch_at:]
+    last_start = scratch_at - limit - BLOB_OVERHEAD  # a whole blob still fits
+    out: list[SmallOut | str | None] = []
+    placed: dict[bytes, tuple[int, int]] = {}
     pos = 0
-    held: Any = None
-    dir_fd = -1
-    try:
-        for d, name in files:
-            if pos + limit > len(view):
-                break
-            try:
-                if d is not held:
-                    if held is not None:
-                        dirs.release(held)
-                        held = None
-                    dir_fd = dirs.acquire(d)
-                    held = d
-                fd = open_for_backup(dir_fd, name)
-            except OSError as exc:
-                out.append(exc)
-                continue
-            try:
-                n = os.readv(fd, [view[pos : pos + limit]])
-                after = os.fstat(fd)
-                xattrs = read_xattrs_fd(fd)
-            except OSError as exc:
-                out.append(exc)
-                continue
-            finally:
-                os.close(fd)
-            if n >= limit:
-                out.append(None)
-                continue
-            out.append(SmallFile(pos, n, crypto.blob_id(view[pos : pos + n]), after, xattrs))
-            pos += n
-    finally:
-        if held is not None:
-            dirs.release(held)
+    for dir_index, name, known in files:
+        if pos > last_start:
+            break
+        dir_fd = dir_fds[dir_index]
+        if isinstance(dir_fd, str):
+            out.append(dir_fd)
+            continue
+        try:
+            fd = open_for_backup(dir_fd, name)
+        except OSError as exc:
+            out.append(read_problem(exc))
+            continue
+        try:
+            n = os.readv(fd, [scratch])
+            after = os.fstat(fd)
+            while 0 < n < min(after.st_size, limit):  # a short read (network fs)
+                more = os.readv(fd, [scratch[n:]])
+                if not more:
+                    break
+                n += more
+            xattrs = read_xattrs_fd(fd)
+        except OSError as exc:
+            out.append(read_problem(exc))
+            continue
+        finally:
+            os.close(fd)
+        if n >= limit:
+            out.append(None)
+            continue
+        if not n:
+            out.append((0, 0, 0, b"", after.st_mtime_ns, after.st_size, xattrs))
+            continue
+        data = scratch[:n]
+        blob_id = crypto.blob_id(data)
+        where = placed.get(blob_id)
+        if blob_id == known:
+            where = (0, 0)
+        elif where is None:
+            size = encode_blob_into(crypto, DATA, blob_id, data, dst[pos:scratch_at], level)
+            where = placed[blob_id] = (pos, size)
+            pos += size
+        out.append((where[0], where[1], n, blob_id, after.st_mtime_ns, after.st_size, xattrs))
     return out

@@ -17,6 +17,7 @@ from cairn.repo.crypto import Crypto, storage_id
 from cairn.repo.errors import CorruptedObject
 from cairn.repo.pack import DATA, PackEntry, parse_pack_header
 from cairn.repo.tree import Node
+from cairn.stages.chunker import SmallOut, read_encode_small
 from cairn.stages.dirfds import DirFds, open_dir_path
 from cairn.stages.fsmeta import apply_metadata_fd
 
@@ -309,3 +310,46 @@ def encode_spans(
         placed.append((pos, size))
         pos += size
     return placed
+
+
+class DirsUnreachable(Exception):
+    """A worker could not reach the parent's directory descriptors through /proc
+    (a hardened /proc, a non-dumpable parent): the parent reads in threads instead."""
+
+
+def backup_small_files(
+    owner: int,
+    dir_fds: list[int | str],
+    files: list[tuple[int, bytes, bytes]],
+    dst: memoryview,
+    limit: int,
+    level: int,
+) -> list[SmallOut | str | None]:
+    """Worker job of backup: read, hash, compress and encrypt a batch of small files
+    into the slot ``dst`` (:func:`cairn.stages.chunker.read_encode_small`).
+
+    The files are opened relative to the directories the walk holds open in process
+    ``owner`` (``dir_fds``, its descriptor numbers, pinned for the job), reached as
+    ``/proc/<owner>/fd/<n>``: the very directories the walk checked, with no path
+    resolved again (so no symlink swapped in since is followed, at any depth). A
+    directory the parent could not open comes as its problem (a string).
+    """
+    opened: list[int] = []
+    fds: list[int | str] = []
+    try:
+        for fd in dir_fds:
+            if isinstance(fd, str):
+                fds.append(fd)
+                continue
+            try:
+                opened.append(os.open(f"/proc/{owner}/fd/{fd}", _REOPEN_DIR))
+            except OSError as exc:
+                raise DirsUnreachable(f"/proc/{owner}/fd/{fd}: {exc.strerror}") from None
+            fds.append(opened[-1])
+        return read_encode_small(_worker_crypto(), fds, files, dst, limit, level)
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+_REOPEN_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC

@@ -93,6 +93,19 @@ class SourceDirs:
         with self._lock:
             return self._acquire(d)
 
+    @property
+    def size(self) -> int:
+        """Idle descriptors kept (the cache size)."""
+        return self._size
+
+    def acquire_open(self, d: SourceDir) -> int | None:
+        """Pin ``d``'s descriptor if it is open already (no system call: safe on the
+        event loop); None if it would have to be opened."""
+        with self._lock:
+            if d not in self._fds:
+                return None
+            return self._acquire(d)
+
     def release(self, d: SourceDir) -> None:
         with self._lock:
             self._release(d)
