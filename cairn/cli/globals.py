@@ -84,7 +84,8 @@ GLOBAL_OPTIONS: list[click.Option] = [
     click.Option(
         ["--read-concurrency"],
         type=click.IntRange(1, 256),
-        help="Files read at once (env CAIRN_READ_CONCURRENCY).",
+        help="Large files read at once; small ones go to the workers in batches "
+        "(env CAIRN_READ_CONCURRENCY).",
     ),
     click.Option(["--connections"], type=click.IntRange(1, 256), help="Backend connections."),
     click.Option(["--limit-upload"], type=click.IntRange(1), help="Upload limit in KiB/s."),
