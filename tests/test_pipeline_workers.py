@@ -437,3 +437,33 @@ def test_fork_server_started_ahead_is_the_one_the_pool_forks_from(tmp_path: Path
     assert out.returncode == 0, out.stderr[-2000:]
     started, rest = out.stdout.split(maxsplit=1)
     assert rest.strip() == (f"['cairn.pipeline.workers', 'cairn.stages.cpu'] [{started}] {started}")
+
+
+def test_workers_import_this_cairn_whatever_the_working_directory(tmp_path: Path) -> None:
+    """Run from a directory holding another ``cairn/`` (a source checkout), the fork
+    server must not import that one (Python 3.11 puts the directory first)."""
+    decoy = tmp_path / "checkout"
+    (decoy / "cairn").mkdir(parents=True)
+    (decoy / "cairn" / "__init__.py").write_text("raise RuntimeError('the wrong cairn')\n")
+    script = tmp_path / "bin" / "run_pool.py"
+    script.parent.mkdir()
+    script.write_text(
+        "import math\n"
+        "import anyio\n"
+        "from cairn.pipeline.workers import WorkerPool\n"
+        "async def main():\n"
+        "    async with WorkerPool(1) as pool:\n"
+        "        print(await pool.run(math.floor, 2.5))\n"
+        "if __name__ == '__main__':\n"
+        "    anyio.run(main)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("PYTHONSAFEPATH", None)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=decoy, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2"
+    assert "PYTHONSAFEPATH" not in os.environ

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing import reduction
@@ -248,7 +249,29 @@ def start_fork_server(modules: Sequence[str] = ()) -> None:
     from multiprocessing import forkserver
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(_preload(modules))
-    forkserver.ensure_running()
+    _ensure_fork_server(forkserver)
+
+
+_server_lock = threading.Lock()
+
+
+def _ensure_fork_server(forkserver: Any) -> None:
+    """Start the fork server unless it runs, without the working directory on its
+    ``sys.path``: Python 3.11 starts it with ``-c`` (which puts the directory first)
+    and ignores the ``sys_path`` it is given, so run from a directory holding another
+    ``cairn/`` (a source checkout), the workers imported that code instead of this.
+    ``PYTHONSAFEPATH`` (3.11's ``-P``) is set only while the server starts, so the
+    commands cairn runs (``--password-command``, ...) never see it."""
+    with _server_lock:
+        saved = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            forkserver.ensure_running()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONSAFEPATH"]
+            else:
+                os.environ["PYTHONSAFEPATH"] = saved
 
 
 class WorkerPool:
@@ -318,8 +341,11 @@ class WorkerPool:
 
     def _start_processes(self, count: int) -> list[_Worker]:
         if self._ctx.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
             modules = [] if self._initializer is None else [self._initializer.__module__]
             self._ctx.set_forkserver_preload(_preload(modules))
+            _ensure_fork_server(forkserver)
         started = []
         for _ in range(count):
             parent_conn, child_conn = self._ctx.Pipe()
