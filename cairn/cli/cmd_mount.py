@@ -8,6 +8,7 @@ from typing import Any
 import anyio
 import click
 
+from cairn.backends.base import rebuild_error
 from cairn.cli.common import SIZE, echo_json, open_repo, snapshot_filter_options
 from cairn.cli.errors import EXIT_OK, UsageError
 from cairn.config.settings import Settings
@@ -22,6 +23,10 @@ class FuseMissing(UsageError):
             f"cairn mount needs pyfuse3 and libfuse 3 ({detail}): "
             "pip install 'cairn-backup[mount]' and apt-get install fuse3"
         )
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (rebuild_error, (type(self), self.args, self.__dict__))
 
 
 @click.command("mount")

@@ -25,7 +25,7 @@ import anyio
 import anyio.to_thread
 import structlog
 
-from cairn.backends.base import BackendError
+from cairn.backends.base import BackendError, rebuild_error
 from cairn.repo.codec import decode_blob
 from cairn.repo.errors import CorruptedObject
 from cairn.stages.fetch import SLOT_SIZE, Batch, download, plan_ranges
@@ -49,6 +49,9 @@ class BlobUnavailable(Exception):
         super().__init__(f"pack {pack}: {problem}")
         self.pack = pack
         self.problem = problem
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (rebuild_error, (type(self), self.args, self.__dict__))
 
 
 class BlobCache:
