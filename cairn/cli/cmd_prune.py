@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import structlog
 
-from cairn.cli.common import SIZE, concurrency, open_repo, run_async
+from cairn.cli.common import SIZE, concurrency, human_bytes, open_repo, run_async
 from cairn.cli.errors import EXIT_OK, UsageError
 from cairn.cli.stagetable import echo_table, summary_fields
 from cairn.config.settings import Settings
@@ -173,14 +173,14 @@ def print_prune(
         return
     verb = "would" if out["dry_run"] else "will"
     click.echo(
-        f"used: {out['used_blobs']} blobs, {_human(out['used_bytes'])}; "
-        f"unused: {_human(out['unused_bytes'])}"
+        f"used: {out['used_blobs']} blobs, {human_bytes(out['used_bytes'])}; "
+        f"unused: {human_bytes(out['unused_bytes'])}"
     )
     click.echo(
         f"{verb} delete {out['packs_delete']} packs and {out['packs_unindexed']} unindexed "
-        f"packs ({_human(out['bytes_delete'])}), repack {out['packs_repack']} packs "
-        f"({_human(out['bytes_repack'])}); unused afterwards: "
-        f"{_human(out['unused_bytes_after'])}"
+        f"packs ({human_bytes(out['bytes_delete'])}), repack {out['packs_repack']} packs "
+        f"({human_bytes(out['bytes_repack'])}); unused afterwards: "
+        f"{human_bytes(out['unused_bytes_after'])}"
     )
     for what, ids in out.get("pack_ids", {}).items():
         if ids:
@@ -192,8 +192,8 @@ def print_prune(
         click.echo(f"{out['packs_missing']} packs listed in the index are missing; dropping them")
     if not out["dry_run"]:
         click.echo(
-            f"wrote {out['packs_written']} packs ({_human(out['bytes_written'])}), deleted "
-            f"{out['packs_deleted']} packs ({_human(out['bytes_deleted'])}), replaced "
+            f"wrote {out['packs_written']} packs ({human_bytes(out['bytes_written'])}), deleted "
+            f"{out['packs_deleted']} packs ({human_bytes(out['bytes_deleted'])}), replaced "
             f"{out['index_files_deleted']} index files by {out['index_files_written']}"
         )
         if out["retained_kept"]:
@@ -206,14 +206,6 @@ def print_prune(
                 f"removed {out['stale_temporaries_removed']} temporary files left by "
                 "interrupted writes"
             )
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
 
 
 def _decorate(func: Any) -> Any:

@@ -358,12 +358,12 @@ def _json_default(value: Any) -> Any:
 
 
 def human_bytes(n: float) -> str:
-    """``1.50 MiB``: sizes as people read them (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+    """``1.50 MiB``: sizes as people read them (binary units, up to GiB)."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n:.2f} GiB"
 
 
 def stderr(message: str) -> None:
